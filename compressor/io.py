@@ -1,0 +1,83 @@
+"""Writing results atomically: a temporary sibling directory renamed into place at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from compressor.errors import CompressorError, OutputExistsError
+
+
+def check_output(out: Path | str, overwrite: bool) -> Path:
+    """Refuse an existing output unless overwriting; refuse an unwritable parent. Returns the path."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists: pass --overwrite to replace it")
+    parent = out.resolve().parent
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise CompressorError(f"cannot write to {parent}: choose another --out")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path | str, overwrite: bool = False):
+    """Yield a temporary directory that replaces `out` only if the block finishes without error."""
+    out = check_output(out, overwrite)
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise CompressorError(f"cannot write to {parent} ({exc.strerror}): choose another --out") from None
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+        out.rename(trash / out.name)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def write_json(path: Path | str, data) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def _jsonable(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def file_sha256(path: Path | str, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_dir(*parts: str) -> Path:
+    """compressor's cache (COMPRESSOR_CACHE, else ~/.cache/compressor)."""
+    root = Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache" / "compressor"))
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def dir_size(path: Path | str) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny random models of every architecture in the adapter table (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+_DEC = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+            vocab_size=128, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_KV = dict(_DEC, num_key_value_heads=2, head_dim=8)
+_GPT = dict(n_embd=32, n_layer=4, n_head=4, vocab_size=128, n_positions=256, bos_token_id=1, eos_token_id=2)
+
+# model_type -> config kwargs for a 4-block, 32-wide model.
+TINY_CONFIGS: dict[str, dict] = {
+    "gpt2": _GPT,
+    "gpt_bigcode": _GPT,
+    "gptj": dict(_GPT, rotary_dim=4),
+    "codegen": dict(_GPT, rotary_dim=4),
+    "gpt_neox": dict(_DEC, rotary_pct=0.25),
+    "opt": dict(_DEC, ffn_dim=64, word_embed_proj_dim=32),
+    "bloom": dict(hidden_size=32, n_layer=4, n_head=4, vocab_size=128, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2),
+    "falcon": dict(_DEC, new_decoder_architecture=False, parallel_attn=True, alibi=False),
+    "llama": _KV,
+    "mistral": dict(_KV, sliding_window=None),
+    "qwen2": _KV,
+    "qwen3": _KV,
+    "gemma": _KV,
+    "gemma2": dict(_KV, sliding_window=16),
+    "gemma3_text": dict(_KV, sliding_window=16),
+    "phi3": dict(_DEC, num_key_value_heads=2),
+    "phi": _DEC,
+    "stablelm": _KV,
+    "starcoder2": _KV,
+    "olmo": _KV,
+    "olmo2": _KV,
+    "granite": _KV,
+    "cohere": _KV,
+    "smollm3": _KV,
+}
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides):
+    """A tiny random CausalLM of the given architecture, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **{**TINY_CONFIGS[model_type], **overrides})
+    model = AutoModelForCausalLM.from_config(config)
+    # Random init leaves residual updates tiny; scale weights up so blocks matter in comparisons.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "emb" not in name and "wte" not in name:
+                p.mul_(2.0)
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A saved tiny Llama checkpoint with a small word-level tokenizer; returns its path."""
+    path = tmp_path / "tiny-llama"
+    model = tiny_model("llama")
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def make_tokenizer():
+    """A 128-token word-level tokenizer built offline (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ("the of and to a in is that for it as with was on be by this are or from at an "
+             "which not function return value class object python list string module type "
+             "error file data name used can if method default new code set when has").split()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789.,()":
+        if len(vocab) < 128:
+            vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
