@@ -83,6 +83,7 @@ def load_model(
         kwargs.update(device_map=device_map, max_memory=max_memory)
     if isinstance(source, Path):
         _check_weights(source, allow_pickle)
+        get_adapter(_read_config(source))  # refuse unsupported architectures before reading weights
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, EnvironmentError) as exc:
@@ -97,6 +98,15 @@ def load_model(
     model.eval()
     tokenizer = load_tokenizer(source) if with_tokenizer else None
     return model, tokenizer
+
+
+def _read_config(path: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {_first_line(exc)}") from exc
 
 
 def load_tokenizer(source: str | Path):

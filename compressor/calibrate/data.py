@@ -1,0 +1,140 @@
+"""Calibration text: reading it (.txt, .jsonl, a directory of .txt, or the bundled default) and
+cutting it into token windows.
+
+Windows are whole, disjoint slices of one token stream (documents joined by the tokenizer's EOS
+token), so no window holds padding and padding never enters any statistic. The choice of windows
+is a seeded permutation: the same text, tokenizer, sizes and seed give the same windows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from compressor.errors import DataError
+
+log = logging.getLogger(__name__)
+
+_HINT = "pass a .txt file, a .jsonl file, or a directory of .txt files"
+
+
+def load_texts(data: Path | str | None, field: str = "text") -> list[str]:
+    """The documents in `data`; None gives the English prose of Python's bundled documentation."""
+    if data is None:
+        return bundled_texts()
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DataError(f"{path} does not exist: {_HINT}")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise DataError(f"{path} holds no .txt files: {_HINT}")
+        texts = [_read_text(p) for p in files]
+    elif path.suffix == ".jsonl":
+        texts = _read_jsonl(path, field)
+    else:
+        texts = [_read_text(path)]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataError(f"{path} holds no text: {_HINT}")
+    return texts
+
+
+def bundled_texts() -> list[str]:
+    """Prose paragraphs of `pydoc_data.topics` (grammar, code samples and heading rules dropped)."""
+    from pydoc_data.topics import topics
+
+    texts = []
+    for name in sorted(topics):
+        paragraphs = []
+        for para in topics[name].split("\n\n"):
+            lines = para.strip("\n").splitlines()
+            prose = lines and not lines[0][:1].isspace() and not any(_is_rule(line) for line in lines)
+            if prose:
+                paragraphs.append(" ".join(line.strip() for line in lines))
+        if paragraphs:
+            texts.append("\n\n".join(paragraphs))
+    return texts
+
+
+def _is_rule(line: str) -> bool:
+    stripped = line.strip()
+    return bool(stripped) and set(stripped) <= set("*=-~^")
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{path} is empty: {_HINT}")
+    if b"\x00" in raw[:8192]:
+        raise DataError(f"{path} looks binary, not text: {_HINT}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text: {_HINT}") from None
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    texts = []
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{path} line {number} is not JSON: each line must be one JSON object") from None
+        if not isinstance(record, dict) or field not in record:
+            found = ", ".join(list(record)[:8]) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{path} line {number} has no field '{field}' (found: {found}): pass --field NAME")
+        if not isinstance(record[field], str):
+            raise DataError(f"{path} line {number}: field '{field}' is not a string")
+        texts.append(record[field])
+    return texts
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """All texts as one 1-D token tensor, documents separated by EOS (when the tokenizer has one)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    for text in texts:
+        # One call per document, in pieces, so a single huge file does not trip length warnings.
+        for start in range(0, len(text), 1 << 16):
+            ids.extend(tokenizer(text[start:start + (1 << 16)], add_special_tokens=False,
+                                 verbose=False)["input_ids"])
+        if eos is not None:
+            ids.append(int(eos))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def make_windows(tokenizer, texts: list[str], samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """`samples` disjoint windows of `seq_len` tokens, chosen by `seed`: a LongTensor [samples, seq_len]."""
+    if samples <= 0:
+        raise DataError(f"--samples must be at least 1 (got {samples})")
+    if seq_len < 2:
+        raise DataError(f"--seq-len must be at least 2 (got {seq_len})")
+    stream = token_stream(tokenizer, texts)
+    available = len(stream) // seq_len
+    if available == 0:
+        raise DataError(f"the text has only {len(stream)} tokens, fewer than one window of {seq_len}: "
+                        "pass more text or a smaller --seq-len")
+    if samples > available:
+        raise DataError(f"the text gives only {available} windows of {seq_len} tokens, not {samples}: "
+                        f"pass --samples {available} or fewer, a smaller --seq-len, or more text")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(available, generator=generator)[:samples].sort().values
+    windows = stream[: available * seq_len].view(available, seq_len)[chosen].clone()
+    log.info("%d windows of %d tokens from %d available", samples, seq_len, available)
+    return windows
+
+
+def windows_fingerprint(windows: torch.Tensor, attention_mask: torch.Tensor | None = None) -> str:
+    """A hash of exactly the tokens that calibration sees."""
+    digest = hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes())
+    digest.update(str(tuple(windows.shape)).encode())
+    if attention_mask is not None:
+        digest.update(attention_mask.to(torch.int8).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:20]

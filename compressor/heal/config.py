@@ -1,0 +1,132 @@
+"""What a healing run is asked to do (HealConfig) and what it did (HealResult)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from compressor.errors import CompressorError
+
+TRAIN_CHOICES = ("touched", "all", "lora")
+DISTRIBUTED_CHOICES = ("ddp", "fsdp")
+
+
+@dataclass
+class HealConfig:
+    """Settings of one healing run. The loss is
+
+        alpha * KD + (1 - alpha) * LM + hidden_weight * hidden + regularize_linearity * mean cos
+
+    KD is KL(teacher || student) at `temperature` (times T^2), LM the next-token cross-entropy, hidden
+    the relative error of the student's hidden state at each cut against the teacher's, and the last
+    term the cosine regularizer (see LinearityRegularizer).
+
+    steps: optimizer steps planned; max_minutes bounds wall time too (whichever comes first: the
+        schedule is re-planned to end within the time after the first steps are timed).
+    batch_size: windows per micro-batch per process; one step sees batch_size * grad_accum * processes.
+    warmup: linear warm-up steps, then cosine decay to min_lr_ratio * lr.
+    train: "touched" (blocks next to each cut), "all", or "lora" (peft, merged back at the end).
+    topk: log-probabilities per position kept in the teacher cache.
+    teacher_cache: directory of cache files; None runs the teacher live on every batch.
+    checkpoint_dir: where training state is saved every checkpoint_every steps (None: never).
+    resume: continue from the state in checkpoint_dir, with the same schedule.
+    distributed: "ddp" or "fsdp" when launched with torchrun/accelerate launch (ignored alone).
+    """
+
+    steps: int = 200
+    max_minutes: float | None = None
+    lr: float = 2e-4
+    warmup: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    temperature: float = 1.0
+    alpha: float = 0.8
+    hidden_weight: float = 0.0
+    regularize_linearity: float = 0.0
+    train: str = "touched"
+    lora_rank: int = 16
+    lora_alpha: float | None = None
+    topk: int = 64
+    teacher_cache: Path | None = None
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = 50
+    resume: bool = False
+    seed: int = 0
+    device: str | None = None
+    autocast: bool = True
+    distributed: str = "ddp"
+    log_every: int = 10
+    eval_batch_size: int = 8
+
+    def problems(self) -> list[str]:
+        """Every problem with these settings at once (empty when they are usable)."""
+        p = []
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "lr": self.lr, "temperature": self.temperature, "topk": self.topk,
+                    "lora_rank": self.lora_rank, "checkpoint_every": self.checkpoint_every,
+                    "log_every": self.log_every, "eval_batch_size": self.eval_batch_size}
+        p += [f"--{k.replace('_', '-')} must be positive (got {v})" for k, v in positive.items() if v <= 0]
+        if not 0.0 <= self.alpha <= 1.0:
+            p.append(f"--alpha weighs KD against LM and must be in [0, 1] (got {self.alpha})")
+        if self.warmup < 0:
+            p.append(f"--warmup must be >= 0 (got {self.warmup})")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            p.append(f"min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
+        if self.hidden_weight < 0:
+            p.append(f"--hidden-weight must be >= 0 (got {self.hidden_weight})")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            p.append(f"--max-minutes must be positive (got {self.max_minutes})")
+        if self.train not in TRAIN_CHOICES:
+            p.append(f"--train must be one of {', '.join(TRAIN_CHOICES)} (got '{self.train}')")
+        if self.distributed not in DISTRIBUTED_CHOICES:
+            p.append(f"--distributed must be one of {', '.join(DISTRIBUTED_CHOICES)} (got '{self.distributed}')")
+        if self.resume and self.checkpoint_dir is None:
+            p.append("resuming needs a checkpoint directory")
+        return p
+
+    def validate(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise CompressorError("invalid healing settings: " + "; ".join(problems))
+
+    def schedule_key(self) -> dict:
+        """The settings a resumed run must share with the interrupted one to continue its schedule."""
+        keys = ("steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "batch_size", "grad_accum",
+                "temperature", "alpha", "hidden_weight", "regularize_linearity", "train", "lora_rank",
+                "lora_alpha", "topk", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class HealResult:
+    """What a healing run did. `model` is the healed student (same object as passed in, in eval mode)."""
+
+    steps: int
+    planned_steps: int
+    stopped_by: str
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    trainable_parameters: int
+    loss_first: float | None
+    loss_last: float | None
+    ppl_before: float | None = None
+    ppl_after: float | None = None
+    resumed_from: int | None = None
+    teacher_cache: str | None = None
+    world_size: int = 1
+    history: list[dict] = field(default_factory=list)
+    model: object = field(default=None, repr=False)
+    full_state_dict: dict | None = field(default=None, repr=False)
+    is_main: bool = True
+
+    def to_dict(self) -> dict:
+        skip = {"model", "full_state_dict", "is_main"}
+        return {k: v for k, v in asdict(self).items() if k not in skip} if False else {
+            k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}

@@ -1,0 +1,111 @@
+"""What healing trains: the parts of the model the surgery touched, everything, or LoRA adapters.
+
+The surgery record (`model.config.compressor`, see compressor/surgery.py) says which original blocks
+were kept and which removed or linearized. A cut is a run of removed original blocks; the kept
+blocks on either side of it now see inputs (or feed successors) they were never trained for.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from compressor.adapters import get_adapter
+from compressor.errors import CompressorError
+from compressor.surgery import compressor_record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CutPoint:
+    """A cut in the student: its block `student_block` (current numbering) now feeds what original
+    block `teacher_block + 1` used to receive, so its output should match the teacher's output of
+    block `teacher_block`."""
+
+    student_block: int
+    teacher_block: int
+
+
+def removed_runs(record: dict) -> list[tuple[int, int]]:
+    """Maximal runs of removed original blocks, as inclusive (first, last) pairs."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(record.get("removed", [])):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+def touched_blocks(record: dict) -> list[int]:
+    """Current indices of the kept blocks right before and right after each cut."""
+    kept = record["kept"]
+    position = {orig: i for i, orig in enumerate(kept)}
+    touched = set()
+    for first, last in removed_runs(record):
+        for neighbour in (first - 1, last + 1):
+            if neighbour in position:
+                touched.add(position[neighbour])
+    return sorted(touched)
+
+
+def cut_points(record: dict) -> list[CutPoint]:
+    """Where the student's hidden state should match the teacher's: one per cut with a block before it."""
+    kept = record["kept"]
+    points = []
+    for i, (orig, nxt) in enumerate(zip(kept, kept[1:] + [record["blocks_original"]])):
+        if nxt > orig + 1:
+            points.append(CutPoint(student_block=i, teacher_block=nxt - 1))
+    return points
+
+
+def select_trainable_(model: torch.nn.Module, train: str) -> list[str]:
+    """Set requires_grad on what `train` names ("touched" or "all"); freeze the rest. Returns the names.
+
+    "touched": every parameter of the blocks next to a cut, and the MLP output projection of the
+    block before each linearized span (where a linear map was folded in; already part of the first
+    set whenever that block sits next to the cut).
+    """
+    if train == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return [n for n, _ in model.named_parameters()]
+    if train != "touched":
+        raise CompressorError(f"unknown --train '{train}': choose touched, all or lora")
+    adapter = get_adapter(model)
+    blocks = adapter.blocks_of(model)
+    record = compressor_record(model)
+    modules = [blocks[i] for i in touched_blocks(record)]
+    position = {orig: i for i, orig in enumerate(record["kept"])}
+    for span in record.get("linearized", []):
+        before = position.get(span["start"] - 1)
+        if before is not None:
+            modules.append(adapter.mlp_out_of(blocks[before]))
+    if not modules:
+        raise CompressorError(
+            "the model records no removed blocks, so healing has nothing 'touched' to train: "
+            "prune it first, or pass --train all or --train lora"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wanted = {id(p) for m in modules for p in m.parameters()}
+    names = []
+    for name, p in model.named_parameters():
+        if id(p) in wanted:
+            p.requires_grad_(True)
+            names.append(name)
+    log.info("training %d tensors in blocks %s (next to the cuts)", len(names), touched_blocks(record))
+    return names
+
+
+def lora_targets(model: torch.nn.Module) -> list[str]:
+    """Names of every Linear layer inside the decoder blocks (LoRA goes on all of them)."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2 style blocks use Conv1D, which peft supports
+
+    adapter = get_adapter(model)
+    prefix = adapter.blocks
+    return [f"{prefix}.{name}" for name, m in adapter.blocks_of(model).named_modules()
+            if isinstance(m, (torch.nn.Linear, Conv1D))]

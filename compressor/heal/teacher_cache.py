@@ -1,0 +1,164 @@
+"""What the teacher says about the training windows: live, or from a cache computed once.
+
+The cache holds, for every position of every training window, the teacher's top-k log-probabilities
+(at the training temperature) and their token ids, plus, when the hidden-state loss is on, the
+teacher's block outputs at the cut points. It is computed in one streaming pass with only the teacher
+in memory, written as safetensors under a key made of the teacher's fingerprint, the windows' hash and
+the settings, and reused by every later run; healing then never holds two models' activations at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from compressor.errors import DataError
+from compressor.heal.losses import capture_block_outputs, kd_loss, topk_kd_loss
+from compressor.progress import track
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = "1"
+
+
+@dataclass
+class TeacherTargets:
+    """Teacher outputs for one batch: full logits (live) or top-k log-probabilities (cached)."""
+
+    logits: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def kd(self, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        if self.logits is not None:
+            return kd_loss(student_logits, self.logits, temperature)
+        return topk_kd_loss(student_logits, self.logprobs, self.indices, temperature)
+
+
+class LiveTeacher:
+    """Runs the teacher on each batch (no gradients); keeps only its logits and the hidden states asked for."""
+
+    def __init__(self, model: torch.nn.Module, hidden_blocks: list[int] = ()):
+        self.model = model.eval()
+        self.hidden_blocks = list(hidden_blocks)
+
+    @torch.no_grad()
+    def targets(self, window_ids: torch.Tensor, input_ids: torch.Tensor) -> TeacherTargets:
+        with capture_block_outputs(self.model, self.hidden_blocks) as hidden:
+            logits = self.model(input_ids=input_ids).logits
+            return TeacherTargets(logits=logits, hidden=dict(hidden))
+
+
+class CachedTeacher:
+    """Reads a teacher cache file row by row (memory-mapped by safetensors, never loaded whole)."""
+
+    def __init__(self, path: Path, device: torch.device | str = "cpu"):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self.device = device
+        self._file = safe_open(str(self.path), framework="pt", device="cpu")
+        self.meta = self._file.metadata()
+        self.hidden_blocks = json.loads(self.meta["hidden_blocks"])
+
+    def _rows(self, name: str, window_ids: torch.Tensor) -> torch.Tensor:
+        view = self._file.get_slice(name)
+        return torch.stack([view[int(i)] for i in window_ids]).to(self.device)
+
+    def targets(self, window_ids: torch.Tensor, input_ids: torch.Tensor) -> TeacherTargets:
+        return TeacherTargets(
+            logprobs=self._rows("logprobs", window_ids),
+            indices=self._rows("indices", window_ids),
+            hidden={b: self._rows(f"hidden.{b}", window_ids) for b in self.hidden_blocks},
+        )
+
+
+def teacher_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap identity for a model's weights: config, every tensor's name/shape/dtype, sum and a sample.
+
+    Hashing every byte of a 70B teacher would take minutes; a changed fine-tune changes the sums.
+    """
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            flat = p.detach().flatten()
+            sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+            digest.update(f"{name}{tuple(p.shape)}{p.dtype}{flat.double().sum().item():.10e}".encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def windows_hash(windows: torch.Tensor) -> str:
+    digest = hashlib.sha256(str(tuple(windows.shape)).encode())
+    digest.update(windows.to(torch.int64).cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(fingerprint: str, windows_digest: str, topk: int, temperature: float, hidden_blocks) -> str:
+    spec = json.dumps([CACHE_VERSION, fingerprint, windows_digest, int(topk), float(temperature),
+                       sorted(hidden_blocks)])
+    return hashlib.sha256(spec.encode()).hexdigest()[:24]
+
+
+def cache_path(directory: Path, teacher: torch.nn.Module, windows: torch.Tensor, topk: int, temperature: float,
+               hidden_blocks=()) -> Path:
+    key = cache_key(teacher_fingerprint(teacher), windows_hash(windows), topk, temperature, hidden_blocks)
+    return Path(directory) / f"teacher-{key}.safetensors"
+
+
+@torch.no_grad()
+def build_cache(teacher: torch.nn.Module, windows: torch.Tensor, path: Path, topk: int, temperature: float,
+                hidden_blocks=(), batch_size: int = 8) -> Path:
+    """Stream the teacher over `windows` once and write its top-k log-probabilities (and hidden states)."""
+    from safetensors.torch import save_file
+
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    n, t = windows.shape
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    k = min(int(topk), vocab)
+    logprobs = torch.empty(n, t, k, dtype=torch.float32)
+    indices = torch.empty(n, t, k, dtype=torch.int32)
+    hidden: dict[int, torch.Tensor] = {}
+    starts = range(0, n, batch_size)
+    with capture_block_outputs(teacher, hidden_blocks) as captured:
+        for start in track(starts, total=len(starts), description="teacher cache"):
+            ids = windows[start:start + batch_size].to(device)
+            logits = teacher(input_ids=ids).logits.float()
+            top = torch.log_softmax(logits / temperature, dim=-1).topk(k, dim=-1)
+            logprobs[start:start + len(ids)] = top.values.cpu()
+            indices[start:start + len(ids)] = top.indices.to(torch.int32).cpu()
+            for b, h in captured.items():
+                if b not in hidden:
+                    hidden[b] = torch.empty(n, t, h.shape[-1], dtype=torch.bfloat16)
+                hidden[b][start:start + len(ids)] = h.to(torch.bfloat16).cpu()
+    tensors = {"logprobs": logprobs, "indices": indices, **{f"hidden.{b}": h for b, h in hidden.items()}}
+    meta = {"version": CACHE_VERSION, "topk": str(k), "temperature": repr(float(temperature)),
+            "vocab_size": str(vocab), "windows": str(n), "seq_len": str(t),
+            "hidden_blocks": json.dumps(sorted(hidden))}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("wrote the teacher cache %s (%d windows x %d tokens, top %d)", path, n, t, k)
+    return path
+
+
+def check_cache(teacher_cache: CachedTeacher, windows: torch.Tensor, vocab_size: int) -> None:
+    meta = teacher_cache.meta
+    if (int(meta["windows"]), int(meta["seq_len"])) != tuple(windows.shape) or int(meta["vocab_size"]) != vocab_size:
+        raise DataError(
+            f"the teacher cache {teacher_cache.path} was made for other windows or another vocabulary: "
+            "delete it, or point --teacher-cache at another directory"
+        )
