@@ -21,8 +21,16 @@ app = typer.Typer(
 
 # (module in compressor.cli, function, command name). Each module holds one plain function.
 COMMANDS = [
+    ("model", "model", "model"),
     ("info", "info", "info"),
+    ("calibrate", "calibrate", "calibrate"),
+    ("plan", "plan", "plan"),
     ("prune", "prune", "prune"),
+    ("linearize", "linearize", "linearize"),
+    ("heal", "heal", "heal"),
+    ("export", "export", "export"),
+    ("bench", "bench", "bench"),
+    ("compare", "compare", "compare"),
 ]
 
 
@@ -44,11 +52,8 @@ def main() -> None:
     from compressor.errors import CompressorError
     from compressor.progress import use_tracker
 
-    def on_status(message: str) -> None:
-        err.print(f"[dim]- {message}[/dim]")
-
     try:
-        with use_tracker(rich_tracker, on_status):
+        with use_tracker(rich_tracker):  # stage messages arrive through logging
             app()
     except CompressorError as exc:
         if os.environ.get("COMPRESSOR_DEBUG"):

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from compressor.loading import DEFAULT_MODEL
+
 
 err = Console(stderr=True)
 out = Console()
@@ -32,7 +32,7 @@ DataOpt = Annotated[
 AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled (.bin) weights.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for window selection and sampling.")]
 
-DEFAULT = DEFAULT_MODEL
+DEFAULT = "smollm2-135m"  # compressor.loading.DEFAULT_MODEL, without importing torch for --help
 
 
 def device_kwargs(device: str) -> dict:

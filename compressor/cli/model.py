@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from compressor.cli.common import DataOpt, DeviceOpt, JsonOpt, OverwriteOpt, SeedOpt, emit_json, err, out
+from compressor.errors import CompressorError
+
+
+def _percent(text: str | None) -> float | None:
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([0-9.]+)\s*(%?)\s*", text)
+    if not match:
+        raise CompressorError(f"cannot read --max-ppl-increase '{text}': write e.g. 10% or 0.1")
+    value = float(match.group(1))
+    return value / 100 if match.group(2) else value
+
+
+def _workload(text: str) -> tuple[int, int, int]:
+    match = re.fullmatch(r"\s*(?:(\d+)x)?(\d+)\+(\d+)\s*", text)
+    if not match:
+        raise CompressorError(f"cannot read --workload '{text}': write BATCHxPREFILL+NEW, e.g. 1x512+128")
+    return int(match.group(1) or 1), int(match.group(2)), int(match.group(3))
+
+
+def model(
+    model: Annotated[str, typer.Argument(help="Model directory, .gguf file, or 'smollm2-135m'.")] = "smollm2-135m",
+    target_speedup: Annotated[float | None, typer.Option(
+        "--target-speedup", help="Measured speedup to reach on the backend, e.g. 1.3.")] = None,
+    max_ppl_increase: Annotated[str | None, typer.Option(
+        "--max-ppl-increase", help="Instead of a speedup: the fastest plan within this perplexity increase, e.g. 10%.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: compressed-MODEL).")] = None,
+    data: DataOpt = None,
+    eval_files: Annotated[list[Path] | None, typer.Option(
+        "--eval", help="Evaluation text (repeatable; default: held-out part of --data).")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="torch, onnxruntime or tensorrt.")] = "onnxruntime",
+    device: DeviceOpt = "cpu",
+    threads: Annotated[int | None, typer.Option("--threads", help="Pinned thread count (default: all).")] = None,
+    workload: Annotated[str, typer.Option("--workload", help="BATCHxPREFILL+NEW tokens.")] = "1x512+128",
+    strategy: Annotated[str, typer.Option("--strategy", help="Block selection strategy.")] = "auto",
+    heal_steps: Annotated[int, typer.Option("--heal-steps", help="Healing steps (0 skips healing).")] = 60,
+    heal_minutes: Annotated[float, typer.Option("--heal-minutes", help="Healing time limit.")] = 4.0,
+    export_format: Annotated[str, typer.Option("--format", help="onnx, tensorrt or none.")] = "onnx",
+    samples: Annotated[int, typer.Option("--samples", help="Calibration windows.")] = 64,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")] = 256,
+    seed: SeedOpt = 0,
+    min_seconds: Annotated[float, typer.Option("--min-seconds", help="Timed seconds per model and shape.")] = 2.0,
+    overwrite: OverwriteOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Compress a model to a target speedup (or perplexity budget): calibrate, plan, prune, heal, export, report."""
+    from compressor.pipeline import PipelineConfig, run_pipeline
+
+    batch, prefill, new = _workload(workload)
+    cfg = PipelineConfig(
+        model=model, target_speedup=target_speedup, max_ppl_increase=_percent(max_ppl_increase), data=data,
+        eval=tuple(eval_files or ()), backend=backend, device=device, threads=threads, prefill_tokens=prefill,
+        new_tokens=new, batch=batch, strategy=strategy, heal_steps=heal_steps, heal_minutes=heal_minutes,
+        format=export_format, samples=samples, seq_len=seq_len, seed=seed,
+        timing_seconds=min_seconds)
+    target = out_dir or Path(f"compressed-{Path(model).name.removesuffix('.gguf')}")
+    report = run_pipeline(cfg, target, overwrite)
+    if json:
+        emit_json(report)
+        return
+    from compressor.report import headline
+
+    out.print(f"[bold]{headline(report)}[/bold]", highlight=False)
+    err.print(f"reports: {target / 'report.md'}, {target / 'report.html'}")

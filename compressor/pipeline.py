@@ -1,0 +1,459 @@
+"""`compress model`: the one-command pipeline, read top to bottom.
+
+load -> calibrate (cached) -> latency model on the target backend -> choose K by *measured* speedup
+-> plan (default strategy) -> linearize/prune -> heal -> export -> benchmark original and compressed
+side by side -> reports.
+
+Stage results live in a work directory beside the output (`.NAME.work`); a rerun with the same
+settings resumes from what it holds. On success the work directory is renamed to the output; a
+deliberate stop (unreachable target, bad input) removes it, so nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from compressor import __version__
+from compressor.adapters import get_adapter
+from compressor.errors import CompressorError, DataError, InvalidPlanError
+from compressor.info import count_parameters
+from compressor.io import check_output, dir_size, write_json
+from compressor.progress import status
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "tensorrt", "none")
+
+
+@dataclass
+class PipelineConfig:
+    model: str = "smollm2-135m"
+    target_speedup: float | None = None
+    max_ppl_increase: float | None = None  # fraction: 0.1 is 10 %
+    data: Path | None = None
+    field: str = "text"
+    eval: tuple[Path, ...] = ()
+    samples: int = 64
+    seq_len: int = 256
+    seed: int = 0
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+    threads: int | None = None
+    prefill_tokens: int = 512
+    new_tokens: int = 128
+    batch: int = 1
+    strategy: str = "auto"
+    heal_steps: int = 60
+    heal_minutes: float = 4.0
+    format: str = "onnx"
+    max_extra_blocks: int = 4
+    eval_max_tokens: int = 8192
+    timing_seconds: float = 2.0
+
+    def key(self) -> str:
+        data = {k: str(v) for k, v in asdict(self).items()}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Every problem with the settings at once, before anything is loaded or written."""
+    from compressor.evaluate import backend_names
+
+    problems = []
+    if (cfg.target_speedup is None) == (cfg.max_ppl_increase is None):
+        problems.append("give exactly one of --target-speedup or --max-ppl-increase")
+    if cfg.target_speedup is not None and not cfg.target_speedup > 1:
+        problems.append(f"--target-speedup must be above 1 (got {cfg.target_speedup})")
+    if cfg.max_ppl_increase is not None and not cfg.max_ppl_increase > 0:
+        problems.append(f"--max-ppl-increase must be positive (got {cfg.max_ppl_increase:.0%})")
+    if cfg.backend not in backend_names():
+        problems.append(f"unknown backend '{cfg.backend}': choose one of {', '.join(backend_names())}")
+    if cfg.format not in FORMATS:
+        problems.append(f"unknown format '{cfg.format}': choose one of {', '.join(FORMATS)}")
+    for path in ([cfg.data] if cfg.data else []) + list(cfg.eval):
+        if not Path(path).exists():
+            problems.append(f"{path} does not exist")
+    if problems:
+        raise CompressorError("; ".join(problems))
+    if cfg.format == "tensorrt" or cfg.backend == "tensorrt":
+        from compressor.export.tensorrt import require_cuda, require_tensorrt
+
+        require_tensorrt()
+        require_cuda("TensorRT")
+    if cfg.format != "none" or cfg.backend == "onnxruntime":
+        from compressor.errors import require
+
+        for module in ("onnx", "onnxscript", "onnxruntime"):
+            require(module, "onnx", "exporting to ONNX")
+
+
+@dataclass
+class Run:
+    """What the stages share: settings, the work directory, the loaded model, timings."""
+
+    cfg: PipelineConfig
+    work: Path
+    model: torch.nn.Module | None = None
+    tokenizer: object = None
+    source: Path | str | None = None
+    seconds: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+    def cached(self, name: str, compute):
+        """Run a stage once: its JSON result is kept in the work directory for resumption."""
+        path = self.work / f"{name}.json"
+        if path.is_file():
+            log.info("resuming: %s from %s", name, path)
+            return json.loads(path.read_text())
+        start = time.perf_counter()
+        result = compute()
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        write_json(path, result)
+        return result
+
+
+def run_pipeline(cfg: PipelineConfig, out: Path | str, overwrite: bool = False) -> dict:
+    """Compress cfg.model into `out`; returns the report (also written as report.json/md/html)."""
+    validate(cfg)
+    out = check_output(out, overwrite)
+    work = out.resolve().parent / f".{out.name}.work"
+    _prepare_work(work, cfg)
+    run = Run(cfg, work)
+    try:
+        report = _stages(run)
+    except CompressorError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    report["artifacts"] = {k: str(out / Path(v).relative_to(work)) if str(v).startswith(str(work)) else v
+                           for k, v in report["artifacts"].items()}
+    _rewrite_reports(report, out)
+    return report
+
+
+def _prepare_work(work: Path, cfg: PipelineConfig) -> None:
+    settings = work / "settings.json"
+    if work.exists() and (not settings.is_file() or json.loads(settings.read_text()).get("key") != cfg.key()):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(settings, {"key": cfg.key(), "settings": asdict(cfg)})
+
+
+def _stages(run: Run) -> dict:
+    from compressor.loading import load_model, resolve
+
+    cfg = run.cfg
+    status(f"loading {cfg.model}")
+    run.source = resolve(cfg.model)
+    run.model, run.tokenizer = load_model(run.source, device=cfg.device if cfg.device != "auto" else None,
+                                          device_map="auto" if cfg.device == "auto" else None)
+    calib_windows, eval_sets = _data(run)
+    profile = run.cached("profile", lambda: _calibrate(run, calib_windows))
+    if cfg.target_speedup is not None:
+        k, attempts = _blocks_for_target(run)
+    else:
+        k, attempts = None, []
+    plan, plan_ppl = _choose_plan(run, calib_windows, eval_sets, k, profile)
+    compressed = copy.deepcopy(run.model)
+    from compressor.plan import apply_plan_
+
+    apply_plan_(compressed, plan)
+    pruned_ppl = _perplexities(compressed, eval_sets)
+    heal_info = _heal(run, compressed, calib_windows)
+    checkpoint = run.work / "model"
+    _save(run, compressed, checkpoint)
+    exports = _exports(run, compressed)
+    return _finish(run, plan, compressed, eval_sets, pruned_ppl, heal_info, checkpoint, exports, attempts,
+                   profile, plan_ppl)
+
+
+def _data(run: Run):
+    """Calibration windows from the data, and held-out evaluation token sets."""
+    from compressor.calibrate import load_texts, make_windows
+    from compressor.evaluate import load_eval_tokens
+
+    cfg = run.cfg
+    texts = load_texts(cfg.data, cfg.field)
+    joined = "\n\n".join(texts)
+    cut = joined.rfind(" ", 0, int(len(joined) * 0.85))
+    calib_text, holdout = joined[:cut], joined[cut:]
+    windows = make_windows(run.tokenizer, [calib_text], cfg.samples, cfg.seq_len, cfg.seed)
+    eval_sets = {}
+    for path in cfg.eval:
+        eval_sets[Path(path).name] = load_eval_tokens(run.tokenizer, path, cfg.field, cfg.eval_max_tokens)
+    if not eval_sets:
+        ids = run.tokenizer(holdout, return_tensors="pt").input_ids[0][: cfg.eval_max_tokens]
+        if ids.numel() < 2:
+            raise DataError("the held-out part of the calibration text is empty: pass --eval FILE")
+        eval_sets["held-out " + (Path(cfg.data).name if cfg.data else "bundled text")] = ids
+    return windows, eval_sets
+
+
+def _calibrate(run: Run, windows) -> dict:
+    from compressor.calibrate import profile_for
+
+    status("calibrating")
+    return profile_for(run.model, windows, seed=run.cfg.seed).to_dict()
+
+
+def _backend(run: Run, model, name: str):
+    """A benchmark backend for `model` on the target backend (exporting it first when needed)."""
+    from compressor.evaluate import get_backend
+    from compressor.evaluate.backends import TorchBackend
+
+    cfg = run.cfg
+    if cfg.backend == "torch":
+        return TorchBackend(model, device=cfg.device if cfg.device != "auto" else None, threads=cfg.threads)
+    path = run.work / name
+    if not (path / "export.json").is_file():
+        _export(run, model, path, validate=False)
+    return get_backend(cfg.backend, path, device=cfg.device, threads=cfg.threads)
+
+
+def _export(run: Run, model, path: Path, validate: bool = True, fmt: str = "onnx"):
+    from compressor.export.pipeline import export_model
+
+    status(f"exporting to {path.name} ({fmt})")
+    shutil.rmtree(path, ignore_errors=True)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    summary = export_model(model, run.tokenizer, tmp, format=fmt, validate=validate, threads=run.cfg.threads)
+    tmp.rename(path)
+    return summary
+
+
+def _workload_ms(result) -> float:
+    """Latency of one workload request from a bench result: prefill p50 + new tokens x decode p50."""
+    from compressor.evaluate import workload_latency_ms
+
+    new_tokens = result.timing["workload_new_tokens"]
+    return workload_latency_ms(result.prefill[0]["p50_ms"], result.decode[0]["p50_ms"], new_tokens)
+
+
+def _bench_pair(run: Run, a, b, perplexity: bool = False):
+    """Benchmark two backends in alternation on the workload's shapes; returns (A, B) results."""
+    from compressor.evaluate import BenchConfig, TimingConfig, benchmark
+
+    cfg = run.cfg
+    config = BenchConfig(prefill=f"{cfg.batch}x{cfg.prefill_tokens}",
+                         decode=f"{cfg.batch}x{cfg.prefill_tokens}+{min(32, cfg.new_tokens)}",
+                         timing=TimingConfig(min_seconds=cfg.timing_seconds), perplexity=perplexity)
+    ra, rb = benchmark([a, b], ["original", "compressed"], config, run.tokenizer)
+    for r in (ra, rb):
+        r.timing["workload_new_tokens"] = cfg.new_tokens
+    return ra, rb
+
+
+def _blocks_for_target(run: Run) -> tuple[int, list[dict]]:
+    """Fewest blocks whose removal reaches the target speedup, *measured* on the backend."""
+    from compressor.evaluate.latency_model import shallow_copy_without, spread_blocks
+
+    cfg = run.cfg
+    n = get_adapter(run.model).num_blocks(run.model)
+    model_info = run.cached("latency_model", lambda: _latency_model(run, n))
+    from compressor.evaluate import LatencyModel
+
+    latency_model = LatencyModel.from_dict(model_info)
+    k = latency_model.blocks_for_speedup(cfg.target_speedup)  # raises, with the ceiling, if out of reach
+    attempts = []
+    original = _backend(run, run.model, "probe-original")
+    for k in range(k, min(n - 1, k + cfg.max_extra_blocks) + 1):
+        probe = _backend(run, shallow_copy_without(run.model, spread_blocks(n, k)), f"probe-{k}")
+        ra, rb = _bench_pair(run, original, probe)
+        measured = _workload_ms(ra) / _workload_ms(rb)
+        attempts.append({"blocks_removed": k, "predicted": latency_model.predict_speedup(k),
+                         "measured": measured, "latency_ms": [_workload_ms(ra), _workload_ms(rb)]})
+        status(f"{k} blocks removed: {measured:.3f}x measured ({attempts[-1]['predicted']:.3f}x predicted)")
+        if measured >= cfg.target_speedup:
+            return k, attempts
+    best = max(a["measured"] for a in attempts)
+    raise InvalidPlanError(
+        f"a {cfg.target_speedup:.2f}x speedup was not reached on {cfg.backend}/{cfg.device}: the best measured "
+        f"was {best:.3f}x with {attempts[-1]['blocks_removed']} blocks removed ({latency_model.explain()}); "
+        "ask for less")
+
+
+def _latency_model(run: Run, n: int) -> dict:
+    """Fixed and per-block cost on the target backend, from the full model and a half-depth copy."""
+    from compressor.evaluate import Workload, fit_latency_model
+    from compressor.evaluate.latency_model import shallow_copy_without, spread_blocks
+
+    cfg = run.cfg
+    status(f"measuring the latency model on {cfg.backend}/{cfg.device}")
+    half = n // 2
+    original = _backend(run, run.model, "probe-original")
+    probe = _backend(run, shallow_copy_without(run.model, spread_blocks(n, half)), f"probe-{half}")
+    ra, rb = _bench_pair(run, original, probe)
+    result = fit_latency_model(
+        [(n, ra.prefill[0]["p50_ms"]), (n - half, rb.prefill[0]["p50_ms"])],
+        [(n, ra.decode[0]["p50_ms"]), (n - half, rb.decode[0]["p50_ms"])],
+        n, Workload(cfg.prefill_tokens, cfg.new_tokens, cfg.batch), cfg.backend, cfg.device,
+        versions=ra.versions, settings=ra.settings)
+    log.info("latency model: %s", result.explain())
+    return result.to_dict()
+
+
+def _choose_plan(run: Run, windows, eval_sets, k: int | None, profile: dict):
+    """The plan for K blocks; under a perplexity budget, the largest K within it."""
+    from compressor.calibrate import Profile
+    from compressor.plan import apply_plan_
+    from compressor.select import make_plan
+
+    cfg = run.cfg
+    prof = Profile.from_dict(profile)
+    if k is not None:
+        status(f"planning the removal of {k} blocks ({cfg.strategy})")
+        return make_plan(run.model, windows, k, cfg.strategy, profile=prof), None
+    baseline = _perplexities(run.model, eval_sets)
+    budget = {name: ppl * (1 + cfg.max_ppl_increase) for name, ppl in baseline.items()}
+    n = get_adapter(run.model).num_blocks(run.model)
+    best, best_ppl = None, None
+    for k in range(1, n - 1):
+        plan = make_plan(run.model, windows, k, cfg.strategy, profile=prof)
+        candidate = copy.deepcopy(run.model)
+        apply_plan_(candidate, plan)
+        ppl = _perplexities(candidate, eval_sets)
+        status(f"{k} blocks removed: perplexity {ppl} (budget {budget})")
+        if any(ppl[name] > budget[name] for name in ppl):
+            break
+        best, best_ppl = plan, ppl
+    if best is None:
+        raise InvalidPlanError(
+            f"removing even one block exceeds the perplexity budget of +{cfg.max_ppl_increase:.0%}: "
+            "allow a larger increase")
+    return best, best_ppl
+
+
+def _perplexities(model, eval_sets: dict) -> dict:
+    from compressor.evaluate import perplexity
+
+    return {name: perplexity(model, ids, max_length=512, stride=256).perplexity for name, ids in eval_sets.items()}
+
+
+def _heal(run: Run, student, windows) -> dict | None:
+    cfg = run.cfg
+    if cfg.heal_steps <= 0:
+        return None
+    from compressor.heal import HealConfig, heal
+
+    status(f"healing ({cfg.heal_steps} steps, at most {cfg.heal_minutes} min)")
+    config = HealConfig(steps=cfg.heal_steps, max_minutes=cfg.heal_minutes,
+                        checkpoint_dir=run.work / "heal-state", resume=(run.work / "heal-state").exists())
+    start = time.perf_counter()
+    result = heal(student, run.model, windows, None, config)
+    run.seconds["heal"] = round(time.perf_counter() - start, 2)
+    return result.to_dict() if hasattr(result, "to_dict") else asdict(result)
+
+
+def _save(run: Run, model, path: Path) -> None:
+    from compressor.surgery import save_checkpoint
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(model, run.tokenizer, tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def _exports(run: Run, compressed) -> dict:
+    cfg = run.cfg
+    exports = {}
+    if cfg.format != "none":
+        summary = _export(run, compressed, run.work / cfg.format, validate=True, fmt=cfg.format)
+        exports[cfg.format] = summary.to_dict()
+    return exports
+
+
+def _finish(run: Run, plan, compressed, eval_sets, pruned_ppl, heal_info, checkpoint, exports, attempts,
+            profile, plan_ppl) -> dict:
+    from compressor.report import write_reports
+
+    cfg = run.cfg
+    status("benchmarking original and compressed side by side")
+    original_backend = _backend(run, run.model, "probe-original")
+    final_path = run.work / cfg.format if cfg.format == "onnx" and cfg.backend == "onnxruntime" else None
+    if final_path is not None:
+        from compressor.evaluate import get_backend
+
+        compressed_backend = get_backend(cfg.backend, final_path, device=cfg.device, threads=cfg.threads)
+    else:
+        compressed_backend = _backend(run, compressed, "probe-final")
+    ra, rb = _bench_pair(run, original_backend, compressed_backend)
+    original_ppl = _perplexities(run.model, eval_sets)
+    compressed_ppl = _perplexities(compressed, eval_sets)
+    speedup = _workload_ms(ra) / _workload_ms(rb)
+    report = {
+        "tool": f"compressor {__version__}",
+        "model": str(cfg.model),
+        "model_source": str(run.source),
+        "target_speedup": cfg.target_speedup,
+        "max_ppl_increase": cfg.max_ppl_increase,
+        "speedup_measured": speedup,
+        "target_met": (speedup >= cfg.target_speedup) if cfg.target_speedup else
+        all(compressed_ppl[n] <= original_ppl[n] * (1 + cfg.max_ppl_increase) for n in original_ppl),
+        "blocks_original": plan.blocks_original,
+        "blocks_removed": plan.drop,
+        "blocks_linearized": plan.linearize,
+        "perplexity": {"original": original_ppl, "pruned_before_heal": pruned_ppl, "compressed": compressed_ppl},
+        "perplexity_increase": {n: compressed_ppl[n] / original_ppl[n] - 1 for n in original_ppl},
+        "latency": {"original": ra.to_dict(), "compressed": rb.to_dict()},
+        "workload": f"batch {cfg.batch}: prefill {cfg.prefill_tokens} + {cfg.new_tokens} decoded tokens",
+        "workload_latency_ms": {"original": _workload_ms(ra), "compressed": _workload_ms(rb)},
+        "backend": {"name": cfg.backend, "device": cfg.device, "threads": cfg.threads or torch.get_num_threads(),
+                    "versions": ra.versions},
+        "parameters": {"original": count_parameters(run.model), "compressed": count_parameters(compressed)},
+        "size_bytes": {"original": dir_size(run.source) if isinstance(run.source, Path) else None,
+                       "compressed": dir_size(checkpoint)},
+        "plan": {**plan.to_dict(), "summary": plan.summary()} if hasattr(plan, "to_dict") else plan.summary(),
+        "attempts": attempts,
+        "heal": heal_info,
+        "exports": exports,
+        "settings": {k: str(v) if isinstance(v, (Path, tuple)) else v for k, v in asdict(cfg).items()},
+        "seconds": run.seconds,
+        "notes": run.notes + _notes(plan, ra),
+        "tradeoff": _tradeoff(original_ppl, pruned_ppl, compressed_ppl, ra, rb),
+        "artifacts": {"checkpoint": str(checkpoint), **{f: str(run.work / f) for f in exports},
+                      "profile": str(run.work / "profile.json"), "report_json": str(run.work / "report.json"),
+                      "report_md": str(run.work / "report.md"), "report_html": str(run.work / "report.html")},
+    }
+    if report["size_bytes"]["original"] is None:
+        report["size_bytes"] = {}
+    write_reports(report, run.work, profile)
+    write_json(run.work / "profile.json", profile)
+    return report
+
+
+def _notes(plan, result) -> list[str]:
+    notes = []
+    if plan.provenance.get("note"):
+        notes.append(plan.provenance["note"])
+    return notes
+
+
+def _tradeoff(original_ppl, pruned_ppl, compressed_ppl, ra, rb) -> list[dict]:
+    name = next(iter(original_ppl))
+    lo, lc = _workload_ms(ra), _workload_ms(rb)
+    points = [{"label": "original", "latency_ms": lo, "perplexity": original_ppl[name]},
+              {"label": "pruned (before healing)", "latency_ms": lc, "perplexity": pruned_ppl[name]},
+              {"label": "compressed", "latency_ms": lc, "perplexity": compressed_ppl[name]}]
+    return [p for p in points if math.isfinite(p["perplexity"])]
+
+
+def _rewrite_reports(report: dict, out: Path) -> None:
+    from compressor.report import write_reports
+
+    profile = json.loads((out / "profile.json").read_text())
+    write_reports(report, out, profile)

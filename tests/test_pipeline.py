@@ -1,0 +1,76 @@
+"""End to end: `compress model` on a tiny random model, every stage and artefact, and resumption."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+FAST = ["--workload", "1x32+8", "--samples", "8", "--seq-len", "32", "--heal-steps", "3",
+        "--backend", "torch", "--threads", "1", "--min-seconds", "0.2"]
+
+
+def compress(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "compressor", "model", *map(str, args)], capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def test_end_to_end_tiny_model(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    result = compress(tiny_dir, "--target-speedup", "1.05", "--out", out, *FAST, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for key in ("target_speedup", "speedup_measured", "target_met", "blocks_original", "blocks_removed",
+                "blocks_linearized", "perplexity", "latency", "artifacts"):
+        assert key in report
+    assert report["target_met"] is True and report["speedup_measured"] >= 1.05
+    assert set(report["perplexity"]) >= {"original", "compressed"}
+    for name in ("report.json", "report.md", "report.html", "profile.json", "model/config.json",
+                 "onnx/model.onnx"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "report.json").read_text())["blocks_removed"] == report["blocks_removed"]
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.config.num_hidden_layers == 4 - len(report["blocks_removed"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_interrupted_run_resumes(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    work = tmp_path / ".run.work"
+    args = [tiny_dir, "--target-speedup", "1.05", "--out", out, *FAST]
+    process = subprocess.Popen([sys.executable, "-m", "compressor", "model", *map(str, args)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (work / "profile.json").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    process.kill()
+    process.wait()
+    if out.exists():
+        pytest.skip("the run finished before it could be interrupted")
+    assert (work / "profile.json").exists()
+    result = compress(*args)
+    assert result.returncode == 0, result.stderr
+    assert "resuming: profile" in result.stderr
+    assert (out / "report.json").is_file() and not work.exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--target-speedup", "50"], "ask for less"),
+    (["--target-speedup", "0.9"], "must be above 1"),
+    (["--target-speedup", "1.2", "--backend", "nosuch"], "unknown backend"),
+    (["--target-speedup", "1.2", "--format", "tensorrt"], "tensorrt"),
+    (["--target-speedup", "1.2", "--max-ppl-increase", "10%"], "exactly one"),
+])
+def test_bad_input(tiny_dir, tmp_path, args, fragment):
+    out = tmp_path / "run"
+    result = compress(tiny_dir, "--out", out, *FAST, *args)
+    assert result.returncode == 2, result.stderr
+    assert fragment in result.stderr.lower(), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not (tmp_path / ".run.work").exists()
