@@ -7,6 +7,7 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 
 from compressor.cli.common import err, rich_tracker, setup_logging
 
@@ -58,7 +59,7 @@ def main() -> None:
     except CompressorError as exc:
         if os.environ.get("COMPRESSOR_DEBUG"):
             raise
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/bold red]: nothing was written")

@@ -31,7 +31,8 @@ def bench(
     = "128+64",
     threads: Annotated[int | None, typer.Option("--threads", help="Pin CPU threads (torch and ORT).")] = None,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed trials per workload.")] = 2,
-    min_runs: Annotated[int, typer.Option("--min-runs", help="Timed samples at least.")] = 10,
+    min_runs: Annotated[int, typer.Option(
+        "--min-runs", help="Timed samples at least (decode: also every new token once).")] = 10,
     min_seconds: Annotated[float, typer.Option("--min-seconds", help="Measured seconds at least.")] = 2.0,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     compare: Annotated[str | None, typer.Option(
@@ -71,30 +72,30 @@ def _write(path: Path, data: dict) -> None:
 
 def _print(result: BenchResult | Comparison) -> None:
     runs = [result] if isinstance(result, BenchResult) else [result.a, result.b]
-    table = Table(title="latency (ms; decode is per token)")
-    table.add_column("model")
-    for name in ("workload", "p50", "p90", "p99", "mean", "std", "runs", "tokens/s"):
-        table.add_column(name, justify="left" if name == "workload" else "right")
-    for run in runs:
+    for label, run in zip("AB", runs):
+        title = f"{run.model}" if len(runs) == 1 else f"{label}: {run.model}"
+        table = Table(title=f"{title} ({run.blocks} blocks, {run.backend} on {run.device})", title_justify="left")
+        for name in ("workload", "p50 ms", "p90 ms", "mean ms", "std", "runs", "tok/s"):
+            table.add_column(name, justify="left" if name == "workload" else "right")
         for e in run.prefill:
-            table.add_row(_name(run), f"prefill {e['batch']}x{e['seq']}", *_cells(e))
+            table.add_row(f"prefill {e['batch']}x{e['seq']}", *_cells(e))
         for e in run.decode:
-            table.add_row(_name(run), f"decode {e['batch']}x{e['prompt']}+{e['new_tokens']}", *_cells(e))
-    out.print(table)
-    for run in runs:
-        line = f"{_name(run)}: {run.blocks} blocks, {run.backend} on {run.device}, {run.settings}"
+            table.add_row(f"decode {e['batch']}x{e['prompt']}+{e['new_tokens']} /tok", *_cells(e))
+        if run.prefill or run.decode:
+            out.print(table)
+        settings = ", ".join(f"{k} {v}" for k, v in run.settings.items())
+        out.print(f"  {settings}", highlight=False, style="dim")
         if run.perplexity:
             p = run.perplexity
-            line += (f"\n  perplexity {p['perplexity']:.4f} over {p['tokens']:,} tokens "
-                     f"(windows {p['max_length']}, stride {p['stride']}; {p['text']})")
-        out.print(line, highlight=False)
+            out.print(f"  perplexity [bold]{p['perplexity']:.4f}[/bold] over {p['tokens']:,} tokens "
+                      f"(window {p['max_length']}, stride {p['stride']}; {p['text']})", highlight=False)
     if isinstance(result, Comparison):
         _print_speedups(result)
 
 
 def _print_speedups(result: Comparison) -> None:
     s = result.speedup
-    table = Table(title=f"speedup of {result.b.model} over {result.a.model} ({s['means']})")
+    table = Table(title="speedup of B over A = A time / B time (above 1: B is faster)", title_justify="left")
     for name in ("workload", "p50", "mean"):
         table.add_column(name, justify="left" if name == "workload" else "right")
     for e in s["prefill"]:
@@ -102,15 +103,16 @@ def _print_speedups(result: Comparison) -> None:
     for e in s["decode"]:
         table.add_row(f"decode {e['batch']}x{e['prompt']}+{e['new_tokens']}", f"{e['p50']:.3f}x",
                       f"{e['mean']:.3f}x")
-    out.print(table)
+    if s["prefill"] or s["decode"]:
+        out.print(table)
     if "perplexity_ratio" in s:
-        out.print(f"perplexity B / A: {s['perplexity_ratio']:.4f}")
+        out.print(f"perplexity B / A: {s['perplexity_ratio']:.4f}", highlight=False)
 
 
-def _name(run: BenchResult) -> str:
-    return Path(run.model).name or run.model
+def _ms(value: float) -> str:
+    return f"{value:,.1f}" if value >= 100 else f"{value:.2f}"
 
 
 def _cells(e: dict) -> list[str]:
-    return [f"{e['p50_ms']:.2f}", f"{e['p90_ms']:.2f}", f"{e['p99_ms']:.2f}", f"{e['mean_ms']:.2f}",
-            f"{e['std_ms']:.2f}", str(e["runs"]), f"{e['tokens_per_s']:,.1f}"]
+    return [_ms(e["p50_ms"]), _ms(e["p90_ms"]), _ms(e["mean_ms"]), _ms(e["std_ms"]), str(e["runs"]),
+            f"{e['tokens_per_s']:,.1f}"]

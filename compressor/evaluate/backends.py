@@ -140,6 +140,15 @@ def new_cache(config):
         return DynamicCache()
 
 
+def check_device(device: str | None) -> None:
+    if device is None or device == "cpu":
+        return
+    if not str(device).startswith("cuda"):
+        raise CompressorError(f"unknown device '{device}': use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise CompressorError(f"--device {device} needs a CUDA GPU, and torch sees none: use --device cpu")
+
+
 # --- PyTorch --------------------------------------------------------------------------------
 
 @register_backend("torch", "PyTorch eager, CPU or CUDA; --compile for torch.compile")
@@ -148,6 +157,7 @@ class TorchBackend:
 
     def __init__(self, model, device: str = "cpu", threads: int | None = None, dtype: str = "float32",
                  compile: bool = False, allow_pickle: bool = False, source: str | Path | None = None):
+        check_device(device)
         if threads:
             torch.set_num_threads(threads)
         self.tokenizer = None
@@ -229,8 +239,12 @@ class RunnerBackend:
         self.device = device
         self.threads = threads
         self.num_blocks = int(runner.num_layers)
-        config = _read_config(path)
-        self.vocab_size = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size", 0))
+        config = getattr(runner, "config", None)
+        if config is not None:
+            self.vocab_size = int(config.get_text_config().vocab_size)
+        else:
+            raw = _read_config(path)
+            self.vocab_size = int(raw.get("vocab_size") or raw.get("text_config", {}).get("vocab_size", 0))
         self.tokenizer = _maybe_tokenizer(path)
 
     def versions(self) -> dict[str, str]:

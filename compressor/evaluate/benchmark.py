@@ -11,7 +11,7 @@ bench.json. Its keys are stable: `backend`, `device`, `versions`, `settings`, `s
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from compressor.errors import CompressorError
@@ -86,16 +86,23 @@ class Comparison:
 
 
 def run_bench(model, other=None, backend: str = "auto", device: str = "cpu", threads: int | None = None,
-              config: BenchConfig | None = None, tokenizer=None, **options) -> BenchResult | Comparison:
-    """Benchmark `model` (and `other`, in alternation) on a backend: what `compress bench` does."""
+              config: BenchConfig | None = None, tokenizer=None, labels: tuple[str, ...] | None = None,
+              **options) -> BenchResult | Comparison:
+    """Benchmark `model` (and `other`, in alternation) on a backend: what `compress bench` does.
+
+    model, other: specs or paths (see `get_backend`), or loaded torch modules (then give `labels`).
+    Returns a BenchResult, or with `other` a Comparison whose speedups are A time / B time.
+    """
     config = config or BenchConfig()
     parse_prefill(config.prefill), parse_decode(config.decode)  # bad shapes fail before loading
     models = [model] if other is None else [model, other]
     backends = []
     for spec in models:
-        status(f"loading {spec} ({backend})")
+        if isinstance(spec, (str, Path)):
+            status(f"loading {spec} ({backend})")
         backends.append(get_backend(backend, spec, device=device, threads=threads, **options))
-    results = benchmark(backends, [str(m) for m in models], config, tokenizer)
+    labels = labels or tuple(str(m) if isinstance(m, (str, Path)) else type(m).__name__ for m in models)
+    results = benchmark(backends, list(labels), config, tokenizer)
     if other is None:
         return results[0]
     return Comparison(results[0], results[1], speedups(results[0], results[1]))
@@ -115,7 +122,8 @@ def benchmark(backends: list[Backend], labels: list[str], config: BenchConfig,
     for spec in parse_decode(config.decode):
         status(f"timing decode {spec.label}")
         trials = [decode_trial(b, spec, timing.seed, timing.warmup_decode_tokens) for b in backends]
-        for entries, taken in zip(decode_entries, measure(trials, timing)):
+        every_position = replace(timing, min_runs=max(timing.min_runs, spec.new_tokens))
+        for entries, taken in zip(decode_entries, measure(trials, every_position)):
             entries.append(decode_entry(spec, taken))
     results = []
     for i, (backend, label) in enumerate(zip(backends, labels)):

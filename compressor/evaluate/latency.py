@@ -2,13 +2,15 @@
 
 - Warm-up trials first (not timed), then timed trials until both a minimum number of samples
   and a minimum measured time are reached.
-- Several models are measured in alternation (A B A B ...), one trial each per round, so that
-  drift in the machine (other processes, clocks, thermals) hits all of them equally.
+- Several models are measured in alternation, one trial each per round, so that drift in the
+  machine (other processes, clocks, thermals) hits all of them equally; the order flips every
+  round (A B, B A, A B ...) so that neither model always runs right after the other.
 - On a GPU, torch work is timed with CUDA events after a synchronize; elsewhere with
   `time.perf_counter`, a monotonic clock.
 - A prefill sample is one forward pass over a batch x sequence of random tokens (fixed seed),
   building the KV cache. A decode sample is one new token with the cache, after a prompt whose
-  prefill is not timed; samples from every position of the generated continuation are pooled.
+  prefill is not timed; samples from every position of the generated continuation are pooled,
+  and models alternate token by token, so drift cancels at the scale of one step.
 """
 
 from __future__ import annotations
@@ -131,15 +133,29 @@ def prefill_trial(backend, spec: PrefillSpec, seed: int = 0) -> Trial:
 
 
 def decode_trial(backend, spec: DecodeSpec, seed: int = 0, warmup_tokens: int = 16) -> Trial:
+    """One timed decoding step per call, so that models alternate token by token.
+
+    The prompt's prefill is not timed; after `new_tokens` steps the next call starts over from a
+    fresh prefill, so samples cover positions prompt .. prompt + new_tokens - 1 in turn. A
+    warm-up call decodes `warmup_tokens` tokens and leaves the next timed call to start afresh.
+    """
     prompt = random_tokens(backend.vocab_size, spec.batch, spec.prompt, seed)
+    cursor = {"state": None, "made": spec.new_tokens}
+
+    def step() -> float:
+        if cursor["made"] >= spec.new_tokens:
+            cursor["state"], cursor["made"] = backend.prefill(prompt), 0
+        ms, cursor["state"] = timed(backend, lambda: backend.decode_step(cursor["state"]))
+        cursor["made"] += 1
+        return ms
 
     def trial(warmup: bool) -> list[float]:
-        state = backend.prefill(prompt)
-        samples = []
-        for _ in range(min(spec.new_tokens, warmup_tokens) if warmup else spec.new_tokens):
-            ms, state = timed(backend, lambda s=state: backend.decode_step(s))
-            samples.append(ms)
-        return samples
+        if not warmup:
+            return [step()]
+        for _ in range(min(spec.new_tokens, warmup_tokens)):
+            step()
+        cursor["made"] = spec.new_tokens
+        return []
 
     return trial
 
@@ -151,11 +167,13 @@ def measure(trials: list[Trial], timing: TimingConfig) -> list[list[float]]:
             trial(True)
     samples: list[list[float]] = [[] for _ in trials]
     spent = [0.0] * len(trials)
+    order = list(range(len(trials)))
     while any(len(s) < timing.min_runs or t < timing.min_seconds * 1000.0 for s, t in zip(samples, spent)):
-        for i, trial in enumerate(trials):
-            taken = trial(False)
+        for i in order:
+            taken = trials[i](False)
             samples[i].extend(taken)
             spent[i] += sum(taken)
+        order.reverse()  # A B, B A, A B ...: neither model always runs first in a round
     return samples
 
 

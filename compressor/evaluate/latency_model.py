@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -121,12 +121,16 @@ class LatencyModel:
         fixed = self.fixed_ms
         return math.inf if fixed <= 0 else self.latency_ms(self.blocks) / fixed
 
+    def max_speedup(self) -> float:
+        """The speedup with a single block left: the most pruning can actually deliver."""
+        return self.predict_speedup(self.blocks - 1)
+
     def blocks_for_speedup(self, target: float) -> int:
         """The fewest blocks to remove for at least `target` speedup on the workload."""
         for k in range(self.blocks):
             if self.predict_speedup(k) >= target:
                 return k
-        best = self.predict_speedup(self.blocks - 1)
+        best = self.max_speedup()
         raise InvalidPlanError(
             f"a {target:.2f}x speedup is out of reach on {self.backend}/{self.device} for "
             f"{self.workload.label}: {self.explain()}; even one block left gives {best:.2f}x. "
@@ -135,6 +139,9 @@ class LatencyModel:
 
     def explain(self) -> str:
         full = self.latency_ms(self.blocks)
+        if self.fixed_ms <= 0:
+            return (f"the fit found no fixed cost ({self.fixed_ms:.1f} ms of {full:.1f} ms): the timings are "
+                    "too noisy to bound the speedup; measure with more --min-seconds on a quiet machine")
         return (f"fixed cost {self.fixed_ms:.1f} ms of {full:.1f} ms ({self.fixed_ms / full:.0%}, "
                 f"embeddings, head and overhead do not shrink with depth), so no pruning exceeds "
                 f"{self.ceiling():.2f}x")
@@ -142,7 +149,8 @@ class LatencyModel:
     # --- serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["ceiling"] = self.ceiling()
+        ceiling = self.ceiling()
+        data["ceiling"] = ceiling if math.isfinite(ceiling) else None  # JSON has no infinity
         return data
 
     @classmethod
@@ -182,13 +190,11 @@ def shallow_copy_without(model: torch.nn.Module, drop: list[int]) -> torch.nn.Mo
 
 def measure_latency_model(model: torch.nn.Module, workload: Workload | None = None,
                           removals: tuple[int, ...] | None = None, device: str | None = None,
-                          threads: int | None = None, timing: TimingConfig | None = None,
-                          decode_tokens: int = 32) -> LatencyModel:
+                          threads: int | None = None, timing: TimingConfig | None = None) -> LatencyModel:
     """Measure `model` on PyTorch at several depths (in alternation) and fit a LatencyModel.
 
     removals: blocks removed per measured variant (default: 0, a quarter and half the depth).
-    decode_tokens: tokens timed per decode trial after the workload's prompt (per-token cost
-    barely moves over a few hundred positions, so a short continuation measures it).
+    Decode is timed token by token over the workload's continuation, the variants alternating.
     """
     workload = workload or Workload()
     timing = timing or TimingConfig()
@@ -200,12 +206,12 @@ def measure_latency_model(model: torch.nn.Module, workload: Workload | None = No
     backends = [TorchBackend(v, device=device, threads=threads) for v in variants]
     kept = [n - k for k in removals]
     prefill_spec = PrefillSpec(workload.batch, workload.prefill_tokens)
-    decode_spec = DecodeSpec(workload.batch, workload.prefill_tokens, min(decode_tokens, workload.new_tokens))
+    decode_spec = DecodeSpec(workload.batch, workload.prefill_tokens, workload.new_tokens)
     status(f"timing prefill {prefill_spec.label} at depths {kept}")
     prefill = measure([prefill_trial(b, prefill_spec, timing.seed) for b in backends], timing)
     status(f"timing decode {decode_spec.label} at depths {kept}")
     decode = measure([decode_trial(b, decode_spec, timing.seed, timing.warmup_decode_tokens)
-                      for b in backends], timing)
+                      for b in backends], replace(timing, min_runs=max(timing.min_runs, workload.new_tokens)))
     result = fit_latency_model(
         [(b, median(s)) for b, s in zip(kept, prefill)], [(b, median(s)) for b, s in zip(kept, decode)],
         n, workload, "torch", backends[0].device,

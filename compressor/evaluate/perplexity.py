@@ -2,9 +2,10 @@
 
 Windows of `max_length` tokens start every `stride` tokens. In each window only the tokens not
 scored by an earlier window count (the rest are context, label -100 in Hugging Face terms), and
-a window's first token is never scored because nothing predicts it. Every token but the first
-of the text is therefore scored exactly once, and the NLL is the exact average over those
-tokens: the sum of per-token NLLs divided by their number (not a mean of window means).
+a window's first token is never scored because nothing predicts it. With overlapping windows
+(stride < max_length) every token but the first of the text is scored exactly once. The NLL is
+the exact average over scored tokens: the sum of per-token NLLs divided by their number (not a
+mean of window means).
 
 The same function scores a torch model, a compressor Backend, or an ONNX Runtime / TensorRT
 runner from `compressor.export`, so one text gives one number on every backend.
@@ -12,7 +13,6 @@ runner from `compressor.export`, so one text gives one number on every backend.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -177,41 +177,6 @@ def _tokenize(tokenizer, text: str, max_tokens: int | None) -> list[int]:
 
 def read_texts(path: Path | str | None, field: str = "text") -> list[str]:
     """Documents of a .txt / .jsonl file or a directory of .txt (None: the bundled text)."""
-    try:
-        from compressor.calibrate.data import load_texts
-    except ImportError:
-        return _read_texts(path, field)
+    from compressor.calibrate.data import load_texts
+
     return load_texts(Path(path) if path is not None else None, field=field)
-
-
-def _read_texts(path: Path | str | None, field: str) -> list[str]:
-    if path is None:
-        from pydoc_data.topics import topics
-
-        return [topics[key] for key in sorted(topics)]
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.txt"))
-        if not files:
-            raise DataError(f"{path} holds no .txt files: pass a .txt or .jsonl file")
-        return [f.read_text(encoding="utf-8") for f in files]
-    if not path.is_file():
-        raise DataError(f"{path} does not exist: pass a .txt or .jsonl file")
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path, field)
-    return [path.read_text(encoding="utf-8")]
-
-
-def _read_jsonl(path: Path, field: str) -> list[str]:
-    texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise DataError(f"{path}:{number} is not valid JSON: one JSON object per line") from None
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise DataError(f"{path}:{number} has no string field '{field}': pass --field NAME")
-        texts.append(record[field])
-    return texts
