@@ -60,9 +60,19 @@ class PipelineConfig:
     eval_max_tokens: int = 8192
     timing_seconds: float = 2.0
 
-    def key(self) -> str:
-        data = {k: str(v) for k, v in asdict(self).items()}
+    def key(self, *fields: str) -> str:
+        """A hash of the named settings (all of them when none are named)."""
+        data = {k: str(v) for k, v in asdict(self).items() if not fields or k in fields}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# The settings each resumable stage depends on: a rerun reuses a stage whose settings are unchanged.
+STAGE_INPUTS = {
+    "profile": ("data", "field", "samples", "seq_len", "seed"),
+    "latency_model": ("backend", "device", "threads", "prefill_tokens", "new_tokens", "batch", "timing_seconds"),
+    "heal": ("data", "field", "samples", "seq_len", "seed", "strategy", "target_speedup", "max_ppl_increase",
+             "backend", "device", "heal_steps", "heal_minutes", "prefill_tokens", "new_tokens", "batch"),
+}
 
 
 def validate(cfg: PipelineConfig) -> None:
@@ -111,14 +121,17 @@ class Run:
 
     def cached(self, name: str, compute):
         """Run a stage once: its JSON result is kept in the work directory for resumption."""
-        path = self.work / f"{name}.json"
+        path = self.work / f"{name}.stage.json"
+        key = self.cfg.key(*STAGE_INPUTS[name])
         if path.is_file():
-            log.info("resuming: %s from %s", name, path)
-            return json.loads(path.read_text())
+            stored = json.loads(path.read_text())
+            if stored.get("key") == key:
+                log.info("resuming: %s from %s", name, path)
+                return stored["result"]
         start = time.perf_counter()
         result = compute()
         self.seconds[name] = round(time.perf_counter() - start, 2)
-        write_json(path, result)
+        write_json(path, {"key": key, "result": result})
         return result
 
 
@@ -134,6 +147,8 @@ def run_pipeline(cfg: PipelineConfig, out: Path | str, overwrite: bool = False) 
     except CompressorError:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    for scratch in [*work.glob("probe-*"), *work.glob("heal-state-*"), *work.glob("*.tmp")]:
+        shutil.rmtree(scratch, ignore_errors=True)  # latency probes and training state: not deliverables
     if out.exists():
         shutil.rmtree(out)
     work.rename(out)
@@ -145,10 +160,11 @@ def run_pipeline(cfg: PipelineConfig, out: Path | str, overwrite: bool = False) 
 
 def _prepare_work(work: Path, cfg: PipelineConfig) -> None:
     settings = work / "settings.json"
-    if work.exists() and (not settings.is_file() or json.loads(settings.read_text()).get("key") != cfg.key()):
+    # Everything in the work directory derives from the model; other settings are keyed per stage.
+    if work.exists() and (not settings.is_file() or json.loads(settings.read_text()).get("model") != cfg.model):
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    write_json(settings, {"key": cfg.key(), "settings": asdict(cfg)})
+    write_json(settings, {"model": cfg.model, "key": cfg.key(), "settings": asdict(cfg)})
 
 
 def _stages(run: Run) -> dict:
@@ -350,8 +366,9 @@ def _heal(run: Run, student, windows) -> dict | None:
     from compressor.heal import HealConfig, heal
 
     status(f"healing ({cfg.heal_steps} steps, at most {cfg.heal_minutes} min)")
-    config = HealConfig(steps=cfg.heal_steps, max_minutes=cfg.heal_minutes,
-                        checkpoint_dir=run.work / "heal-state", resume=(run.work / "heal-state").exists())
+    state = run.work / f"heal-state-{cfg.key(*STAGE_INPUTS['heal'])}"
+    config = HealConfig(steps=cfg.heal_steps, max_minutes=cfg.heal_minutes, checkpoint_dir=state,
+                        resume=state.exists())
     start = time.perf_counter()
     result = heal(student, run.model, windows, None, config)
     run.seconds["heal"] = round(time.perf_counter() - start, 2)

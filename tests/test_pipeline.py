@@ -47,13 +47,13 @@ def test_interrupted_run_resumes(tiny_dir, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "compressor", "model", *map(str, args)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (work / "profile.json").exists() and process.poll() is None and time.time() < deadline:
+    while not (work / "profile.stage.json").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     process.kill()
     process.wait()
     if out.exists():
         pytest.skip("the run finished before it could be interrupted")
-    assert (work / "profile.json").exists()
+    assert (work / "profile.stage.json").exists()
     result = compress(*args)
     assert result.returncode == 0, result.stderr
     assert "resuming: profile" in result.stderr
