@@ -76,7 +76,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     source = resolve(spec)
-    kwargs = dict(dtype=parse_dtype(dtype), trust_remote_code=False, use_safetensors=not allow_pickle)
+    kwargs = {"dtype": parse_dtype(dtype), "trust_remote_code": False, "use_safetensors": not allow_pickle}
     if isinstance(source, str):
         kwargs["local_files_only"] = False
     if device_map is not None:
@@ -86,7 +86,7 @@ def load_model(
         get_adapter(_read_config(source))  # refuse unsupported architectures before reading weights
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, EnvironmentError) as exc:
+    except OSError as exc:
         if isinstance(source, str):
             raise ModelLoadError(f"cannot fetch '{source}' from the hub (offline?): {_HINT}") from exc
         raise ModelLoadError(f"cannot read the model in {source}: {_first_line(exc)}") from exc

@@ -283,10 +283,10 @@ def _blocks_for_target(run: Run) -> tuple[int, list[dict]]:
     from compressor.evaluate import LatencyModel
 
     latency_model = LatencyModel.from_dict(model_info)
-    k = latency_model.blocks_for_speedup(cfg.target_speedup)  # raises, with the ceiling, if out of reach
+    first = latency_model.blocks_for_speedup(cfg.target_speedup)  # raises, with the ceiling, if out of reach
     attempts = []
     original = _backend(run, run.model, "probe-original")
-    for k in range(k, min(n - 1, k + cfg.max_extra_blocks) + 1):
+    for k in range(first, min(n - 1, first + cfg.max_extra_blocks) + 1):
         probe = _backend(run, shallow_copy_without(run.model, spread_blocks(n, k)), f"probe-{k}")
         ra, rb = _bench_pair(run, original, probe)
         measured = _workload_ms(ra) / _workload_ms(rb)
@@ -337,12 +337,12 @@ def _choose_plan(run: Run, windows, eval_sets, k: int | None, profile: dict):
     budget = {name: ppl * (1 + cfg.max_ppl_increase) for name, ppl in baseline.items()}
     n = get_adapter(run.model).num_blocks(run.model)
     best, best_ppl = None, None
-    for k in range(1, n - 1):
-        plan = make_plan(run.model, windows, k, cfg.strategy, profile=prof)
+    for count in range(1, n - 1):
+        plan = make_plan(run.model, windows, count, cfg.strategy, profile=prof)
         candidate = copy.deepcopy(run.model)
         apply_plan_(candidate, plan)
         ppl = _perplexities(candidate, eval_sets)
-        status(f"{k} blocks removed: perplexity {ppl} (budget {budget})")
+        status(f"{count} blocks removed: perplexity {ppl} (budget {budget})")
         if any(ppl[name] > budget[name] for name in ppl):
             break
         best, best_ppl = plan, ppl

@@ -78,8 +78,8 @@ def to_markdown(report: dict) -> str:
     lines += [f"| {m} | {a} | {b} |" for m, a, b in summary_rows(report)]
     backend = report.get("backend", {})
     if backend:
-        lines += ["", f"Measured on {backend.get('name')} / {backend.get('device')}"
-                  f" ({backend.get('threads', '?')} threads); workload: {report.get('workload', '')}."]
+        where = f"{backend.get('name')} / {backend.get('device')} ({backend.get('threads', '?')} threads)"
+        lines += ["", f"Measured on {where}; workload: {report.get('workload', '')}."]
     if report.get("notes"):
         lines += ["", "Notes:"] + [f"- {note}" for note in report["notes"]]
     artifacts = report.get("artifacts", {})

@@ -11,10 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-_DEC = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
-            vocab_size=128, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_DEC = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 64,
+            "vocab_size": 128, "max_position_embeddings": 256, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 _KV = dict(_DEC, num_key_value_heads=2, head_dim=8)
-_GPT = dict(n_embd=32, n_layer=4, n_head=4, vocab_size=128, n_positions=256, bos_token_id=1, eos_token_id=2)
+_GPT = {"n_embd": 32, "n_layer": 4, "n_head": 4, "vocab_size": 128, "n_positions": 256, "bos_token_id": 1, "eos_token_id": 2}
 
 # model_type -> config kwargs for a 4-block, 32-wide model.
 TINY_CONFIGS: dict[str, dict] = {
@@ -24,8 +24,8 @@ TINY_CONFIGS: dict[str, dict] = {
     "codegen": dict(_GPT, rotary_dim=4),
     "gpt_neox": dict(_DEC, rotary_pct=0.25),
     "opt": dict(_DEC, ffn_dim=64, word_embed_proj_dim=32),
-    "bloom": dict(hidden_size=32, n_layer=4, n_head=4, vocab_size=128, pad_token_id=0, bos_token_id=1,
-                  eos_token_id=2),
+    "bloom": {"hidden_size": 32, "n_layer": 4, "n_head": 4, "vocab_size": 128, "pad_token_id": 0, "bos_token_id": 1,
+                  "eos_token_id": 2},
     "falcon": dict(_DEC, new_decoder_architecture=False, parallel_attn=True, alibi=False),
     "llama": _KV,
     "mistral": dict(_KV, sliding_window=None),
@@ -81,9 +81,7 @@ def make_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ("the of and to a in is that for it as with was on be by this are or from at an "
-             "which not function return value class object python list string module type "
-             "error file data name used can if method default new code set when has").split()
+    words = ["the", "of", "and", "to", "a", "in", "is", "that", "for", "it", "as", "with", "was", "on", "be", "by", "this", "are", "or", "from", "at", "an", "which", "not", "function", "return", "value", "class", "object", "python", "list", "string", "module", "type", "error", "file", "data", "name", "used", "can", "if", "method", "default", "new", "code", "set", "when", "has"]
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
     for w in words:
         vocab.setdefault(w, len(vocab))

@@ -16,7 +16,7 @@ from compressor.loading import load_model
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "compressor", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "compressor", *map(str, args)], capture_output=True, check=False,
                           text=True, timeout=300, env=env)
 
 
