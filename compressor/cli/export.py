@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from compressor.cli.common import AllowPickleOpt, JsonOpt, ModelArg, OutOpt, OverwriteOpt, emit_json, err, out
+
+FormatOpt = Annotated[str, typer.Option("--format", "-f", help="onnx, or tensorrt (ONNX plus an engine).")]
+ExportDtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights of the export: float32 or float16.")]
+_RANGE = "MIN:OPT:MAX for the TensorRT profile"
+
+
+def export(
+    model: ModelArg,
+    out_dir: OutOpt,
+    format: FormatOpt = "onnx",
+    dtype: ExportDtypeOpt = "float32",
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (18 or newer).")] = 18,
+    optimize: Annotated[bool, typer.Option("--optimize", help="Also save ONNX Runtime's optimised graph.")] = False,
+    validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Compare with PyTorch.")] = True,
+    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Keep an export that fails "
+                                                 "validation (with a warning).")] = False,
+    trt_batch: Annotated[str | None, typer.Option("--trt-batch", help=f"Batch {_RANGE} [1:1:8].")] = None,
+    trt_seq: Annotated[str | None, typer.Option("--trt-seq", help=f"New tokens {_RANGE} [1:128:512].")] = None,
+    trt_past: Annotated[str | None, typer.Option("--trt-past", help=f"Cached tokens {_RANGE} [0:256:1024].")] = None,
+    trt_workspace_gb: Annotated[float | None, typer.Option("--trt-workspace-gb", help="TensorRT workspace limit.")] = None,
+    overwrite: OverwriteOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Export to ONNX (with KV cache) or a TensorRT engine, validated against PyTorch."""
+    from compressor.export.pipeline import check_export_options, export_model
+    from compressor.io import atomic_dir, check_output
+    from compressor.loading import load_model
+
+    check_export_options(format, dtype, opset)
+    profile = None
+    if format == "tensorrt":
+        from compressor.export.tensorrt import TrtProfile
+
+        profile = TrtProfile.parse(trt_batch, trt_seq, trt_past)
+    check_output(out_dir, overwrite)
+    _check_writable(out_dir)
+    loaded, tokenizer = load_model(model, dtype="float32", allow_pickle=allow_pickle)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        summary = export_model(loaded, tokenizer, tmp, format=format, dtype=dtype, opset=opset, optimize=optimize,
+                               validate=validate, allow_mismatch=allow_mismatch, profile=profile,
+                               workspace_gb=trt_workspace_gb)
+    data = {"out": str(out_dir), **summary.to_dict()}
+    if json:
+        emit_json(data)
+        return
+    _print_summary(data)
+
+
+def _check_writable(out_dir) -> None:
+    """Refuse an output that cannot be created before spending minutes on the export."""
+    import os
+    from pathlib import Path
+
+    from compressor.errors import CompressorError
+
+    ancestor = Path(out_dir).resolve().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CompressorError(f"cannot write {out_dir}: {ancestor} is not a writable folder; choose another --out")
+
+
+def _print_summary(data: dict) -> None:
+    record = data["record"]
+    err.print(f"wrote {data['out']}: {data['format']}, {data['dtype']}, {data['num_layers']} of "
+              f"{record['blocks_original']} blocks, model.onnx {data['onnx_size_bytes'] / 1e6:,.1f} MB"
+              + (f", optimised {data['optimized_size_bytes'] / 1e6:,.1f} MB" if data["optimized_size_bytes"] else "")
+              + (f", engine {data['engine']['size_bytes'] / 1e6:,.1f} MB" if data["engine"] else "")
+              + f" in {data['seconds']:.0f} s")
+    reports = [data["validation"], (data["validation"] or {}).get("optimized"), data["engine_validation"]]
+    for report in filter(None, reports):
+        out.print(_table(report))
+    for warning in data["warnings"]:
+        err.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def _table(report: dict) -> Table:
+    from pathlib import Path
+
+    tol = report["tolerance"]
+    table = Table(title=f"{Path(report['file']).name} vs PyTorch ({report['runtime']}, {report['dtype']}, "
+                        f"tolerance {tol['abs']:g} + {tol['rel']:g} x scale)")
+    for column in ("case", "batch", "new", "past", "max |Δ logits|", "rel", "max |Δ cache|", "rel", "ok"):
+        table.add_column(column, justify="left" if column == "case" else "right")
+    for case in report["cases"]:
+        table.add_row(case["name"], str(case["batch"]), str(case["seq"]), str(case["past"]),
+                      f"{case['logits_max_abs']:.2e}", f"{case['logits_max_rel']:.1e}",
+                      f"{case['present_max_abs']:.2e}", f"{case['present_max_rel']:.1e}",
+                      "[green]yes[/green]" if case["passed"] else "[red]NO[/red]")
+    greedy = report.get("greedy")
+    if greedy:
+        table.add_row("greedy tokens", "1", "", "", f"{greedy['matched']}/{greedy['tokens']} identical", "", "", "",
+                      "[green]yes[/green]" if greedy["passed"] else "[red]NO[/red]")
+    for note in report.get("notes", []):
+        table.add_row(f"[dim]{note}[/dim]")
+    return table

@@ -1,0 +1,91 @@
+"""`compress export` end to end: bad input fails fast with one line and exit 2, a tiny model exports."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import make_tokenizer, tiny_model
+
+from compressor.cli import COMMANDS
+
+pytestmark = pytest.mark.skipif(
+    not any(name == "export" for *_, name in COMMANDS),
+    reason="`export` is not registered in compressor.cli.COMMANDS yet",
+)
+
+
+def compress(*args, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    return subprocess.run([sys.executable, "-m", "compressor", "export", *map(str, args)],
+                          check=False, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+@pytest.fixture
+def one_block_dir(tmp_path):
+    path = tmp_path / "one-block-llama"
+    tiny_model("llama", num_hidden_layers=1).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_path_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes").mkdir()
+    result = compress(tmp_path / "notes", "--out", tmp_path / "out")
+    assert_one_line_error(result, "not a model directory")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_dtype_fails_before_loading(tmp_path, one_block_dir):
+    result = compress(one_block_dir, "--out", tmp_path / "out", "--dtype", "int8")
+    assert_one_line_error(result, "int8", "float32 or float16")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_format(tmp_path, one_block_dir):
+    assert_one_line_error(compress(one_block_dir, "--out", tmp_path / "out", "--format", "tflite"),
+                          "tflite", "onnx or tensorrt")
+
+
+def test_unwritable_output(tmp_path, one_block_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = compress(one_block_dir, "--out", blocker / "out")
+    assert_one_line_error(result, "cannot write")
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
+def test_tensorrt_format_without_tensorrt_names_the_extra(tmp_path, one_block_dir):
+    result = compress(one_block_dir, "--out", tmp_path / "out", "--format", "tensorrt")
+    assert_one_line_error(result, "pip install 'compressor[tensorrt]'", "docs.nvidia.com")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_tiny_model_json_then_refuse_to_overwrite(tmp_path, one_block_dir):
+    out = tmp_path / "onnx"
+    result = compress(one_block_dir, "--out", out, "--optimize", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["format"] == "onnx" and data["num_layers"] == 1 and data["dtype"] == "float32"
+    assert data["validation"]["passed"] and data["validation"]["optimized"]["passed"]
+    assert data["validation"]["greedy"]["matched"] == 32
+    for name in ("model.onnx", "model_optimized.onnx", "config.json", "tokenizer.json", "validation.json",
+                 "export.json"):
+        assert (out / name).is_file(), name
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
+
+    again = compress(one_block_dir, "--out", out)
+    assert_one_line_error(again, "already exists", "--overwrite")

@@ -1,0 +1,36 @@
+"""SmolLM2-135M, full and with 6 blocks removed: exports, matches PyTorch, shrinks with depth (-m smollm2)."""
+
+from __future__ import annotations
+
+import pytest
+
+from compressor.errors import ModelLoadError
+from compressor.export.onnx import export_onnx
+from compressor.export.validate import validate_onnx
+from compressor.info import count_parameters
+from compressor.loading import load_model
+from compressor.surgery import drop_blocks_, parse_blocks
+
+pytestmark = pytest.mark.smollm2
+pytest.importorskip("onnxscript", reason="needs the onnx extra: pip install 'compressor[onnx]'")
+
+
+def test_smollm2_full_and_pruned_export_validate_and_shrink(tmp_path):
+    try:
+        model, tokenizer = load_model("smollm2-135m")
+    except ModelLoadError as exc:
+        pytest.skip(str(exc))
+    sizes, params = [], []
+    for name, drop in (("full", None), ("pruned", "20-25")):
+        if drop:
+            drop_blocks_(model, parse_blocks(drop, 30))
+        result = export_onnx(model, tokenizer, tmp_path / name)
+        report = validate_onnx(model, tmp_path / name, tokenizer=tokenizer, threads=2)
+        assert report.passed, report.summary()
+        assert report.logits_max_abs <= 1e-3, report.summary()
+        assert report.greedy.matched == 32 and report.greedy.first_mismatch is None
+        assert result.num_layers == (24 if drop else 30)
+        sizes.append(result.size_bytes)
+        params.append(count_parameters(model))
+    # The file shrinks with the parameters (tied embeddings stored once), not more, not less.
+    assert sizes[1] / sizes[0] == pytest.approx(params[1] / params[0], abs=0.01)
