@@ -1,0 +1,48 @@
+"""Two gloo processes on the CPU, each with its shard of the windows, give the one-process profile."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import tiny_model
+
+from compressor.calibrate import Stats, calibrate
+
+SETTINGS = {"batch_size": 2, "spans_max": 3, "intrinsic_dim": True, "twonn_points": 60, "exclude_outliers": 1.3}
+
+
+def _windows() -> torch.Tensor:
+    return torch.randint(3, 128, (5, 16), generator=torch.Generator().manual_seed(3))  # 5: uneven shards
+
+
+def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        profile = calibrate(tiny_model("llama"), _windows(), **SETTINGS)
+        Path(out, f"profile{rank}.json").write_text(json.dumps(profile.to_dict()))
+        profile.stats.save(Path(out, f"stats{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    single = calibrate(tiny_model("llama"), _windows(), **SETTINGS)
+    for rank in (0, 1):
+        stats = Stats.load(tmp_path / f"stats{rank}.safetensors")
+        assert sorted(stats.outliers) == sorted(single.stats.outliers)
+        for a, b in zip(stats._tensors(), single.stats._tensors(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)
+        profile = json.loads((tmp_path / f"profile{rank}.json").read_text())
+        assert profile["tokens"] == single.tokens == 5 * 16
+        for got, want in zip(profile["blocks"], single.to_dict()["blocks"], strict=True):
+            for key, value in want.items():
+                if isinstance(value, float) and not math.isnan(value):
+                    assert got[key] == pytest.approx(value, abs=1e-9), key
