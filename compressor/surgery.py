@@ -7,6 +7,8 @@ config lists sliced, and a `compressor` record in the config that transformers i
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 from collections.abc import Iterable
 
@@ -109,3 +111,73 @@ def save_checkpoint(model, tokenizer, out) -> None:
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+
+
+# --- linear maps folded into existing weights (issue 4) ---------------------------------------
+
+def fold_linear_(model: torch.nn.Module, block_index: int, T: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Make block `block_index`'s MLP output projection return proj(x) @ T (+ bias), in place.
+
+    nn.Linear (y = x W' + b): W <- T' W, b <- b T. GPT-2's Conv1D (y = x W + b): W <- W T.
+    The product is taken in float64 and stored in the weight's dtype; no module or parameter is
+    added, so the checkpoint stays standard. `bias` is only accepted where the projection has one.
+    """
+    adapter = get_adapter(model)
+    reason = adapter.why_no_fold(model.config)
+    if reason:
+        raise InvalidPlanError(f"cannot fold a linear map into {model.config.model_type}: {reason}; "
+                               "drop the blocks without a linear replacement instead")
+    blocks = adapter.blocks_of(model)
+    if not 0 <= block_index < len(blocks):
+        raise InvalidPlanError(f"block {block_index} is out of range: the model has blocks 0-{len(blocks) - 1}")
+    proj = adapter.mlp_out_of(blocks[block_index])
+    weight = proj.weight
+    T = torch.as_tensor(T).to(device=weight.device, dtype=torch.float64)
+    out_features = weight.shape[0] if isinstance(proj, torch.nn.Linear) else weight.shape[1]
+    if T.shape != (out_features, out_features):
+        raise InvalidPlanError(f"map of shape {tuple(T.shape)} does not fit block {block_index}'s projection "
+                               f"(width {out_features}): the plan was made for another model")
+    has_bias = getattr(proj, "bias", None) is not None
+    if bias is not None and not has_bias:
+        raise InvalidPlanError(f"block {block_index}'s projection has no bias to fold a bias into")
+    with torch.no_grad():
+        w = weight.to(torch.float64)
+        new = T.T @ w if isinstance(proj, torch.nn.Linear) else w @ T
+        weight.copy_(new.to(weight.dtype))
+        if has_bias:
+            b = proj.bias.to(torch.float64) @ T
+            if bias is not None:
+                b = b + torch.as_tensor(bias).to(b)
+            proj.bias.copy_(b.to(proj.bias.dtype))
+
+
+@contextlib.contextmanager
+def blocks_removed(model: torch.nn.Module, indices: Iterable[int]):
+    """Remove blocks (current numbering) for the duration of a `with`; everything comes back after.
+
+    Used to run a model as it would be after a plan, or to start a forward in the middle of the
+    stack, without copying weights. The ModuleList, config fields and cache indices are restored
+    in `finally`.
+    """
+    adapter = get_adapter(model)
+    parent_path, _, attr = adapter.blocks.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    blocks = getattr(parent, attr)
+    configs = [model.config] + [c for c in (getattr(model.config, "text_config", None),) if c is not None]
+    names = adapter.layer_count + adapter.per_layer_lists + adapter.extra_lists
+    saved = [{n: copy.deepcopy(getattr(c, n)) for n in names if hasattr(c, n)} for c in configs]
+    drop = set(indices)
+    keep = [i for i in range(len(blocks)) if i not in drop]
+    if not keep or not drop <= set(range(len(blocks))):
+        raise InvalidPlanError(f"cannot remove blocks {sorted(drop)} of {len(blocks)}")
+    setattr(parent, attr, torch.nn.ModuleList([blocks[i] for i in keep]))
+    _renumber(getattr(parent, attr), adapter)
+    _fix_config(model.config, adapter, keep, len(blocks))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, blocks)
+        _renumber(blocks, adapter)
+        for cfg, values in zip(configs, saved):
+            for name, value in values.items():
+                setattr(cfg, name, value)

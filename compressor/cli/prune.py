@@ -38,8 +38,9 @@ def prune(
     if json:
         emit_json({"out": str(out), **record})
     else:
+        linear = "".join(f", {s['start']}-{s['end'] - 1} replaced by a linear map" for s in record["linearized"])
         err.print(f"wrote {out}: {len(record['kept'])} of {record['blocks_original']} blocks "
-                  f"(removed {record['removed']})")
+                  f"(removed {record['removed']}{linear})")
 
 
 def len_blocks(model) -> int:

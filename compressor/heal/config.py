@@ -8,6 +8,9 @@ from pathlib import Path
 from compressor.errors import CompressorError
 
 TRAIN_CHOICES = ("touched", "all", "lora")
+# Peak learning rates that recovered most per CPU-minute on SmolLM2-135M (bench/heal.py): a few blocks or
+# adapters take a high rate; the whole model a lower one.
+DEFAULT_LR = {"touched": 1e-3, "lora": 1e-3, "all": 2e-4}
 DISTRIBUTED_CHOICES = ("ddp", "fsdp")
 
 
@@ -24,6 +27,7 @@ class HealConfig:
     steps: optimizer steps planned; max_minutes bounds wall time too (whichever comes first: the
         schedule is re-planned to end within the time after the first steps are timed).
     batch_size: windows per micro-batch per process; one step sees batch_size * grad_accum * processes.
+    lr: peak learning rate; None picks DEFAULT_LR for the `train` mode.
     warmup: linear warm-up steps, then cosine decay to min_lr_ratio * lr.
     train: "touched" (blocks next to each cut), "all", or "lora" (peft, merged back at the end).
     topk: log-probabilities per position kept in the teacher cache.
@@ -35,7 +39,7 @@ class HealConfig:
 
     steps: int = 200
     max_minutes: float | None = None
-    lr: float = 2e-4
+    lr: float | None = None
     warmup: int = 10
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -61,6 +65,10 @@ class HealConfig:
     log_every: int = 10
     eval_batch_size: int = 8
 
+    def __post_init__(self) -> None:
+        if self.lr is None:
+            self.lr = DEFAULT_LR.get(self.train, DEFAULT_LR["all"])
+
     def problems(self) -> list[str]:
         """Every problem with these settings at once (empty when they are usable)."""
         p = []
@@ -82,7 +90,8 @@ class HealConfig:
         if self.train not in TRAIN_CHOICES:
             p.append(f"--train must be one of {', '.join(TRAIN_CHOICES)} (got '{self.train}')")
         if self.distributed not in DISTRIBUTED_CHOICES:
-            p.append(f"--distributed must be one of {', '.join(DISTRIBUTED_CHOICES)} (got '{self.distributed}')")
+            choices = ", ".join(DISTRIBUTED_CHOICES)
+            p.append(f"--distributed must be one of {choices} (got '{self.distributed}')")
         if self.resume and self.checkpoint_dir is None:
             p.append("resuming needs a checkpoint directory")
         return p
@@ -92,12 +101,17 @@ class HealConfig:
         if problems:
             raise CompressorError("invalid healing settings: " + "; ".join(problems))
 
-    def schedule_key(self) -> dict:
-        """The settings a resumed run must share with the interrupted one to continue its schedule."""
-        keys = ("steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "batch_size", "grad_accum",
-                "temperature", "alpha", "hidden_weight", "regularize_linearity", "train", "lora_rank",
-                "lora_alpha", "topk", "seed")
-        return {k: getattr(self, k) for k in keys}
+    def schedule_key(self, world_size: int = 1) -> dict:
+        """The settings a resumed run must share with the interrupted one to continue its schedule.
+
+        The global batch counts, not how it is split: a run saved on 2 ranks of 2 windows resumes on
+        one process of 4.
+        """
+        keys = ("steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "temperature", "alpha",
+                "hidden_weight", "regularize_linearity", "train", "lora_rank", "lora_alpha", "topk", "seed")
+        key = {k: getattr(self, k) for k in keys}
+        key["global_batch"] = self.batch_size * self.grad_accum * world_size
+        return key
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -128,5 +142,4 @@ class HealResult:
 
     def to_dict(self) -> dict:
         skip = {"model", "full_state_dict", "is_main"}
-        return {k: v for k, v in asdict(self).items() if k not in skip} if False else {
-            k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}

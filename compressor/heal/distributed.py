@@ -102,14 +102,19 @@ class AccelerateRuntime(Runtime):
         kwargs = {}
         if strategy == "fsdp":
             if not torch.cuda.is_available():
-                raise CompressorError("FSDP through accelerate needs GPUs; on CPUs launch the same command with "
-                                      "--distributed ddp")
+                raise CompressorError("FSDP through accelerate needs GPUs; on CPUs launch the same "
+                                      "command with --distributed ddp")
             kwargs["fsdp_plugin"] = accelerate.FullyShardedDataParallelPlugin(
                 fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
                 transformer_cls_names_to_wrap=[block_class] if block_class else None,
                 state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False,
             )
-        self.accelerator = accelerate.Accelerator(mixed_precision="no", **kwargs)
+        # accelerate treats a CPU-only launch as distributed only when told it runs on CPUs.
+        cpu = not torch.cuda.is_available()
+        self.accelerator = accelerate.Accelerator(mixed_precision="no", cpu=cpu, **kwargs)
+        if self.accelerator.num_processes != launched_world_size():
+            raise CompressorError(f"accelerate sees {self.accelerator.num_processes} processes where "
+                                  f"{launched_world_size()} were launched: check the launcher's environment")
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.device = self.accelerator.device

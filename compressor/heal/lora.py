@@ -4,6 +4,7 @@ into plain weights before anything is saved, so the healed checkpoint never need
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 
@@ -22,11 +23,13 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float | None = None, seed
     peft = require("peft", "heal", "LoRA healing")
     config = peft.LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
                              target_modules=lora_targets(model), bias="none")
-    with torch.random.fork_rng(devices=[]):
+    targets = len(config.target_modules)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers about a renamed attribute
         torch.manual_seed(seed)  # LoRA's A matrices are random: same seed, same start, same run
         wrapper = peft.get_peft_model(model, config)
     trainable = sum(p.numel() for p in wrapper.parameters() if p.requires_grad)
-    log.info("LoRA rank %d on %d layers: %d trainable parameters", rank, len(config.target_modules), trainable)
+    log.info("LoRA rank %d on %d layers: %d trainable parameters", rank, targets, trainable)
     return wrapper
 
 

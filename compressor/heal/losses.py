@@ -7,6 +7,7 @@ All functions take float logits/hidden states and compute in float32, whatever t
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -17,7 +18,8 @@ from compressor.adapters import get_adapter
 _NEG = -1e4  # a finite "log 0": keeps 0 * log(0) terms at 0 with finite gradients
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
     """KL(teacher || student) on the full next-token distributions at temperature T, times T^2.
 
     Averaged over every position of every window (Hinton et al.'s T^2 keeps gradient scale
@@ -80,7 +82,7 @@ def consecutive_cosine(hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
     if len(hidden_states) < 2:
         raise ValueError("need the hidden states before and after at least one block")
     sims = [F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8).mean()
-            for a, b in zip(hidden_states[:-1], hidden_states[1:])]
+            for a, b in itertools.pairwise(hidden_states)]
     return torch.stack(sims).mean()
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,16 +68,22 @@ class CachedTeacher:
         self._file = safe_open(str(self.path), framework="pt", device="cpu")
         self.meta = self._file.metadata()
         self.hidden_blocks = json.loads(self.meta["hidden_blocks"])
+        self.window_ids = self._file.get_tensor("window_ids")  # row i holds window window_ids[i]
 
-    def _rows(self, name: str, window_ids: torch.Tensor) -> torch.Tensor:
+    @property
+    def complete(self) -> bool:
+        return int(self.meta["covered"]) == int(self.meta["windows"])
+
+    def _rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         view = self._file.get_slice(name)
-        return torch.stack([view[int(i)] for i in window_ids]).to(self.device)
+        return torch.stack([view[int(i)] for i in rows]).to(self.device)
 
-    def targets(self, window_ids: torch.Tensor, input_ids: torch.Tensor) -> TeacherTargets:
+    def targets(self, rows: torch.Tensor, input_ids: torch.Tensor) -> TeacherTargets:
+        """Targets for cache rows `rows` (the training windows heal() uses are `window_ids` in row order)."""
         return TeacherTargets(
-            logprobs=self._rows("logprobs", window_ids),
-            indices=self._rows("indices", window_ids),
-            hidden={b: self._rows(f"hidden.{b}", window_ids) for b in self.hidden_blocks},
+            logprobs=self._rows("logprobs", rows),
+            indices=self._rows("indices", rows),
+            hidden={b: self._rows(f"hidden.{b}", rows) for b in self.hidden_blocks},
         )
 
 
@@ -115,8 +122,13 @@ def cache_path(directory: Path, teacher: torch.nn.Module, windows: torch.Tensor,
 
 @torch.no_grad()
 def build_cache(teacher: torch.nn.Module, windows: torch.Tensor, path: Path, topk: int, temperature: float,
-                hidden_blocks=(), batch_size: int = 8) -> Path:
-    """Stream the teacher over `windows` once and write its top-k log-probabilities (and hidden states)."""
+                hidden_blocks=(), batch_size: int = 4, deadline: float | None = None, seed: int = 0) -> Path:
+    """Stream the teacher over `windows` once and write its top-k log-probabilities (and hidden states).
+
+    With a `deadline` (time.monotonic() seconds) the pass visits windows in a seeded random order
+    and stops there: the cache then covers a random subset, recorded in its `window_ids` tensor, and
+    training uses just those windows. Without one, or when it finishes, rows are in window order.
+    """
     from safetensors.torch import save_file
 
     teacher.eval()
@@ -124,40 +136,54 @@ def build_cache(teacher: torch.nn.Module, windows: torch.Tensor, path: Path, top
     n, t = windows.shape
     vocab = teacher.get_output_embeddings().weight.shape[0]
     k = min(int(topk), vocab)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if deadline else torch.arange(n)
     logprobs = torch.empty(n, t, k, dtype=torch.float32)
     indices = torch.empty(n, t, k, dtype=torch.int32)
     hidden: dict[int, torch.Tensor] = {}
+    done = 0
     starts = range(0, n, batch_size)
     with capture_block_outputs(teacher, hidden_blocks) as captured:
         for start in track(starts, total=len(starts), description="teacher cache"):
-            ids = windows[start:start + batch_size].to(device)
-            logits = teacher(input_ids=ids).logits.float()
+            if deadline is not None and done and time.monotonic() > deadline:
+                log.warning("the time budget allows the teacher on %d of %d training windows: "
+                            "healing uses those", done, n)
+                break
+            rows = order[start:start + batch_size]
+            logits = teacher(input_ids=windows[rows].to(device)).logits.float()
             top = torch.log_softmax(logits / temperature, dim=-1).topk(k, dim=-1)
-            logprobs[start:start + len(ids)] = top.values.cpu()
-            indices[start:start + len(ids)] = top.indices.to(torch.int32).cpu()
+            logprobs[start:start + len(rows)] = top.values.cpu()
+            indices[start:start + len(rows)] = top.indices.to(torch.int32).cpu()
             for b, h in captured.items():
                 if b not in hidden:
                     hidden[b] = torch.empty(n, t, h.shape[-1], dtype=torch.bfloat16)
-                hidden[b][start:start + len(ids)] = h.to(torch.bfloat16).cpu()
-    tensors = {"logprobs": logprobs, "indices": indices, **{f"hidden.{b}": h for b, h in hidden.items()}}
+                hidden[b][start:start + len(rows)] = h.to(torch.bfloat16).cpu()
+            done = start + len(rows)
+    if done == n:  # complete: back to window order, so row i is window i
+        back = torch.argsort(order)
+        logprobs, indices = logprobs[back], indices[back]
+        hidden = {b: h[back] for b, h in hidden.items()}
+        order = torch.arange(n)
+    tensors = {"logprobs": logprobs[:done], "indices": indices[:done], "window_ids": order[:done].clone(),
+               **{f"hidden.{b}": h[:done] for b, h in hidden.items()}}
     meta = {"version": CACHE_VERSION, "topk": str(k), "temperature": repr(float(temperature)),
-            "vocab_size": str(vocab), "windows": str(n), "seq_len": str(t),
+            "vocab_size": str(vocab), "windows": str(n), "seq_len": str(t), "covered": str(done),
             "hidden_blocks": json.dumps(sorted(hidden))}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata=meta)
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(tmp), metadata=meta)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    log.info("wrote the teacher cache %s (%d windows x %d tokens, top %d)", path, n, t, k)
+    log.info("wrote the teacher cache %s (%d of %d windows x %d tokens, top %d)", path, done, n, t, k)
     return path
 
 
 def check_cache(teacher_cache: CachedTeacher, windows: torch.Tensor, vocab_size: int) -> None:
     meta = teacher_cache.meta
-    if (int(meta["windows"]), int(meta["seq_len"])) != tuple(windows.shape) or int(meta["vocab_size"]) != vocab_size:
+    shape = (int(meta["windows"]), int(meta["seq_len"]))
+    if shape != tuple(windows.shape) or int(meta["vocab_size"]) != vocab_size:
         raise DataError(
             f"the teacher cache {teacher_cache.path} was made for other windows or another vocabulary: "
             "delete it, or point --teacher-cache at another directory"

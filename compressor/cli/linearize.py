@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from compressor.cli.common import (
+    AllowPickleOpt,
+    DataOpt,
+    JsonOpt,
+    ModelArg,
+    OutOpt,
+    OverwriteOpt,
+    SeedOpt,
+    emit_json,
+    err,
+)
+from compressor.cli.plan import SamplesOpt, SeqLenOpt
+
+
+def linearize(
+    model: ModelArg,
+    blocks: Annotated[str, typer.Option("--blocks", help="Blocks to replace by a linear map, e.g. 12-15.")],
+    out: OutOpt,
+    data: DataOpt = None,
+    field: Annotated[str, typer.Option("--field", help="JSONL field that holds the text.")] = "text",
+    samples: SamplesOpt = 64,
+    seq_len: SeqLenOpt = 256,
+    seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
+    json: JsonOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Replace spans of blocks by linear maps fitted on calibration text, folded into existing weights."""
+    from compressor.calibrate import load_texts, make_windows
+    from compressor.io import atomic_dir, check_output
+    from compressor.linearize import linear_plan, linear_spans
+    from compressor.loading import load_model
+    from compressor.plan import apply_plan_
+    from compressor.surgery import save_checkpoint
+
+    check_output(out, overwrite)
+    loaded, tokenizer = load_model(model, dtype="auto", allow_pickle=allow_pickle)
+    linear_spans(loaded, blocks)  # refuse before reading any data
+    windows = make_windows(tokenizer, load_texts(data, field), samples, seq_len, seed)
+    plan = linear_plan(loaded, blocks, windows)
+    apply_plan_(loaded, plan)
+    with atomic_dir(out, overwrite) as tmp:
+        save_checkpoint(loaded, tokenizer, tmp)
+    record = loaded.config.compressor
+    if json:
+        emit_json({"out": str(out), **record, "fit": plan.provenance["fit"]})
+    else:
+        err.print(plan.summary(), highlight=False)
+        err.print(f"wrote {out}: {len(record['kept'])} of {record['blocks_original']} blocks")

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from compressor.cli.common import (
+    AllowPickleOpt,
+    DataOpt,
+    JsonOpt,
+    ModelArg,
+    OverwriteOpt,
+    SeedOpt,
+    emit_json,
+    err,
+)
+
+StrategyOpt = Annotated[str, typer.Option("--strategy", "-s", help="auto, greedy, angular, influence or linearity.")]
+LinearOpt = Annotated[bool, typer.Option("--linear/--no-linear",
+                                         help="Replace removed spans by fitted linear maps where possible.")]
+SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration windows.")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")]
+
+
+def plan(
+    model: ModelArg,
+    drop: Annotated[int, typer.Option("--drop", "-k", help="Number of blocks to remove.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write plan.json (maps go beside it).")],
+    strategy: StrategyOpt = "auto",
+    linear: LinearOpt = True,
+    data: DataOpt = None,
+    field: Annotated[str, typer.Option("--field", help="JSONL field that holds the text.")] = "text",
+    samples: SamplesOpt = 64,
+    seq_len: SeqLenOpt = 256,
+    seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
+    json: JsonOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Choose the blocks to remove (and fit linear replacements); write a plan for `compress prune --plan`."""
+    from compressor.calibrate import load_texts, make_windows
+    from compressor.io import check_output
+    from compressor.loading import load_model
+    from compressor.plan import write_plan
+    from compressor.select import check_k, get_strategy, make_plan
+
+    get_strategy(strategy)
+    check_output(out, overwrite)
+    for sibling in (out.with_name(f"{out.stem}.maps.safetensors"),):
+        check_output(sibling, overwrite)
+    loaded, tokenizer = load_model(model, allow_pickle=allow_pickle)
+    check_k(loaded, drop)
+    windows = make_windows(tokenizer, load_texts(data, field), samples, seq_len, seed)
+    result = make_plan(loaded, windows, drop, strategy, linear=linear)
+    result.provenance["model"] = str(model)
+    result.provenance["windows"] |= {"data": str(data) if data else "bundled", "seed": seed}
+    write_plan(result, out)
+    if json:
+        emit_json({"out": str(out), **result.to_dict()})
+    else:
+        err.print(result.summary(), highlight=False)
+        err.print(f"wrote {out}" + (f" and {result.maps_file}" if result.maps_file else ""))

@@ -1,0 +1,439 @@
+"""Healing: a short distillation fine-tune of a pruned student against its unpruned teacher.
+
+`heal(...)` reads top to bottom: check the inputs, pick the runtime (one process, or a rank of a
+torchrun/accelerate launch), get the teacher's targets (live or from the cache), measure perplexity,
+choose what trains, build the optimizer, resume if asked, run the loop, measure again, hand back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from compressor.adapters import get_adapter
+from compressor.errors import CompressorError, DataError
+from compressor.heal.checkpoint import check_resumable, load_state, save_state, set_rng_state
+from compressor.heal.config import HealConfig, HealResult
+from compressor.heal.distributed import Runtime, make_runtime
+from compressor.heal.losses import (
+    LinearityRegularizer,
+    capture_block_outputs,
+    capture_hidden_states,
+    hidden_loss,
+    lm_loss,
+)
+from compressor.heal.select import CutPoint, cut_points, select_trainable_
+from compressor.heal.teacher_cache import (
+    CachedTeacher,
+    LiveTeacher,
+    build_cache,
+    cache_path,
+    check_cache,
+    windows_hash,
+)
+from compressor.progress import status, track
+from compressor.surgery import compressor_record
+
+log = logging.getLogger(__name__)
+
+TIMING_STEPS = 3  # steps timed before a --max-minutes run re-plans its schedule to end in time
+
+TeacherArg = torch.nn.Module | Callable[[], torch.nn.Module]
+
+
+def heal(student: torch.nn.Module, teacher: TeacherArg, train_windows: torch.Tensor,
+         eval_windows: torch.Tensor | None = None, config: HealConfig | None = None) -> HealResult:
+    """Fine-tune `student` in place to recover what pruning lost; returns what happened.
+
+    teacher: the unpruned model, or a function that loads it (then, with a teacher cache, it is
+        loaded only to fill the cache and dropped before training).
+    train_windows / eval_windows: LongTensor [N, T] of token ids (eval: perplexity before and after).
+    Under torchrun/accelerate launch every rank calls this with the same arguments.
+    """
+    config = config or HealConfig()
+    config.validate()
+    started = time.monotonic()
+    vocab = _vocab_size(student)
+    _check_windows(train_windows, vocab, "training")
+    if eval_windows is not None:
+        _check_windows(eval_windows, vocab, "evaluation")
+    device = config.device or next(student.parameters()).device
+    runtime = make_runtime(config.distributed, device, student)
+    if runtime.strategy == "fsdp" and config.train == "lora":
+        raise CompressorError("LoRA under FSDP is not supported (its optimizer state is small): "
+                              "use --distributed ddp")
+    torch.manual_seed(config.seed)
+    student.to(runtime.device)
+
+    # What trains: the blocks next to each cut, everything, or LoRA adapters.
+    model, lora = _trainable(student, config)
+
+    # The teacher's targets: live, or the cache (filled once by rank 0, read by every rank).
+    points = cut_points(compressor_record(student)) if config.hidden_weight > 0 else []
+    deadline = started + 0.4 * config.max_minutes * 60 if config.max_minutes else None
+    targets, cache_file = _teacher_targets(teacher, student, train_windows, points, config, runtime, deadline)
+    if isinstance(targets, CachedTeacher) and not targets.complete:
+        train_windows = train_windows[targets.window_ids]  # the windows the time budget gave the teacher
+
+    ppl_before, eval_seconds = None, 0.0
+    if eval_windows is not None:
+        t0 = time.monotonic()
+        ppl_before = window_perplexity(student, eval_windows, runtime, config)
+        eval_seconds = time.monotonic() - t0
+        log.info("perplexity before healing: %.3f", ppl_before)
+
+    # The optimizer over what trains.
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    model, optimizer = runtime.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP swaps them for sharded ones
+    base = runtime.unwrap(model)
+    base = base.get_base_model() if lora else base  # the model whose blocks the hooks attach to
+
+    # Resume: trainable weights, optimizer, RNG, step and the planned schedule.
+    digest = windows_hash(train_windows)
+    step, planned, history, seconds_before = _resume(config, runtime, model, optimizer, digest)
+    resumed_from = step if config.resume and step else None
+
+    # The loop.
+    budget = _training_budget(config, time.monotonic() - started, eval_seconds, seconds_before)
+    regularizer = LinearityRegularizer(config.regularize_linearity) if config.regularize_linearity else None
+    per_step = config.batch_size * config.grad_accum * runtime.world_size
+    tokens_per_step = per_step * train_windows.shape[1]
+    order = WindowOrder(len(train_windows), config.seed)
+    sums = _Sums(runtime.device)
+    model.train()
+    status(f"healing: {planned - step} steps of {per_step} windows ({config.train})")
+    loop_start, first_step, done, stopped_by = time.monotonic(), step, step, "steps"
+    plan = _Plan(planned)
+    for step in track(plan.steps(first_step), total=planned - first_step, description="healing"):
+        _set_lr(optimizer, lr_at(step, plan.planned, config))
+        for micro in range(config.grad_accum):  # this rank's slice of each micro-batch of the global batch
+            micro_batch = step * config.grad_accum + micro
+            window_ids = order.take((micro_batch * runtime.world_size + runtime.rank) * config.batch_size,
+                                    config.batch_size)
+            ids = train_windows[window_ids].to(runtime.device)
+            with contextlib.nullcontext() if micro == config.grad_accum - 1 else runtime.no_sync(model):
+                parts = _losses(model, base, targets, window_ids, ids, points, regularizer, config, runtime)
+                runtime.backward(parts["loss"] / config.grad_accum)
+            sums.add(parts)
+        if config.max_grad_norm:
+            runtime.clip_grad_norm_(model, params, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        elapsed = _agree(runtime, time.monotonic() - loop_start)
+        if budget is not None and done - first_step == TIMING_STEPS:
+            plan.planned = planned = _replan(planned, done, elapsed / TIMING_STEPS, budget - elapsed)
+        if done % config.log_every == 0 or done == planned:
+            speed = (done - first_step) * tokens_per_step / elapsed
+            history.append(sums.report(runtime, done, optimizer, speed))
+            log.info(_log_line(history[-1], planned))
+        if config.checkpoint_dir and done % config.checkpoint_every == 0 and done < planned:
+            save_state(runtime, config.checkpoint_dir, model, optimizer, {
+                "step": done, "planned_steps": planned, "schedule": config.schedule_key(runtime.world_size),
+                "windows": digest, "seconds": seconds_before + elapsed, "history": history})
+        if budget is not None and elapsed >= budget and done < planned:
+            stopped_by = "time"
+            log.warning("stopping at step %d of %d: --max-minutes reached", done, planned)
+            break
+    train_seconds = time.monotonic() - loop_start
+
+    # Measure, fold LoRA back, hand back a plain model in eval mode.
+    model.eval()
+    ppl_after = window_perplexity(model, eval_windows, runtime, config) if eval_windows is not None else None
+    if ppl_after is not None:
+        log.info("perplexity after healing: %.3f (before: %.3f)", ppl_after, ppl_before)
+    healed, full_state = _hand_back(model, runtime, lora)
+    ran = done - first_step
+    return HealResult(
+        steps=done, planned_steps=planned, stopped_by=stopped_by, tokens=done * tokens_per_step,
+        seconds=round(seconds_before + train_seconds, 3),
+        tokens_per_second=round(ran * tokens_per_step / train_seconds, 1) if ran else 0.0,
+        trainable_parameters=trainable,
+        loss_first=history[0]["loss"] if history else None, loss_last=history[-1]["loss"] if history else None,
+        ppl_before=ppl_before, ppl_after=ppl_after, resumed_from=resumed_from,
+        teacher_cache=str(cache_file) if cache_file else None, world_size=runtime.world_size,
+        history=history, model=healed, full_state_dict=full_state, is_main=runtime.is_main,
+    )
+
+
+# --- the pieces heal() uses, in the order it uses them ---------------------------------------------
+
+def _vocab_size(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def _check_windows(windows, vocab: int, what: str) -> None:
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
+        raise DataError(f"{what} windows must be a LongTensor [windows, tokens]: build them with make_windows")
+    if windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise DataError(f"no usable {what} windows (shape {tuple(windows.shape)}): give more text or a longer "
+                        "--seq-len")
+    if int(windows.max()) >= vocab or int(windows.min()) < 0:
+        raise DataError(f"{what} windows hold token ids outside the model's vocabulary ({vocab}): "
+                        "tokenize with the student's own tokenizer")
+
+
+def check_pair(student, teacher, points: list[CutPoint]) -> None:
+    """The teacher must speak the student's vocabulary at the student's width (and depth for cuts)."""
+    sv, tv = _vocab_size(student), _vocab_size(teacher)
+    sw = student.config.get_text_config().hidden_size
+    tw = teacher.config.get_text_config().hidden_size
+    problems = []
+    if sv != tv:
+        problems.append(f"vocabulary {tv} vs the student's {sv}")
+    if sw != tw:
+        problems.append(f"width {tw} vs the student's {sw}")
+    depth = compressor_record(student)["blocks_original"]
+    if points and get_adapter(teacher).num_blocks(teacher) != depth:
+        blocks = get_adapter(teacher).num_blocks(teacher)
+        problems.append(f"{blocks} blocks vs the {depth} the student was cut from")
+    if problems:
+        raise CompressorError("the teacher does not match the student (" + "; ".join(problems) + "): "
+                              "pass the unpruned model the student was made from as --teacher")
+
+
+def _teacher_targets(teacher, student, windows, points, config: HealConfig, runtime: Runtime,
+                     deadline: float | None):
+    blocks = [p.teacher_block for p in points]
+    if config.teacher_cache is None:
+        model = _materialize(teacher)
+        check_pair(student, model, points)
+        return LiveTeacher(model.to(runtime.device), blocks), None
+    path = None
+    if runtime.is_main:
+        model = _materialize(teacher).to(runtime.device)
+        check_pair(student, model, points)
+        path = cache_path(Path(config.teacher_cache), model, windows, config.topk, config.temperature, blocks)
+        if path.is_file():
+            log.info("reusing the teacher cache %s", path)
+        else:
+            status(f"computing the teacher's top-{config.topk} log-probabilities (once; cached)")
+            build_cache(model, windows, path, config.topk, config.temperature, blocks, config.batch_size,
+                        deadline, config.seed)
+        del model
+    path = _broadcast_path(runtime, path)
+    cached = CachedTeacher(path, runtime.device)
+    check_cache(cached, windows, _vocab_size(student))
+    if not cached.complete:
+        log.info("the teacher cache covers %d of %d windows: healing trains on those", len(cached.window_ids),
+                 len(windows))
+    return cached, path
+
+
+def _materialize(teacher: TeacherArg) -> torch.nn.Module:
+    return teacher if isinstance(teacher, torch.nn.Module) else teacher()
+
+
+def _broadcast_path(runtime: Runtime, path):
+    if runtime.world_size == 1:
+        return path
+    import torch.distributed as dist
+
+    box = [str(path) if path is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
+@torch.no_grad()
+def window_perplexity(model, windows: torch.Tensor, runtime: Runtime | None = None,
+                      config: HealConfig | None = None) -> float:
+    """exp(mean next-token NLL) over every predicted position of every window (shared across ranks)."""
+    runtime = runtime or Runtime(next(model.parameters()).device)
+    config = config or HealConfig()
+    was_training = model.training
+    model.eval()
+    nll = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    count = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    mine = windows[runtime.rank::runtime.world_size]
+    for start in range(0, len(mine), config.eval_batch_size):
+        ids = mine[start:start + config.eval_batch_size].to(runtime.device)
+        with _autocast(runtime, config):
+            logits = model(input_ids=ids, use_cache=False).logits
+        nll += lm_loss(logits, ids).double() * ids[:, 1:].numel()
+        count += ids[:, 1:].numel()
+    model.train(was_training)
+    return math.exp((runtime.all_reduce(nll) / runtime.all_reduce(count)).item())
+
+
+def _trainable(student, config: HealConfig):
+    if config.train == "lora":
+        from compressor.heal.lora import add_lora
+
+        return add_lora(student, config.lora_rank, config.lora_alpha, config.seed), True
+    select_trainable_(student, config.train)
+    return student, False
+
+
+def _training_budget(config: HealConfig, spent: float, eval_seconds: float, seconds_before: float):
+    """Seconds left for training: --max-minutes bounds the whole run, evaluation after it included."""
+    if config.max_minutes is None:
+        return None
+    left = config.max_minutes * 60 - spent - eval_seconds - seconds_before
+    if left <= 0:
+        raise CompressorError(f"--max-minutes {config.max_minutes} is spent before training starts "
+                              f"({spent:.0f} s on the teacher and evaluation): allow more time")
+    return left
+
+
+def _resume(config: HealConfig, runtime: Runtime, model, optimizer, digest: str):
+    """(step, planned steps, history, seconds already trained): from the saved state, or a fresh start."""
+    state = load_state(config.checkpoint_dir) if config.resume else None
+    if state is None:
+        if config.resume:
+            log.info("no training state in %s yet: starting from step 0", config.checkpoint_dir)
+        return 0, config.steps, [], 0.0
+    check_resumable(state, config.schedule_key(runtime.world_size), digest, config.checkpoint_dir)
+    runtime.load_state(model, optimizer, state["model"], state["optimizer"])
+    set_rng_state(state["rng"])
+    log.info("resuming at step %d of %d from %s", state["step"], state["planned_steps"], config.checkpoint_dir)
+    return state["step"], state["planned_steps"], list(state["history"]), state["seconds"]
+
+
+def _hand_back(model, runtime: Runtime, lora: bool):
+    """The plain healed model in eval mode (LoRA folded in), and under FSDP its gathered weights."""
+    full_state = runtime.model_state(model, trainable_only=False) if runtime.strategy == "fsdp" else None
+    healed = runtime.unwrap(model)
+    if lora:
+        from compressor.heal.lora import merge_lora
+
+        healed = merge_lora(healed)
+    for p in healed.parameters():
+        p.requires_grad_(True)
+    return healed.eval(), full_state
+
+
+class WindowOrder:
+    """Which window comes at each global position: a fresh seeded permutation every epoch.
+
+    A pure function of (seed, position), so a resumed run and every rank agree on the order.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epochs: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._epochs:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epochs = {epoch: torch.randperm(self.n, generator=g)}
+        return self._epochs[epoch]
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        return torch.stack([self._perm(i // self.n)[i % self.n] for i in range(start, start + count)])
+
+
+class _Plan:
+    """The number of steps planned; a --max-minutes run may shorten it once, after timing a few steps."""
+
+    def __init__(self, planned: int):
+        self.planned = planned
+
+    def steps(self, start: int):
+        step = start
+        while step < self.planned:
+            yield step
+            step += 1
+
+
+def lr_at(step: int, planned: int, config: HealConfig) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to min_lr_ratio * lr at the planned end."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = min(1.0, (step - config.warmup) / max(1, planned - config.warmup))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _autocast(runtime: Runtime, config: HealConfig):
+    if config.autocast and runtime.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _losses(model, base, targets, window_ids, ids, points, regularizer, config, runtime) -> dict:
+    """One micro-batch: the teacher's targets, the student's forward, and every term of the loss."""
+    teacher = targets.targets(window_ids, ids)
+    student_blocks = [p.student_block for p in points]
+    with _autocast(runtime, config), capture_block_outputs(base, student_blocks) as hidden, \
+            (capture_hidden_states(base) if regularizer else contextlib.nullcontext([])) as states:
+        logits = model(input_ids=ids, use_cache=False).logits
+    parts = {}
+    if config.alpha > 0:
+        parts["kd"] = teacher.kd(logits, config.temperature)
+    if config.alpha < 1:
+        parts["lm"] = lm_loss(logits, ids)
+    if points:
+        parts["hidden"] = torch.stack([hidden_loss(hidden[p.student_block], teacher.hidden[p.teacher_block])
+                                       for p in points]).mean()
+    if regularizer is not None:
+        parts["cos"] = regularizer(states) / regularizer.weight
+    loss = config.alpha * parts.get("kd", 0.0) + (1 - config.alpha) * parts.get("lm", 0.0)
+    loss = loss + config.hidden_weight * parts.get("hidden", 0.0)
+    if regularizer is not None:
+        loss = loss + regularizer.weight * parts["cos"]
+    parts["loss"] = loss
+    return parts
+
+
+def _agree(runtime: Runtime, seconds: float) -> float:
+    """Every rank must stop and re-plan at the same step: use the slowest rank's clock."""
+    if runtime.world_size == 1:
+        return seconds
+    return float(runtime.all_reduce(torch.tensor(seconds, dtype=torch.float64), op="max"))
+
+
+def _replan(planned: int, done: int, seconds_per_step: float, seconds_left: float) -> int:
+    fits = done + int(0.97 * seconds_left / seconds_per_step)
+    if fits < planned:
+        log.info("--max-minutes allows about %d of %d steps (%.2f s/step): the schedule ends there",
+                 fits, planned, seconds_per_step)
+        return max(done, fits)
+    return planned
+
+
+class _Sums:
+    """Loss terms summed over micro-batches between two log lines (reduced across ranks when logged)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.totals: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, parts: dict) -> None:
+        for k, v in parts.items():
+            self.totals[k] = self.totals.get(k, 0.0) + v.detach().double()
+        self.count += 1
+
+    def report(self, runtime: Runtime, step: int, optimizer, tokens_per_second: float) -> dict:
+        names = sorted(self.totals)
+        values = torch.stack([torch.as_tensor(self.totals[k]) for k in names]).to(runtime.device)
+        count = runtime.all_reduce(torch.tensor(float(self.count), dtype=torch.float64, device=runtime.device))
+        values = runtime.all_reduce(values) / count
+        row = {"step": step, **{k: round(float(v), 5) for k, v in zip(names, values)},
+               "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(tokens_per_second, 1)}
+        self.reset()
+        return row
+
+
+def _log_line(row: dict, planned: int) -> str:
+    terms = " ".join(f"{k} {row[k]:.4f}" for k in ("kd", "lm", "hidden", "cos") if k in row)
+    return (f"step {row['step']}/{planned} loss {row['loss']:.4f} ({terms}) lr {row['lr']:.2e} "
+            f"{row['tokens_per_s']:.0f} tok/s")

@@ -1,0 +1,222 @@
+"""A plan: what to remove from a model, and which removed spans a fitted linear map replaces.
+
+A plan is data. `plan.json` holds the stable keys
+
+    strategy          the selection strategy that made it
+    blocks_original   the depth of the model it applies to (indices below are in that numbering)
+    drop              every block the plan removes, sorted
+    linearize         [{"start": s, "end": e}]: spans of `drop` (end exclusive) whose work a linear
+                      map does instead, folded into block s - 1's MLP output projection
+    maps              the safetensors file beside the plan holding one map per span
+                      ("span.s-e", float32 [d, d]), or null when nothing is linearized
+
+plus `provenance` (data, settings, per-span fit details) and `cost` (seconds, loss evaluations).
+Applying a plan needs no calibration data: fold every map first (numbering unchanged), then remove
+all blocks with one `drop_blocks_` call, so the compressor record in the config names the spans.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from compressor.adapters import get_adapter
+from compressor.errors import InvalidPlanError
+from compressor.surgery import drop_blocks_, fold_linear_
+
+log = logging.getLogger(__name__)
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class Plan:
+    strategy: str
+    blocks_original: int
+    drop: list[int]
+    linearize: list[dict] = field(default_factory=list)
+    maps_file: str | None = None
+    provenance: dict = field(default_factory=dict)
+    cost: dict = field(default_factory=dict)
+    maps: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.drop = sorted(int(i) for i in self.drop)
+        self.linearize = sorted(({"start": int(s["start"]), "end": int(s["end"])} for s in self.linearize),
+                                key=lambda s: s["start"])
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        return [(s["start"], s["end"]) for s in self.linearize]
+
+    @property
+    def blocks_kept(self) -> int:
+        return self.blocks_original - len(self.drop)
+
+    def validate(self, num_blocks: int | None = None) -> None:
+        """Raise InvalidPlanError naming every problem (checked against a model's depth if given)."""
+        problems = []
+        n = self.blocks_original
+        if num_blocks is not None and num_blocks != n:
+            problems.append(f"it was made for a model with {n} blocks, this one has {num_blocks}: "
+                            "make a new plan for this model")
+        if len(set(self.drop)) != len(self.drop):
+            problems.append(f"drop repeats blocks: {self.drop}")
+        if any(not 0 <= i < n for i in self.drop):
+            problems.append(f"drop has indices outside 0-{n - 1}: {self.drop}")
+        if len(self.drop) >= n:
+            problems.append(f"it removes all {n} blocks")
+        for s, e in self.spans:
+            if not set(range(s, e)) <= set(self.drop) or e <= s:
+                problems.append(f"linearized span {s}-{e - 1} is not a run of dropped blocks")
+            if s < 1 or (s - 1) in self.drop:
+                problems.append(f"linearized span {s}-{e - 1} has no kept block before it to fold into")
+            if span_key(s, e) not in self.maps:
+                problems.append(f"no map for span {s}-{e - 1} (is {self.maps_file or 'the maps file'} missing?)")
+        if problems:
+            raise InvalidPlanError("invalid plan: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return {
+            "version": PLAN_VERSION, "strategy": self.strategy, "blocks_original": self.blocks_original,
+            "drop": self.drop, "linearize": self.linearize, "maps": self.maps_file,
+            "blocks_kept": self.blocks_kept, "provenance": self.provenance, "cost": self.cost,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, maps: dict[str, torch.Tensor] | None = None) -> Plan:
+        try:
+            return cls(strategy=str(data["strategy"]), blocks_original=int(data["blocks_original"]),
+                       drop=list(data["drop"]), linearize=list(data.get("linearize") or []),
+                       maps_file=data.get("maps"), provenance=dict(data.get("provenance") or {}),
+                       cost=dict(data.get("cost") or {}), maps=dict(maps or {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidPlanError(f"not a compressor plan (bad or missing key: {exc}): "
+                                   "make one with `compress plan`") from None
+
+    def summary(self) -> str:
+        """A few lines for people."""
+        kept = self.blocks_kept
+        lines = [(f"plan ({self.strategy}): remove {len(self.drop)} of {self.blocks_original} blocks, "
+                 f"keep {kept}; removed: {_ranges(self.drop) or 'none'}")]
+        linear = set().union(*(set(range(s, e)) for s, e in self.spans)) if self.spans else set()
+        if self.spans:
+            parts = [f"{_ranges(range(s, e))} -> map folded into block {s - 1}" for s, e in self.spans]
+            lines.append("linear replacement: " + "; ".join(parts))
+        plain = [i for i in self.drop if i not in linear]
+        if plain and self.spans:
+            lines.append(f"dropped without replacement: {_ranges(plain)}")
+        loss = self.provenance.get("calibration_loss")
+        if loss:
+            lines.append(f"held-out calibration loss {loss['before']:.4f} -> {loss['after']:.4f}")
+        if self.provenance.get("note"):
+            lines.append(self.provenance["note"])
+        if self.cost:
+            evals = self.cost.get("loss_evaluations")
+            lines.append(f"cost: {self.cost.get('seconds', 0):.1f} s"
+                         + (f", {evals} loss evaluations" if evals is not None else ""))
+        return "\n".join(lines)
+
+
+def span_key(start: int, end: int) -> str:
+    return f"span.{start}-{end}"
+
+
+def _ranges(indices) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    out, run = [], []
+    for i in sorted(indices):
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}")
+        run = [i]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}")
+    return ", ".join(out)
+
+
+def runs(indices) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive indices as [start, end) pairs."""
+    spans: list[list[int]] = []
+    for i in sorted(indices):
+        if spans and i == spans[-1][1]:
+            spans[-1][1] = i + 1
+        else:
+            spans.append([i, i + 1])
+    return [(s, e) for s, e in spans]
+
+
+def write_plan(plan: Plan, path: Path | str, maps: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write plan.json, and the maps beside it (`<stem>.maps.safetensors`) when there are any."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    maps = plan.maps if maps is None else maps
+    if maps:
+        plan.maps = maps
+        plan.maps_file = f"{path.stem}.maps.safetensors"
+    else:
+        plan.maps_file = None
+    plan.validate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if maps:
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in maps.items()}
+        maps_tmp = path.with_name(f".{plan.maps_file}.tmp")
+        save_file(tensors, maps_tmp, metadata={"plan": path.name})
+        maps_tmp.replace(path.with_name(plan.maps_file))
+    tmp.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_plan(path: Path | str) -> Plan:
+    """Read a plan.json (and the maps file it names, from the same directory)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidPlanError(f"{path} does not exist: make a plan with `compress plan MODEL --out {path.name}`")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidPlanError(f"{path} is not JSON ({exc}): pass a plan.json written by `compress plan`") from None
+    if not isinstance(data, dict):
+        raise InvalidPlanError(f"{path} is not a compressor plan: pass a plan.json written by `compress plan`")
+    maps = {}
+    if data.get("maps"):
+        maps = _read_maps(path.parent / str(data["maps"]))
+    plan = Plan.from_dict(data, maps)
+    plan.validate()
+    return plan
+
+
+def _read_maps(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise InvalidPlanError(f"the plan's maps file {path} is missing: keep it beside plan.json")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise InvalidPlanError(f"cannot read the plan's maps file {path}: {exc}") from None
+
+
+def apply_plan_(model: torch.nn.Module, plan: Plan) -> None:
+    """Fold the plan's maps into their projections, then remove its blocks (one drop), in place."""
+    adapter = get_adapter(model)
+    plan.validate(adapter.num_blocks(model))
+    if plan.spans:
+        reason = adapter.why_no_fold(model.config)
+        if reason:
+            raise InvalidPlanError(f"this plan replaces spans by linear maps, which {model.config.model_type} "
+                                   f"cannot hold ({reason}): make a plan with --no-linear")
+    for s, e in plan.spans:
+        fold_linear_(model, s - 1, plan.maps[span_key(s, e)])
+    drop_blocks_(model, plan.drop, linearized=plan.linearize)
+    log.info("applied plan: %s", plan.summary().splitlines()[0])

@@ -1,0 +1,160 @@
+"""heal() on a tiny pruned model: it learns, trains only what it should, resumes, and caches the teacher."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from heal_fixtures import pair, params, windows
+
+from compressor.errors import CompressorError
+from compressor.heal import HealConfig, heal, kd_loss
+from compressor.heal import teacher_cache as tc
+from compressor.heal.select import cut_points, touched_blocks
+from compressor.progress import use_tracker
+from compressor.surgery import compressor_record, save_checkpoint
+
+FAST = {"lr": 3e-3, "warmup": 2, "batch_size": 4, "log_every": 1, "alpha": 1.0}
+
+
+@torch.no_grad()
+def distillation_loss(student, teacher, ids):
+    return float(kd_loss(student(input_ids=ids).logits, teacher(input_ids=ids).logits))
+
+
+def test_touched_blocks_and_cut_points_follow_the_record():
+    record = {"blocks_original": 10, "kept": [0, 1, 4, 5, 6, 9], "removed": [2, 3, 7, 8], "linearized": []}
+    assert touched_blocks(record) == [1, 2, 4, 5]  # originals 1|4 around 2-3, 6|9 around 7-8
+    assert [(p.student_block, p.teacher_block) for p in cut_points(record)] == [(1, 3), (4, 8)]
+    assert touched_blocks({"blocks_original": 4, "kept": [2, 3], "removed": [0, 1]}) == [0]
+
+
+def test_a_few_steps_lower_the_distillation_loss_and_touch_only_the_cut():
+    teacher, student = pair(drop=(1,))
+    ids = windows()
+    before = distillation_loss(student, teacher, ids)
+    start = params(student)
+    result = heal(student, teacher, ids, ids[:4], HealConfig(steps=12, **FAST))
+    assert distillation_loss(student, teacher, ids) < 0.8 * before
+    assert result.steps == 12 and result.tokens == 12 * 4 * 16 and result.ppl_after is not None
+    # Blocks 0 and 1 (originals 0 and 2) sit next to the cut; everything else is bit-identical.
+    changed = {k for k, v in params(student).items() if not torch.equal(v, start[k])}
+    assert changed and all(k.startswith(("model.layers.0.", "model.layers.1.")) for k in changed)
+    assert not any(k.startswith("model.layers.2.") or "embed" in k or k == "model.norm.weight" for k in changed)
+    assert compressor_record(student)["removed"] == [1]  # the record survives
+    assert not student.training
+
+
+def test_an_unpruned_student_has_nothing_touched_to_train():
+    teacher, _ = pair()
+    with pytest.raises(CompressorError, match="nothing 'touched'"):
+        heal(copy.deepcopy(teacher), teacher, windows(), config=HealConfig(steps=1))
+
+
+def test_resume_continues_the_same_schedule(tmp_path):
+    teacher, student = pair(drop=(2,))
+    ids = windows(n=12)
+    config = HealConfig(steps=6, checkpoint_every=2, checkpoint_dir=tmp_path / "state", **FAST)
+
+    whole = copy.deepcopy(student)
+    heal(whole, teacher, ids, config=HealConfig(steps=6, **FAST))
+
+    def interrupt_at_step_5(items, total, description):
+        for i, item in enumerate(items):
+            if description == "healing" and i == 4:
+                raise KeyboardInterrupt
+            yield item
+
+    interrupted = copy.deepcopy(student)
+    with use_tracker(interrupt_at_step_5), pytest.raises(KeyboardInterrupt):
+        heal(interrupted, teacher, ids, config=config)
+    resumed = copy.deepcopy(student)  # a fresh process would reload the pruned checkpoint
+    config.resume = True
+    result = heal(resumed, teacher, ids, config=config)
+    assert result.resumed_from == 4 and result.steps == 6
+    for k, v in params(whole).items():
+        torch.testing.assert_close(params(resumed)[k], v, rtol=0, atol=1e-7, msg=k)
+
+    other = HealConfig(**{**config.__dict__, "lr": 1e-2})
+    with pytest.raises(CompressorError, match="other settings"):
+        heal(copy.deepcopy(student), teacher, ids, config=other)
+
+
+def test_teacher_cache_gives_the_live_teacher_loss_and_is_reused(tmp_path, monkeypatch):
+    teacher, student = pair(drop=(1,))
+    ids = windows(n=8)
+    settings = dict(steps=4, train="all", temperature=2.0, hidden_weight=0.5, **FAST)
+    live, cached = copy.deepcopy(student), copy.deepcopy(student)
+    r_live = heal(live, teacher, ids, config=HealConfig(**settings))
+    r_cache = heal(cached, teacher, ids, config=HealConfig(topk=128, teacher_cache=tmp_path, **settings))
+    for a, b in zip(r_live.history, r_cache.history):
+        assert a["kd"] == pytest.approx(b["kd"], rel=1e-5, abs=1e-6)  # top-k is exact at k = vocab
+        assert a["hidden"] == pytest.approx(b["hidden"], rel=1e-2)  # hidden states are cached in bf16
+    assert r_cache.teacher_cache and len(list(tmp_path.glob("teacher-*.safetensors"))) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cache should have been reused")
+
+    monkeypatch.setattr(tc, "build_cache", refuse)
+    monkeypatch.setattr("compressor.heal.train.build_cache", refuse)
+    again = heal(copy.deepcopy(student), lambda: teacher, ids,
+                 config=HealConfig(topk=128, teacher_cache=tmp_path, **settings))
+    assert again.history[0]["kd"] == r_cache.history[0]["kd"]
+
+
+def test_teacher_of_another_width_is_refused():
+    _, student = pair()
+    wide, _ = pair()
+    wide.model.embed_tokens = torch.nn.Embedding(128, 16)
+    wide.lm_head = torch.nn.Linear(16, 99)
+    with pytest.raises(CompressorError, match="vocabulary 99"):
+        heal(student, wide, windows(), config=HealConfig(steps=1))
+
+
+def test_time_bound_replans_the_schedule():
+    teacher, student = pair()
+    start = time.monotonic()
+    result = heal(student, teacher, windows(), config=HealConfig(steps=100_000, max_minutes=0.1, **FAST))
+    # Re-planned to end in time after the first steps were timed (or, on a crawling machine, cut short).
+    assert result.planned_steps < 100_000 or result.stopped_by == "time"
+    assert result.steps <= result.planned_steps
+    assert time.monotonic() - start < 0.1 * 60 + 5
+
+
+def test_lora_merges_into_a_plain_checkpoint(tmp_path):
+    teacher, student = pair(drop=(1, 2))
+    start = params(student)
+    heal(student, teacher, windows(), config=HealConfig(steps=4, train="lora", lora_rank=4, **FAST))
+    now = params(student)
+    assert set(now) == set(start)  # no lora_A/lora_B left behind
+    assert any(not torch.equal(now[k], start[k]) for k in now if ".layers." in k)
+    save_checkpoint(student, None, tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()
+    # A process in which peft cannot even be imported loads it with plain transformers.
+    code = (
+        "import sys; sys.modules['peft'] = None\n"
+        "import torch; from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})\n"
+        "print(len(m.model.layers), m.config.compressor['removed'])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["2", "[1,", "2]"]
+
+
+def test_a_time_bounded_cache_covers_a_subset_and_healing_uses_it(tmp_path):
+    teacher, student = pair(drop=(1,))
+    ids = windows(n=12)
+    path = tc.cache_path(tmp_path, teacher, ids, 16, 1.0)
+    tc.build_cache(teacher, ids, path, 16, 1.0, batch_size=4, deadline=0.0)  # past: one batch, then stop
+    cached = tc.CachedTeacher(path)
+    assert not cached.complete and len(cached.window_ids) == 4
+    with torch.no_grad():
+        live = torch.log_softmax(teacher(input_ids=ids[cached.window_ids]).logits, -1).topk(16, dim=-1)
+    torch.testing.assert_close(cached.targets(torch.arange(4), None).logprobs, live.values)
+    result = heal(student, teacher, ids, config=HealConfig(steps=2, topk=16, teacher_cache=tmp_path, **FAST))
+    assert result.tokens == 2 * 4 * 16

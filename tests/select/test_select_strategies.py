@@ -1,0 +1,112 @@
+"""Selection strategies on tiny models: valid, deterministic, bounded; the scorer's shortcuts
+against plain forwards of the modified model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from compressor.adapters import get_adapter
+from compressor.calibrate import calibrate
+from compressor.errors import InvalidPlanError
+from compressor.linearize import accumulate, apply_map
+from compressor.plan import apply_plan_
+from compressor.scoring import Scorer
+from compressor.select import STRATEGIES, SelectSettings, get_strategy, make_plan, make_plans
+
+F64 = torch.float64
+
+
+def windows(n=8, t=16, seed=0):
+    return torch.randint(3, 128, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def six():
+    model = tiny_model("llama", num_hidden_layers=6)
+    ids = windows()
+    return model, ids, calibrate(model, ids)
+
+
+SMALL = SelectSettings(score_windows=2, candidates=2, first_round=3, spans=2)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_each_strategy_returns_k_distinct_valid_blocks_deterministically(six, strategy):
+    model, ids, profile = six
+    first = make_plan(model, ids, 3, strategy, profile=profile, settings=SMALL)
+    again = make_plan(model, ids, 3, strategy, profile=profile, settings=SMALL)
+    assert len(set(first.drop)) == 3 and all(0 <= i < 6 for i in first.drop)
+    assert first.drop == again.drop and first.linearize == again.linearize
+    for key, value in first.maps.items():
+        torch.testing.assert_close(value, again.maps[key], rtol=0, atol=0)
+    assert all(s > 0 for s, _ in first.spans)  # nothing folds into a block before block 0
+    assert first.cost["seconds"] >= 0 and first.strategy == strategy
+    if STRATEGIES[strategy].measured:
+        assert first.cost["loss_evaluations"] > 0
+
+
+def test_measured_strategies_search_once_for_several_k(six):
+    model, ids, profile = six
+    plans = make_plans(model, ids, [1, 2, 4], "greedy", profile, SMALL, variants=(False, True))
+    assert set(plans[(1, False)].drop) < set(plans[(2, False)].drop) < set(plans[(4, False)].drop)
+    assert plans[(4, True)].drop == plans[(4, False)].drop
+    assert plans[(4, False)].linearize == [] and plans[(4, False)].maps == {}
+    rounds = plans[(4, False)].cost["loss_evaluations"]
+    assert plans[(1, False)].cost["loss_evaluations"] == 6 and rounds == 6 + 5 + 4 + 3
+
+
+def test_auto_is_bounded_and_reports_what_it_considered(six):
+    model, ids, profile = six
+    plan = make_plan(model, ids, 2, "auto", profile=profile, settings=SMALL)
+    search = plan.provenance["search"]
+    assert search["chosen"] in {o["kind"] for o in search["considered"]}
+    assert search["rounds"][0]["evaluated"] == 3  # the first-round shortlist
+    assert plan.provenance["held_out_windows"] == 2
+    assert plan.provenance["fit"]["exclude_first_token"] is False
+
+
+def test_auto_falls_back_to_plain_removal_where_maps_cannot_fold():
+    model = tiny_model("gemma2", num_hidden_layers=5)
+    ids = windows(8)
+    plan = make_plan(model, ids, 2, "auto", profile=calibrate(model, ids), settings=SMALL)
+    assert plan.linearize == [] and len(plan.drop) == 2
+    assert "post_feedforward_layernorm" in plan.provenance["note"]
+    apply_plan_(model, plan)
+    assert get_adapter(model).num_blocks(model) == 3
+
+
+def test_bad_k_and_unknown_strategy_are_refused(six):
+    model, ids, profile = six
+    with pytest.raises(InvalidPlanError, match="from 1 to 5"):
+        make_plan(model, ids, 6, "angular", profile=profile)
+    with pytest.raises(InvalidPlanError) as exc:
+        get_strategy("best")
+    assert all(name in str(exc.value) for name in STRATEGIES)
+
+
+# One architecture per code path: Llama, Conv1D (GPT-2), in-place residual (Falcon), flattened MLP
+# (OPT), parallel residual (Phi, GPT-NeoX), ALiBi (Bloom), a norm that refuses folding (Gemma 2).
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "falcon", "opt", "phi", "gpt_neox", "bloom", "gemma2"])
+def test_scorer_shortcuts_match_plain_forwards(arch):
+    model = tiny_model(arch)
+    ids = windows(4, 10)
+    scorer = Scorer(model, ids, batch_size=3)
+    adapter = get_adapter(model)
+    # Remove block 2 after block 1 was removed earlier: restart at block 3 from block 2's input.
+    states = scorer.capture({1}, None, [2], [0])
+    direct = scorer.loss({1, 2})
+    assert scorer.loss_from({1, 2}, None, 3, states["h2"]) == pytest.approx(direct, rel=1e-5)
+    # The last block: only the head runs.
+    states = scorer.capture(set(), None, [3])
+    assert scorer.loss_from({3}, None, None, states["h3"]) == pytest.approx(scorer.loss({3}), rel=1e-5)
+    if adapter.why_no_fold(model.config):
+        return
+    # A map folded into block 0's projection replacing blocks 1-2 (block 1 already gone).
+    T = accumulate(model, ids, [(0, 2)], drop={1})[(0, 2)].solve()
+    captured = scorer.capture({1}, None, [2], [0])
+    assert len(captured["h2"]) == 2  # one tensor per batch of 3 windows
+    moved = [apply_map(h, m, T) for h, m in zip(captured["h2"], captured["m0"])]
+    shortcut = scorer.loss_from({1, 2}, None, 3, moved)
+    assert shortcut == pytest.approx(scorer.loss({1, 2}, {0: T}), rel=1e-4)
