@@ -3,15 +3,15 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from compressor.cli.common import AllowPickleOpt, DtypeOpt, JsonOpt, OverwriteOpt, emit_json, err, out
-from compressor.evaluate import BenchConfig, BenchResult, Comparison, TimingConfig, run_bench
-from compressor.io import check_output, write_json
-from compressor.loading import load_tokenizer, resolve
+
+if TYPE_CHECKING:
+    from compressor.evaluate import BenchResult, Comparison
 
 
 def bench(
@@ -44,6 +44,10 @@ def bench(
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Perplexity and latency (prefill, decode) on PyTorch, ONNX Runtime or TensorRT; writes bench.json."""
+    from compressor.evaluate import BenchConfig, TimingConfig, run_bench
+    from compressor.io import check_output
+    from compressor.loading import load_tokenizer, resolve
+
     check_output(out_file, overwrite)
     config = BenchConfig(
         prefill=prefill, decode=decode, perplexity=not no_perplexity, eval_path=eval_file, field=field,
@@ -63,6 +67,8 @@ def bench(
 
 
 def _write(path: Path, data: dict) -> None:
+    from compressor.io import write_json
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -71,6 +77,8 @@ def _write(path: Path, data: dict) -> None:
 
 
 def _print(result: BenchResult | Comparison) -> None:
+    from compressor.evaluate import BenchResult, Comparison
+
     runs = [result] if isinstance(result, BenchResult) else [result.a, result.b]
     for label, run in zip("AB", runs):
         title = f"{run.model}" if len(runs) == 1 else f"{label}: {run.model}"
@@ -94,6 +102,7 @@ def _print(result: BenchResult | Comparison) -> None:
 
 
 def _print_speedups(result: Comparison) -> None:
+
     s = result.speedup
     table = Table(title="speedup of B over A = A time / B time (above 1: B is faster)", title_justify="left")
     for name in ("workload", "p50", "mean"):

@@ -24,7 +24,6 @@ from compressor.cli.common import (
     out as console,
 )
 from compressor.errors import DataError
-from compressor.io import atomic_dir, check_output
 
 
 def calibrate(
@@ -56,6 +55,7 @@ def calibrate(
 ) -> None:
     """Profile every block: linearity with and without the residual, influence, span distances."""
     from compressor.calibrate import profile_for, write_profile
+    from compressor.io import atomic_dir, check_output
 
     check_output(out, overwrite)
     if batch_size <= 0:

@@ -3,12 +3,13 @@ from __future__ import annotations
 from rich.table import Table
 
 from compressor.cli.common import AllowPickleOpt, JsonOpt, ModelArg, emit_json, out
-from compressor.info import model_info
-from compressor.loading import load_model, resolve
 
 
 def info(model: ModelArg = "smollm2-135m", json: JsonOpt = False, allow_pickle: AllowPickleOpt = False) -> None:
     """Show architecture, depth, width, parameters, dtype and size of a model."""
+    from compressor.info import model_info
+    from compressor.loading import load_model, resolve
+
     source = resolve(model)
     loaded, _ = load_model(source, dtype="auto", allow_pickle=allow_pickle, with_tokenizer=False)
     data = model_info(loaded, source)

@@ -7,9 +7,6 @@ import typer
 
 from compressor.cli.common import AllowPickleOpt, JsonOpt, ModelArg, OutOpt, OverwriteOpt, emit_json, err
 from compressor.errors import InvalidPlanError
-from compressor.io import atomic_dir, check_output
-from compressor.loading import load_model
-from compressor.surgery import drop_blocks_, parse_blocks, save_checkpoint
 
 
 def prune(
@@ -22,6 +19,10 @@ def prune(
     json: JsonOpt = False,
 ) -> None:
     """Remove decoder blocks (or apply a plan) and write a standard checkpoint."""
+    from compressor.io import atomic_dir, check_output
+    from compressor.loading import load_model
+    from compressor.surgery import drop_blocks_, parse_blocks, save_checkpoint
+
     if (blocks is None) == (plan is None):
         raise InvalidPlanError("pass exactly one of --blocks or --plan")
     check_output(out, overwrite)
