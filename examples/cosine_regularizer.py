@@ -1,17 +1,18 @@
-"""Train a small Llama-style model from scratch twice, without and with the cosine regularizer of
+"""Train a small Llama-style model from scratch without and with the cosine regularizer of
 "Your Transformer is Secretly Linear" (arXiv 2405.12250), and compare linearity and perplexity.
 
-Both runs start from the same weights (same seed), see the same windows in the same order (the
-same number of tokens), and differ only in the loss:
+Every run starts from the same weights (same seed), sees the same windows in the same order (the
+same number of tokens), and differs only in the loss:
 
-    loss = next-token cross-entropy + WEIGHT * mean_l mean_tokens cos(h_l, h_{l+1})
+    loss = next-token cross-entropy + W * mean_l mean_tokens cos(h_l, h_{l+1})
 
-where h_0 is the input of block 0 and h_{l+1} the output of block l (LinearityRegularizer). Then
-each model is profiled with compressor.calibrate (the paper's linearity score per block, with and
-without the residual) and scored by perplexity on held-out Wikipedia text.
+where h_0 is the input of block 0 and h_{l+1} the output of block l (LinearityRegularizer); W = 0 is
+the baseline. Each model is then profiled with compressor.calibrate (the paper's linearity score per
+block, with and without the residual) and scored by perplexity on held-out Wikipedia text.
 
-    python examples/cosine_regularizer.py            # a few minutes on 2 CPU cores
-    python examples/cosine_regularizer.py --quick    # a smoke run (well under a minute of training)
+    python examples/cosine_regularizer.py                      # W = 0 and 0.05: a few minutes on 2 cores
+    python examples/cosine_regularizer.py --weight 0.05,-0.05  # also the opposite sign
+    python examples/cosine_regularizer.py --quick              # a smoke run
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def evaluate(model, tokenizer, test_ids: torch.Tensor, profile_windows: torch.Te
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weight", type=float, default=0.5, help="regularizer weight (default 0.5)")
+    parser.add_argument("--weight", type=lambda v: [float(w) for w in v.split(",")], default=[0.05],
+                        help="regularizer weight(s) to compare with the baseline, e.g. 0.05,-0.05 (default 0.05)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 300; --quick 20)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -112,34 +114,42 @@ def main() -> None:
                                    args.seq_len, seed=args.seed)
     tokens = steps * args.batch * args.seq_len
     print(f"{args.depth} blocks x {args.width} wide, {steps} steps x {args.batch} x {args.seq_len} = {tokens} tokens "
-          f"per run, regularizer weight {args.weight}")
+          f"per run, regularizer weights {args.weight} against 0")
 
     results = {}
-    for name, weight in (("baseline", 0.0), ("regularized", args.weight)):
-        print(f"\n{name}:")
+    for weight in [0.0, *args.weight]:
+        name = f"W={weight:g}"
+        print(f"\n{name}{' (baseline)' if weight == 0 else ''}:")
         model = small_llama(len(tokenizer), args.seq_len, args.width, args.depth, args.seed)
         start = time.perf_counter()
         losses = train(model, train_windows, steps, args.batch, args.lr, weight, args.seed)
         results[name] = {"weight": weight, "train_seconds": round(time.perf_counter() - start, 1),
                          "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
                          **evaluate(model, tokenizer, test_ids, profile_windows, args.seq_len)}
-
-    base, reg = results["baseline"], results["regularized"]
-    print(f"\n{'block':>5} {'linearity':>22} {'without residual':>22}")
-    print(f"{'':>5} {'baseline':>10} {'regular.':>11} {'baseline':>10} {'regular.':>11}")
-    for i in range(args.depth):
-        print(f"{i:>5} {base['linearity'][i]:>10.4f} {reg['linearity'][i]:>11.4f} "
-              f"{base['linearity_without_residual'][i]:>10.4f} {reg['linearity_without_residual'][i]:>11.4f}")
-    for key in ("linearity", "linearity_without_residual"):
-        print(f"mean {key:<27} {sum(base[key]) / args.depth:.4f} -> {sum(reg[key]) / args.depth:.4f}")
-    print(f"mean cos(h_l, h_l+1)                 {base['mean_cos_consecutive']:.4f} -> "
-          f"{reg['mean_cos_consecutive']:.4f}")
-    print(f"perplexity on wiki.test              {base['perplexity']:.2f} -> {reg['perplexity']:.2f}")
-    print(f"training seconds                     {base['train_seconds']} / {reg['train_seconds']}")
+    print_table(results, args.depth)
     if args.json:
-        args.json.write_text(json.dumps({"settings": vars(args) | {"data": str(args.data), "json": None,
-                                                                    "steps": steps, "tokens": tokens},
-                                         "results": results}, indent=2))
+        settings = vars(args) | {"data": str(args.data), "json": None, "steps": steps, "tokens": tokens}
+        args.json.write_text(json.dumps({"settings": settings, "results": results}, indent=2))
+
+
+def print_table(results: dict, depth: int) -> None:
+    names = list(results)
+    width = 11 * len(names)
+    print(f"\n{'':>5} {'linearity':^{width}} {'linearity without residual':^{width}}")
+    print(f"{'block':>5} " + "".join(f"{n:>11}" for n in names) + " " + "".join(f"{n:>11}" for n in names))
+    for i in range(depth):
+        row = "".join(f"{results[n]['linearity'][i]:>11.4f}" for n in names)
+        row_res = "".join(f"{results[n]['linearity_without_residual'][i]:>11.4f}" for n in names)
+        print(f"{i:>5} {row} {row_res}")
+    mean = "".join(f"{sum(results[n]['linearity']) / depth:>11.4f}" for n in names)
+    mean_res = "".join(f"{sum(results[n]['linearity_without_residual']) / depth:>11.4f}" for n in names)
+    print(f"{'mean':>5} {mean} {mean_res}")
+    print(f"\n{'':<28}" + "".join(f"{n:>11}" for n in names))
+    for label, key, fmt in (("mean cos(h_l, h_l+1)", "mean_cos_consecutive", ".4f"),
+                            ("perplexity on wiki.test", "perplexity", ".2f"),
+                            ("final training loss", "final_train_loss", ".3f"),
+                            ("training seconds", "train_seconds", ".0f")):
+        print(f"{label:<28}" + "".join(f"{results[n][key]:>11{fmt}}" for n in names))
 
 
 if __name__ == "__main__":

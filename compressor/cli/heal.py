@@ -46,7 +46,8 @@ def heal(
         "--train", help="touched (blocks next to cuts), all, or lora.")] = "touched",
     lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank with --train lora.")] = 16,
     regularize_linearity: Annotated[float, typer.Option(
-        "--regularize-linearity", help="Weight of the mean cosine between consecutive hidden states.")] = 0.0,
+        "--regularize-linearity",
+        help="Weight of the mean cosine between consecutive hidden states (e.g. 0.05).")] = 0.0,
     topk: Annotated[int, typer.Option("--topk", help="Teacher log-probabilities kept per position.")] = 64,
     teacher_cache: Annotated[str, typer.Option(
         "--teacher-cache",

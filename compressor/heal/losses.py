@@ -87,23 +87,26 @@ def consecutive_cosine(hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 class LinearityRegularizer(torch.nn.Module):
-    """The cosine term of arXiv 2405.12250 (section on regularized pretraining), as a loss module.
+    """A cosine term between consecutive hidden states, as a loss module (after arXiv 2405.12250).
 
-    Computes exactly::
+    The paper adds a cosine-similarity term between the embeddings of consecutive layers to the
+    pretraining loss and reports lower linearity and better TinyStories/SuperGLUE results. This
+    module computes exactly::
 
         R = weight * (1 / L) * sum_{l=0}^{L-1} mean_{b,t} cos(h_l[b, t], h_{l+1}[b, t])
 
     where h_0 is the input of block 0 (the token embeddings), h_{l+1} is the output of block l
     (the residual stream, before the final norm), L the number of blocks, and the mean runs over
-    every token of every window in the batch. Added to the training loss with weight > 0 it
-    penalizes consecutive hidden states that point the same way, i.e. blocks that only nudge the
-    residual stream, which is what makes a block's map close to linear (the paper reports lower
-    linearity scores and better TinyStories/SuperGLUE results from such a term). A negative weight
-    pulls consecutive states together instead (weight * mean(cos) = |weight| * mean(1 - cos) + const).
+    every token of every window in the batch. With weight > 0 it penalizes consecutive states that
+    point the same way, i.e. blocks that barely turn the residual stream, which is what makes a
+    block's map close to linear. A negative weight pulls consecutive states together instead
+    (weight * mean(cos) = |weight| * mean(1 - cos) + const). Keep a positive weight small (about
+    0.05): a large one is met by flipping the stream's sign from block to block (cos -> -1), which
+    is no less linear and costs perplexity (examples/cosine_regularizer.py shows both).
 
     Use it with `capture_hidden_states(model)`::
 
-        reg = LinearityRegularizer(0.1)
+        reg = LinearityRegularizer(0.05)
         with capture_hidden_states(model) as states:
             out = model(input_ids=x, labels=x)
         loss = out.loss + reg(states)

@@ -67,6 +67,8 @@ def test_bad_inputs_exit_2_with_one_line(checkpoints, args, message):
     assert not (checkpoints / "healed").exists()
 
 
-def test_every_bad_setting_is_reported_at_once():
+def test_every_bad_setting_is_reported_at_once_and_lr_follows_the_mode():
     problems = HealConfig(steps=0, alpha=3, train="some", distributed="mpi").problems()
     assert len(problems) == 4 and any("--alpha weighs KD" in p for p in problems)
+    assert HealConfig(train="touched").lr == 1e-3 and HealConfig(train="all").lr == 2e-4
+    assert HealConfig(train="all", lr=5e-5).lr == 5e-5
