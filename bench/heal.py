@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -96,7 +97,8 @@ def parse_args():
     p.add_argument("--eval-tokens", type=int, default=None, help="wiki.test tokens scored (default 16384)")
     p.add_argument("--calib-samples", type=int, default=32, help="windows of 256 tokens for the plan")
     p.add_argument("--samples", type=int, default=None, help="training windows (default: what the budget uses)")
-    p.add_argument("--work", type=Path, default=Path("bench-heal-work"), help="plan, checkpoints, report")
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "compressor-bench-heal",
+                   help="plan, checkpoints, teacher cache and report (reused by the next run)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 minute of healing, 4096 eval tokens")
     p.add_argument("--child", choices=["plain", "heal"], help=argparse.SUPPRESS)
     p.add_argument("--teacher", help=argparse.SUPPRESS)
