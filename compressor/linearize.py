@@ -10,7 +10,14 @@ computed h_e, so T is the ridge least-squares solution of
 from normal equations accumulated in float64 while the windows stream through the model (memory
 is d x d per span, flat in the number of tokens), over real tokens only (the attention mask).
 
-Ridge pulls T towards the identity, not towards zero: (X'X + lambda I) T = X'Y + lambda I with
+Two forms of the same replacement, both folded into that one projection (same parameter count):
+- "map" (ReplaceMe): the d x d map T above; the projection's weight becomes W T.
+- "projection" (ours): refit the projection itself, new output = a B + c with a its own input
+  (the MLP's hidden activation, d_ff wide), by least squares on the same target. Since a W T is
+  one such readout, this is at least as expressive; on SmolLM2 it cut the held-out loss increase
+  of folding blocks 13-18 from 0.47 to 0.41 nats and of 12-17 from 0.58 to 0.48.
+
+Ridge pulls T towards the identity (B towards the projection's own weight), not towards zero: (X'X + lambda I) T = X'Y + lambda I with
 lambda = ridge * trace(X'X) / d. A direction the calibration tokens never excite then passes
 through unchanged, which is exactly what removing the span without a map would do.
 
@@ -44,8 +51,12 @@ F64 = torch.float64
 DEFAULT_RIDGE = 1e-3
 
 
+FORMS = ("map", "projection")
+
+
 @dataclass
 class FitSettings:
+    form: str = "map"                        # "map" (ReplaceMe: W -> W T) or "projection" (refit W, b)
     ridge: float = DEFAULT_RIDGE
     exclude_first: bool = False              # leave each window's first token out of the fit
     outlier_factor: float | None = None      # leave out tokens above this x their sequence's median norm
@@ -53,11 +64,11 @@ class FitSettings:
 
 
 class NormalEquations:
-    """Streaming sums for the least-squares fit Y ~ X T (float64, constant memory)."""
+    """Streaming sums for the least-squares fit Y ~ X B (float64, constant memory)."""
 
-    def __init__(self, d: int, device=None):
-        self.xtx = torch.zeros(d, d, dtype=F64, device=device)
-        self.xty = torch.zeros(d, d, dtype=F64, device=device)
+    def __init__(self, d_in: int, d_out: int | None = None, device=None):
+        self.xtx = torch.zeros(d_in, d_in, dtype=F64, device=device)
+        self.xty = torch.zeros(d_in, d_out or d_in, dtype=F64, device=device)
         self.yy = 0.0
         self.tokens = 0
         self.excluded = 0
@@ -69,18 +80,36 @@ class NormalEquations:
         self.yy += float((y * y).sum())
         self.tokens += x.shape[0]
 
-    def solve(self, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+    def solve(self, ridge: float = DEFAULT_RIDGE, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """argmin ||X B - Y||^2 + lambda ||B - prior||^2, lambda = ridge * trace(X'X) / d_in;
+        prior defaults to the identity (a map that changes nothing)."""
         if self.tokens == 0:
             raise InvalidPlanError("no calibration tokens were left to fit a linear map: pass more data")
         d = self.xtx.shape[0]
         lam = ridge * float(torch.diagonal(self.xtx).sum()) / d
         eye = torch.eye(d, dtype=F64, device=self.xtx.device)
-        return torch.linalg.solve(self.xtx + lam * eye, self.xty + lam * eye)
+        prior = eye if prior is None else prior.to(self.xty)
+        return torch.linalg.solve(self.xtx + lam * eye, self.xty + lam * prior)
 
-    def relative_error(self, T: torch.Tensor) -> float:
-        """||Y - X T||^2 / ||Y||^2 over the fitted tokens, from the sums alone."""
-        sse = self.yy - 2 * float((T * self.xty).sum()) + float((T * (self.xtx @ T)).sum())
+    def relative_error(self, B: torch.Tensor) -> float:
+        """||Y - X B||^2 / ||Y||^2 over the fitted tokens, from the sums alone."""
+        sse = self.yy - 2 * float((B * self.xty).sum()) + float((B * (self.xtx @ B)).sum())
         return max(sse, 0.0) / max(self.yy, 1e-300)
+
+
+@dataclass
+class Projection:
+    """A refitted MLP output projection: output = input @ weight + bias (weight [d_in, d_out])."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.to(F64) @ self.weight.to(x.device, F64)
+        return y if self.bias is None else y + self.bias.to(x.device, F64)
+
+
+Replacement = torch.Tensor | Projection  # a map T applied after the projection, or a new projection
 
 
 def token_mask(shape, attention_mask: torch.Tensor | None, tensors: Iterable[torch.Tensor],
@@ -107,21 +136,25 @@ def _hidden(output):
 
 
 @contextlib.contextmanager
-def folded_outputs(model, maps: dict[int, torch.Tensor]):
-    """For the `with`: block i's MLP output projection returns proj(x) @ maps[i] (weights untouched)."""
+def folded_outputs(model, maps: dict[int, Replacement]):
+    """For the `with`: block i's MLP output projection returns proj(x) @ T for a map T, or the
+    refitted projection's output for a Projection (weights untouched)."""
     adapter = get_adapter(model)
     blocks = adapter.blocks_of(model)
     handles = []
 
-    def hook_for(T):
+    def hook_for(replacement):
         def hook(module, args, output):
-            return (output.to(F64) @ T.to(output.device)).to(output.dtype)
+            if isinstance(replacement, Projection):
+                return replacement(args[0]).to(output.dtype).reshape(output.shape)
+            return (output.to(F64) @ replacement.to(output.device)).to(output.dtype)
 
         return hook
 
     try:
-        for i, T in maps.items():
-            handles.append(adapter.mlp_out_of(blocks[i]).register_forward_hook(hook_for(T.to(F64))))
+        for i, replacement in maps.items():
+            r = replacement if isinstance(replacement, Projection) else replacement.to(F64)
+            handles.append(adapter.mlp_out_of(blocks[i]).register_forward_hook(hook_for(r)))
         yield
     finally:
         for h in handles:
@@ -129,7 +162,7 @@ def folded_outputs(model, maps: dict[int, torch.Tensor]):
 
 
 @contextlib.contextmanager
-def modified(model, drop: Iterable[int] = (), maps: dict[int, torch.Tensor] | None = None):
+def modified(model, drop: Iterable[int] = (), maps: dict[int, Replacement] | None = None):
     """Run the model as if `maps` were folded (block -> T) and `drop` removed, original numbering."""
     with folded_outputs(model, maps or {}), blocks_removed(model, sorted(drop)):
         yield
@@ -137,14 +170,15 @@ def modified(model, drop: Iterable[int] = (), maps: dict[int, torch.Tensor] | No
 
 def accumulate(model, windows: torch.Tensor, pairs: list[tuple[int, int]], settings: FitSettings | None = None,
                attention_mask: torch.Tensor | None = None, drop: Iterable[int] = (),
-               maps: dict[int, torch.Tensor] | None = None, description: str = "fitting linear maps",
+               maps: dict[int, Replacement] | None = None, description: str = "fitting linear maps",
                ) -> dict[tuple[int, int], NormalEquations]:
     """Normal equations for folding the work of blocks owner+1 .. last into `owner`'s projection.
 
     For each (owner, last) pair (original numbering): X = owner's MLP output projection M, target
     h_out(last) - h_out(owner) + M, on the model as modified by `drop` and `maps` (owner and last
     must be kept; blocks between them may already be removed). One streaming pass; the forward
-    stops after the deepest block any pair needs.
+    stops after the deepest block any pair needs. With settings.form "projection", X is the
+    projection's input instead (plus a column of ones where it has a bias).
     """
     return _stream(model, windows, pairs, settings or FitSettings(), attention_mask, set(drop), maps, description)[0]
 
@@ -164,10 +198,17 @@ def _stream(model, windows, pairs, settings: FitSettings, attention_mask, drop: 
     owners = {o for o, _ in pairs}
     outs = owners | {last for _, last in pairs}
     deepest = max(outs)
-    eqs = {(o, c): NormalEquations(_width(adapter, blocks[o]), adapter.mlp_out_of(blocks[o]).weight.device)
-           for o, c in pairs}
+    projection = settings.form == "projection"
+    if settings.form not in FORMS:
+        raise InvalidPlanError(f"unknown linear replacement form '{settings.form}': choose one of {', '.join(FORMS)}")
+    eqs = {}
+    for o, c in pairs:
+        proj = adapter.mlp_out_of(blocks[o])
+        d_in, d_out = _shape(proj)
+        d_in = d_in + (getattr(proj, "bias", None) is not None) if projection else d_out
+        eqs[(o, c)] = NormalEquations(d_in, d_out, proj.weight.device)
     seen: dict[str, torch.Tensor] = {}
-    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    kept: list[tuple[torch.Tensor, ...]] = []
 
     def block_hook(i):
         def hook(module, args, output):
@@ -180,6 +221,8 @@ def _stream(model, windows, pairs, settings: FitSettings, attention_mask, drop: 
     def proj_hook(i):
         def hook(module, args, output):
             seen[f"m{i}"] = output.detach().clone()
+            if projection:
+                seen[f"a{i}"] = args[0].detach().clone()
 
         return hook
 
@@ -214,9 +257,9 @@ def _stream(model, windows, pairs, settings: FitSettings, attention_mask, drop: 
                     except _Stop:
                         pass
                 for o, c in pairs:
-                    _add(eqs[(o, c)], seen[f"m{o}"], seen[f"h{o}"], seen[f"h{c}"], mask, settings)
+                    _add(eqs[(o, c)], seen[f"m{o}"], seen[f"h{o}"], seen[f"h{c}"], mask, settings, seen.get(f"a{o}"))
                 if keep is not None:
-                    kept.append((seen[f"h{keep}"], seen[f"m{keep}"]))
+                    kept.append((seen[f"h{keep}"], seen[f"m{keep}"], seen.get(f"a{keep}")))
     finally:
         for h in handles:
             h.remove()
@@ -230,30 +273,43 @@ def apply_map(h: torch.Tensor, m: torch.Tensor, T: torch.Tensor) -> torch.Tensor
     return (h.to(F64) + m.to(F64) @ (T.to(m.device, F64) - eye)).to(h.dtype)
 
 
+def apply_replacement(h: torch.Tensor, m: torch.Tensor, a: torch.Tensor | None, r: Replacement) -> torch.Tensor:
+    """The owner block's output with its projection replaced: h - M + (M T or a B + c)."""
+    if not isinstance(r, Projection):
+        return apply_map(h, m, r)
+    return (h.to(F64) - m.reshape(h.shape).to(F64) + r(a).reshape(h.shape)).to(h.dtype)
+
+
 @dataclass
 class SpanFit:
-    """One fitted span: the map and how it was fitted (goes into the plan's provenance)."""
+    """One fitted span: its replacement and how it was fitted (goes into the plan's provenance)."""
 
     start: int
     end: int
-    map: torch.Tensor
+    replacement: Replacement
     tokens: int
     excluded: int
     relative_error: float
 
+    @property
+    def form(self) -> str:
+        return "projection" if isinstance(self.replacement, Projection) else "map"
+
     def provenance(self) -> dict:
-        return {"start": self.start, "end": self.end, "tokens": self.tokens, "excluded_tokens": self.excluded,
-                "relative_error": round(self.relative_error, 6)}
+        return {"start": self.start, "end": self.end, "form": self.form, "tokens": self.tokens,
+                "excluded_tokens": self.excluded, "relative_error": round(self.relative_error, 6)}
 
 
 def fit_spans(model, windows: torch.Tensor, drop: Iterable[int], spans: list[tuple[int, int]],
               settings: FitSettings | None = None, attention_mask: torch.Tensor | None = None) -> list[SpanFit]:
-    """Fit the map of each span [s, e) of a plan, in order, each on the model as the plan leaves it
-    upstream: every dropped block before s removed and every earlier map applied. So a later map
-    learns from what earlier replacements really produce. Each pass resumes where the previous
-    span ended, from the replaced hidden states, so all spans together cost about one forward.
+    """Fit the replacement of each span [s, e) of a plan, in order, each on the model as the plan
+    leaves it upstream: every dropped block before s removed and every earlier replacement applied.
+    So a later map learns from what earlier replacements really produce. Each pass resumes where
+    the previous span ended, from the replaced hidden states, so all spans cost about one forward.
     """
     settings = settings or FitSettings()
+    adapter = get_adapter(model)
+    blocks = adapter.blocks_of(model)
     drop = set(drop)
     fits: list[SpanFit] = []
     resume = None
@@ -261,31 +317,51 @@ def fit_spans(model, windows: torch.Tensor, drop: Iterable[int], spans: list[tup
     for k, (s, e) in enumerate(spans):
         upstream = {i for i in drop if i < s}
         eqs, kept = _stream(model, windows, [(s - 1, e - 1)], settings, attention_mask, upstream, None,
-                            f"fitting map for blocks {s}-{e - 1}", resume, keep=s - 1 if k + 1 < len(spans) else None)
+                            f"fitting blocks {s}-{e - 1}", resume, keep=s - 1 if k + 1 < len(spans) else None)
         eq = eqs[(s - 1, e - 1)]
-        T = eq.solve(settings.ridge)
-        fits.append(SpanFit(s, e, T, eq.tokens, eq.excluded, eq.relative_error(T)))
-        log.info("fitted blocks %d-%d on %d tokens (%d left out): relative error %.4f",
-                 s, e - 1, eq.tokens, eq.excluded, fits[-1].relative_error)
+        if settings.form == "projection":
+            proj = adapter.mlp_out_of(blocks[s - 1])
+            B = eq.solve(settings.ridge, prior=_readout(proj))
+            replacement = Projection(B[:-1], B[-1]) if getattr(proj, "bias", None) is not None else Projection(B)
+        else:
+            B = eq.solve(settings.ridge)
+            replacement = B
+        fits.append(SpanFit(s, e, replacement, eq.tokens, eq.excluded, eq.relative_error(B)))
+        log.info("fitted blocks %d-%d (%s) on %d tokens (%d left out): relative error %.4f",
+                 s, e - 1, fits[-1].form, eq.tokens, eq.excluded, fits[-1].relative_error)
         if kept:
             after = next(i for i in range(e, spans[k + 1][0]) if i not in drop)
-            resume = (after, [apply_map(h, m, T) for h, m in kept])
+            resume = (after, [apply_replacement(h, m, a, replacement) for h, m, a in kept])
     return fits
 
 
-def _add(eq: NormalEquations, m, hs, he, mask, settings: FitSettings) -> None:
+def _add(eq: NormalEquations, m, hs, he, mask, settings: FitSettings, a=None) -> None:
     m = m.reshape(hs.shape)  # some blocks (OPT) run their MLP on flattened tokens
     keep = token_mask(hs.shape[:2], mask, (m, hs, he), settings.exclude_first, settings.outlier_factor)
     keep = keep.to(hs.device)
-    x = m[keep]
-    y = he[keep].to(F64) - hs[keep].to(F64) + x.to(F64)
+    y = he[keep].to(F64) - hs[keep].to(F64) + m[keep].to(F64)
+    if a is None:
+        x = m[keep]
+    else:
+        x = a.reshape(*hs.shape[:2], a.shape[-1])[keep].to(F64)
+        if eq.xtx.shape[0] == x.shape[1] + 1:  # the projection has a bias: fit an intercept too
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=F64, device=x.device)], dim=1)
     eq.add(x, y)
     eq.excluded += int(mask.sum() if mask is not None else keep.numel()) - int(keep.sum())
 
 
-def _width(adapter, block) -> int:
-    proj = adapter.mlp_out_of(block)
-    return proj.weight.shape[0] if isinstance(proj, torch.nn.Linear) else proj.weight.shape[1]
+def _shape(proj) -> tuple[int, int]:
+    """(d_in, d_out) of an MLP output projection: nn.Linear [out, in], GPT-2's Conv1D [in, out]."""
+    w = proj.weight
+    return (w.shape[1], w.shape[0]) if isinstance(proj, torch.nn.Linear) else (w.shape[0], w.shape[1])
+
+
+def _readout(proj) -> torch.Tensor:
+    """The projection as B [d_in (+1 for a bias row), d_out] with output = [input, 1] @ B."""
+    w = proj.weight.detach().to(F64)
+    B = w.T if isinstance(proj, torch.nn.Linear) else w
+    bias = getattr(proj, "bias", None)
+    return B if bias is None else torch.cat([B, bias.detach().to(F64)[None]], dim=0)
 
 
 def _input_device(model) -> torch.device:
@@ -311,14 +387,15 @@ def linear_spans(model, blocks) -> tuple[list[int], list[tuple[int, int]]]:
 def linear_plan(model, blocks, windows: torch.Tensor, settings: FitSettings | None = None,
                 attention_mask: torch.Tensor | None = None):
     """A plan replacing the given blocks ("12-15", or indices) by fitted maps, one per run."""
-    from compressor.plan import Plan, span_key
+    from compressor.plan import Plan
 
     drop, spans = linear_spans(model, blocks)
     settings = settings or FitSettings()
     fits = fit_spans(model, windows, drop, spans, settings, attention_mask)
-    return Plan(strategy="manual", blocks_original=get_adapter(model).num_blocks(model), drop=drop,
-                linearize=[{"start": f.start, "end": f.end} for f in fits],
-                provenance={"fit": {"ridge": settings.ridge, "exclude_first_token": settings.exclude_first,
-                                    "outlier_factor": settings.outlier_factor,
-                                    "spans": [f.provenance() for f in fits]}},
-                maps={span_key(f.start, f.end): f.map.to(torch.float32) for f in fits})
+    return Plan.from_fits("manual", get_adapter(model).num_blocks(model), drop, fits,
+                          provenance={"fit": fit_provenance(settings, fits)})
+
+
+def fit_provenance(settings: FitSettings, fits: list[SpanFit]) -> dict:
+    return {"form": settings.form, "ridge": settings.ridge, "exclude_first_token": settings.exclude_first,
+            "outlier_factor": settings.outlier_factor, "spans": [f.provenance() for f in fits]}

@@ -5,14 +5,16 @@ A plan is data. `plan.json` holds the stable keys
     strategy          the selection strategy that made it
     blocks_original   the depth of the model it applies to (indices below are in that numbering)
     drop              every block the plan removes, sorted
-    linearize         [{"start": s, "end": e}]: spans of `drop` (end exclusive) whose work a linear
-                      map does instead, folded into block s - 1's MLP output projection
-    maps              the safetensors file beside the plan holding one map per span
-                      ("span.s-e", float32 [d, d]), or null when nothing is linearized
+    linearize         [{"start": s, "end": e, "form": f}]: spans of `drop` (end exclusive) whose work
+                      a linear replacement does instead, held by block s - 1's MLP output projection:
+                      form "map" folds a d x d map T into it (ReplaceMe), "projection" refits it
+    maps              the safetensors file beside the plan holding the replacements, float32:
+                      "span.s-e" = T [d, d]; "proj.s-e.weight" [d_in, d_out] (+ "proj.s-e.bias"),
+                      with output = input @ weight + bias; null when nothing is linearized
 
 plus `provenance` (data, settings, per-span fit details) and `cost` (seconds, loss evaluations).
-Applying a plan needs no calibration data: fold every map first (numbering unchanged), then remove
-all blocks with one `drop_blocks_` call, so the compressor record in the config names the spans.
+Applying a plan needs no calibration data: fold every replacement first (numbering unchanged), then
+remove all blocks with one `drop_blocks_` call, so the compressor record in the config names the spans.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 from compressor.adapters import get_adapter
 from compressor.errors import InvalidPlanError
-from compressor.surgery import drop_blocks_, fold_linear_
+from compressor.surgery import drop_blocks_, fold_linear_, set_projection_
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,37 @@ class Plan:
 
     def __post_init__(self) -> None:
         self.drop = sorted(int(i) for i in self.drop)
-        self.linearize = sorted(({"start": int(s["start"]), "end": int(s["end"])} for s in self.linearize),
-                                key=lambda s: s["start"])
+        self.linearize = sorted(({"start": int(s["start"]), "end": int(s["end"]), "form": str(s.get("form", "map"))}
+                                 for s in self.linearize), key=lambda s: s["start"])
+
+    @classmethod
+    def from_fits(cls, strategy: str, blocks_original: int, drop, fits, provenance=None, cost=None) -> Plan:
+        """A plan from `compressor.linearize.SpanFit`s (their replacements become the maps)."""
+        from compressor.linearize import Projection
+
+        maps: dict[str, torch.Tensor] = {}
+        for f in fits:
+            if isinstance(f.replacement, Projection):
+                maps[f"proj.{f.start}-{f.end}.weight"] = f.replacement.weight.to(torch.float32)
+                if f.replacement.bias is not None:
+                    maps[f"proj.{f.start}-{f.end}.bias"] = f.replacement.bias.to(torch.float32)
+            else:
+                maps[span_key(f.start, f.end)] = f.replacement.to(torch.float32)
+        return cls(strategy, blocks_original, drop, [{"start": f.start, "end": f.end, "form": f.form} for f in fits],
+                   provenance=dict(provenance or {}), cost=dict(cost or {}), maps=maps)
 
     @property
     def spans(self) -> list[tuple[int, int]]:
         return [(s["start"], s["end"]) for s in self.linearize]
+
+    def replacement(self, start: int, end: int):
+        """The span's map T (a tensor) or refitted projection (`compressor.linearize.Projection`)."""
+        from compressor.linearize import Projection
+
+        form = next(s["form"] for s in self.linearize if (s["start"], s["end"]) == (start, end))
+        if form == "projection":
+            return Projection(self.maps[f"proj.{start}-{end}.weight"], self.maps.get(f"proj.{start}-{end}.bias"))
+        return self.maps[span_key(start, end)]
 
     @property
     def blocks_kept(self) -> int:
@@ -70,12 +97,16 @@ class Plan:
             problems.append(f"drop has indices outside 0-{n - 1}: {self.drop}")
         if len(self.drop) >= n:
             problems.append(f"it removes all {n} blocks")
-        for s, e in self.spans:
+        for span in self.linearize:
+            s, e = span["start"], span["end"]
             if not set(range(s, e)) <= set(self.drop) or e <= s:
                 problems.append(f"linearized span {s}-{e - 1} is not a run of dropped blocks")
             if s < 1 or (s - 1) in self.drop:
                 problems.append(f"linearized span {s}-{e - 1} has no kept block before it to fold into")
-            if span_key(s, e) not in self.maps:
+            key = {"map": span_key(s, e), "projection": f"proj.{s}-{e}.weight"}.get(span["form"])
+            if key is None:
+                problems.append(f"span {s}-{e - 1} has an unknown form '{span['form']}' (map or projection)")
+            elif key not in self.maps:
                 problems.append(f"no map for span {s}-{e - 1} (is {self.maps_file or 'the maps file'} missing?)")
         if problems:
             raise InvalidPlanError("invalid plan: " + "; ".join(problems))
@@ -105,7 +136,9 @@ class Plan:
                  f"keep {kept}; removed: {_ranges(self.drop) or 'none'}")]
         linear = set().union(*(set(range(s, e)) for s, e in self.spans)) if self.spans else set()
         if self.spans:
-            parts = [f"{_ranges(range(s, e))} -> map folded into block {s - 1}" for s, e in self.spans]
+            what = {"map": "map folded into", "projection": "refitted MLP projection of"}
+            parts = [f"{_ranges(range(s['start'], s['end']))} -> {what.get(s['form'], s['form'])} block {s['start'] - 1}"
+                     for s in self.linearize]
             lines.append("linear replacement: " + "; ".join(parts))
         plain = [i for i in self.drop if i not in linear]
         if plain and self.spans:
@@ -208,7 +241,7 @@ def _read_maps(path: Path) -> dict[str, torch.Tensor]:
 
 
 def apply_plan_(model: torch.nn.Module, plan: Plan) -> None:
-    """Fold the plan's maps into their projections, then remove its blocks (one drop), in place."""
+    """Fold the plan's replacements into their projections, then remove its blocks (one drop), in place."""
     adapter = get_adapter(model)
     plan.validate(adapter.num_blocks(model))
     if plan.spans:
@@ -216,7 +249,13 @@ def apply_plan_(model: torch.nn.Module, plan: Plan) -> None:
         if reason:
             raise InvalidPlanError(f"this plan replaces spans by linear maps, which {model.config.model_type} "
                                    f"cannot hold ({reason}): make a plan with --no-linear")
+    from compressor.linearize import Projection
+
     for s, e in plan.spans:
-        fold_linear_(model, s - 1, plan.maps[span_key(s, e)])
-    drop_blocks_(model, plan.drop, linearized=plan.linearize)
+        replacement = plan.replacement(s, e)
+        if isinstance(replacement, Projection):
+            set_projection_(model, s - 1, replacement.weight, replacement.bias)
+        else:
+            fold_linear_(model, s - 1, replacement)
+    drop_blocks_(model, plan.drop, linearized=[{"start": s, "end": e} for s, e in plan.spans])
     log.info("applied plan: %s", plan.summary().splitlines()[0])

@@ -28,8 +28,8 @@ import torch
 
 from compressor.adapters import get_adapter
 from compressor.errors import InvalidPlanError
-from compressor.linearize import FitSettings, accumulate, apply_map, fit_spans
-from compressor.plan import Plan, runs, span_key
+from compressor.linearize import FORMS, FitSettings, accumulate, apply_map, fit_provenance, fit_spans
+from compressor.plan import Plan, runs
 from compressor.progress import status
 from compressor.scoring import Scorer
 
@@ -55,6 +55,7 @@ class Choice:
     spans: list[tuple[int, int]] | None = None
     details: dict = field(default_factory=dict)
     cost: dict = field(default_factory=dict)     # measured strategies: seconds, loss evaluations so far
+    form: str | None = None                      # replacement form chosen by the strategy (else settings)
 
 
 @dataclass(frozen=True)
@@ -205,8 +206,9 @@ def _auto(job: _Job, ks: list[int]) -> dict[int, Choice]:
        later rounds re-measure the best `candidates` so far plus the neighbours of the last
        removal (the candidates whose fit changed most).
     2. The `spans` contiguous spans of length K with the least angular distance, each folded.
-    The lower held-out loss wins. Where maps cannot be folded, the same search runs with plain
-    removals.
+    The lower held-out loss wins; then both replacement forms (the ReplaceMe map, and the refitted
+    projection) are fitted for the winner and the lower held-out loss again decides. Where maps
+    cannot be folded, the same search runs with plain removals.
     """
     base = job.scorer.loss()
     out = {}
@@ -218,10 +220,25 @@ def _auto(job: _Job, ks: list[int]) -> dict[int, Choice]:
                    "considered": [{"kind": o["kind"], "drop": o["drop"], "spans": o["spans"],
                                    "loss": round(o["loss"], 5)} for o in options],
                    "rounds": greedy["rounds"]}
+        form = None
+        if best["spans"]:
+            form, losses = _choose_form(job, best["drop"], best["spans"])
+            details |= {"form": form, "held_out_loss_by_form": {f: round(v, 5) for f, v in losses.items()},
+                        "held_out_loss": round(losses[form], 5)}
         if not job.fold:
             details["note"] = _no_fold_note(job)
-        out[k] = Choice(best["drop"], best["spans"], details, cost=job.cost_so_far())
+        out[k] = Choice(best["drop"], best["spans"], details, cost=job.cost_so_far(), form=form)
     return out
+
+
+def _choose_form(job: _Job, drop: list[int], spans: list[tuple[int, int]]) -> tuple[str, dict[str, float]]:
+    """Fit each replacement form on the fit windows; keep the one with the lower held-out loss."""
+    fit_ids, fit_mask = job.part("fit")
+    losses = {}
+    for form in FORMS:
+        fits = fit_spans(job.model, fit_ids, drop, spans, replace(job.settings.fit, form=form), fit_mask)
+        losses[form] = job.scorer.loss(drop, {f.start - 1: f.replacement for f in fits})
+    return min(losses, key=lambda f: (losses[f], f)), losses
 
 
 def _greedy_with_fold(job: _Job, ks: list[int]) -> dict[int, dict]:
@@ -393,8 +410,9 @@ def _finish(job: _Job, strategy: str, choice: Choice) -> Plan:
         if any(s == 0 for s, _ in runs(choice.drop)):
             notes.append("the run starting at block 0 is removed without a linear map "
                          "(there is no earlier MLP projection to fold it into)")
+    fit = replace(settings.fit, form=choice.form) if choice.form else settings.fit
     fit_start = time.perf_counter()
-    fits = fit_spans(model, windows, choice.drop, spans, settings.fit, job.mask) if spans else []
+    fits = fit_spans(model, windows, choice.drop, spans, fit, job.mask) if spans else []
     fit_seconds = time.perf_counter() - fit_start
     cost = {"profile_seconds": round(job.profile_seconds, 2), "select_seconds": 0.0, "loss_evaluations": 0,
             **choice.cost, "fit_seconds": round(fit_seconds, 2)}
@@ -403,16 +421,13 @@ def _finish(job: _Job, strategy: str, choice: Choice) -> Plan:
         "model_type": model.config.model_type,
         "windows": {"samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
                     "fingerprint": _fingerprint(windows, job.mask)},
-        "fit": {"ridge": settings.fit.ridge, "exclude_first_token": settings.fit.exclude_first,
-                "outlier_factor": settings.fit.outlier_factor, "spans": [f.provenance() for f in fits]},
+        "fit": fit_provenance(fit, fits),
         **({"note": " ".join(notes)} if notes else {}),
         **({"search": choice.details} if choice.details else {}),
     }
     if get_strategy(strategy).measured:
         provenance["held_out_windows"] = int(job.score_index.numel())
-    return Plan(strategy=strategy, blocks_original=job.n, drop=choice.drop,
-                linearize=[{"start": f.start, "end": f.end} for f in fits], provenance=provenance, cost=cost,
-                maps={span_key(f.start, f.end): f.map.to(torch.float32) for f in fits})
+    return Plan.from_fits(strategy, job.n, choice.drop, fits, provenance, cost)
 
 
 def _fingerprint(windows, mask) -> str:

@@ -151,6 +151,38 @@ def fold_linear_(model: torch.nn.Module, block_index: int, T: torch.Tensor, bias
             proj.bias.copy_(b.to(proj.bias.dtype))
 
 
+def set_projection_(model: torch.nn.Module, block_index: int, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> None:
+    """Replace block `block_index`'s MLP output projection by output = input @ weight (+ bias), in place.
+
+    `weight` is [d_in, d_out] whatever the module's layout (nn.Linear stores its transpose, GPT-2's
+    Conv1D stores it as is); values are cast to the module's dtype. Shapes must match: nothing is
+    added to the model.
+    """
+    adapter = get_adapter(model)
+    reason = adapter.why_no_fold(model.config)
+    if reason:
+        raise InvalidPlanError(f"cannot refit the MLP projection of {model.config.model_type}: {reason}; "
+                               "drop the blocks without a linear replacement instead")
+    blocks = adapter.blocks_of(model)
+    if not 0 <= block_index < len(blocks):
+        raise InvalidPlanError(f"block {block_index} is out of range: the model has blocks 0-{len(blocks) - 1}")
+    proj = adapter.mlp_out_of(blocks[block_index])
+    linear = isinstance(proj, torch.nn.Linear)
+    weight = torch.as_tensor(weight)
+    new = weight.T if linear else weight
+    if new.shape != proj.weight.shape:
+        raise InvalidPlanError(f"projection of shape {tuple(weight.shape)} does not fit block {block_index} "
+                               "(the plan was made for another model)")
+    has_bias = getattr(proj, "bias", None) is not None
+    if bias is not None and not has_bias:
+        raise InvalidPlanError(f"block {block_index}'s projection has no bias to set")
+    with torch.no_grad():
+        proj.weight.copy_(new.to(proj.weight))
+        if bias is not None:
+            proj.bias.copy_(torch.as_tensor(bias).reshape(proj.bias.shape).to(proj.bias))
+
+
 @contextlib.contextmanager
 def blocks_removed(model: torch.nn.Module, indices: Iterable[int]):
     """Remove blocks (current numbering) for the duration of a `with`; everything comes back after.

@@ -22,6 +22,8 @@ def linearize(
     model: ModelArg,
     blocks: Annotated[str, typer.Option("--blocks", help="Blocks to replace by a linear map, e.g. 12-15.")],
     out: OutOpt,
+    form: Annotated[str, typer.Option("--form", help="map (ReplaceMe: fold a d x d map into the projection) "
+                                      "or projection (refit the projection on its own input).")] = "map",
     data: DataOpt = None,
     field: Annotated[str, typer.Option("--field", help="JSONL field that holds the text.")] = "text",
     samples: SamplesOpt = 64,
@@ -33,17 +35,20 @@ def linearize(
 ) -> None:
     """Replace spans of blocks by linear maps fitted on calibration text, folded into existing weights."""
     from compressor.calibrate import load_texts, make_windows
+    from compressor.errors import InvalidPlanError
     from compressor.io import atomic_dir, check_output
-    from compressor.linearize import linear_plan, linear_spans
+    from compressor.linearize import FORMS, FitSettings, linear_plan, linear_spans
     from compressor.loading import load_model
     from compressor.plan import apply_plan_
     from compressor.surgery import save_checkpoint
 
+    if form not in FORMS:
+        raise InvalidPlanError(f"unknown --form '{form}': choose one of {', '.join(FORMS)}")
     check_output(out, overwrite)
     loaded, tokenizer = load_model(model, dtype="auto", allow_pickle=allow_pickle)
     linear_spans(loaded, blocks)  # refuse before reading any data
     windows = make_windows(tokenizer, load_texts(data, field), samples, seq_len, seed)
-    plan = linear_plan(loaded, blocks, windows)
+    plan = linear_plan(loaded, blocks, windows, FitSettings(form=form))
     apply_plan_(loaded, plan)
     with atomic_dir(out, overwrite) as tmp:
         save_checkpoint(loaded, tokenizer, tmp)

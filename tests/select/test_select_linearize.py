@@ -11,9 +11,18 @@ from transformers import AutoModelForCausalLM
 from compressor.adapters import get_adapter
 from compressor.errors import InvalidPlanError
 from compressor.info import count_parameters
-from compressor.linearize import FitSettings, NormalEquations, accumulate, fit_spans, linear_plan, token_mask
+from compressor.linearize import (
+    FitSettings,
+    NormalEquations,
+    Projection,
+    accumulate,
+    fit_spans,
+    folded_outputs,
+    linear_plan,
+    token_mask,
+)
 from compressor.plan import apply_plan_
-from compressor.surgery import drop_blocks_, fold_linear_, save_checkpoint
+from compressor.surgery import drop_blocks_, fold_linear_, save_checkpoint, set_projection_
 
 F64 = torch.float64
 
@@ -104,6 +113,55 @@ def test_fold_equals_applying_the_map_after_the_projection(arch):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_refitted_projection_equals_its_readout_on_the_input(arch):
+    model = tiny_model(arch)
+    adapter = get_adapter(model)
+    proj = adapter.mlp_out_of(adapter.blocks_of(model)[2])
+    d_in = proj.weight.shape[1] if isinstance(proj, torch.nn.Linear) else proj.weight.shape[0]
+    g = torch.Generator().manual_seed(4)
+    new = Projection(0.1 * torch.randn(d_in, 32, generator=g, dtype=F64),
+                     torch.randn(32, generator=g, dtype=F64) if getattr(proj, "bias", None) is not None else None)
+    if adapter.why_no_fold(model.config):
+        with pytest.raises(InvalidPlanError, match="cannot refit"):
+            set_projection_(model, 2, new.weight, new.bias)
+        return
+    ids = windows(2, 9)
+    handle = proj.register_forward_hook(lambda m, a, out: (a[0].double() @ new.weight + (
+        0 if new.bias is None else new.bias)).to(out.dtype).reshape(out.shape))
+    with torch.no_grad():
+        expected = model(ids).logits
+        handle.remove()
+        with folded_outputs(model, {2: new}):
+            hooked = model(ids).logits
+        set_projection_(model, 2, new.weight, new.bias)
+        got = model(ids).logits
+    torch.testing.assert_close(hooked, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # without and with a bias
+def test_projection_form_matches_direct_least_squares_with_intercept(arch):
+    model = tiny_model(arch)
+    ids = windows(16, 16)  # 256 tokens for an input up to 128 (+1) wide
+    adapter = get_adapter(model)
+    proj = adapter.mlp_out_of(adapter.blocks_of(model)[0])
+    seen = {}
+    handle = proj.register_forward_hook(lambda m, a, out: seen.update(a=a[0], m=out))
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states
+    handle.remove()
+    x = seen["a"].reshape(-1, seen["a"].shape[-1]).to(F64)
+    y = (hs[3].to(F64) - hs[1].to(F64)).reshape(-1, 32) + seen["m"].reshape(-1, 32).to(F64)
+    has_bias = getattr(proj, "bias", None) is not None
+    if has_bias:
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=F64)], dim=1)
+    expected = torch.linalg.lstsq(x, y).solution
+    fit = fit_spans(model, ids, [1, 2], [(1, 3)], FitSettings(form="projection", ridge=0.0, batch_size=4))[0]
+    got = fit.replacement.weight if not has_bias else torch.cat([fit.replacement.weight, fit.replacement.bias[None]])
+    assert fit.form == "projection"
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_spans_starting_at_block_zero_are_refused():
     model = tiny_model("llama")
     with pytest.raises(InvalidPlanError, match="at block 0"):
@@ -118,9 +176,11 @@ def test_adapters_that_cannot_fold_refuse_with_their_reason():
         linear_plan(model, "1-2", windows())
 
 
-def test_folded_model_has_the_parameters_of_the_plain_drop_and_reloads(tmp_path):
+@pytest.mark.parametrize("form", ["map", "projection"])
+def test_folded_model_has_the_parameters_of_the_plain_drop_and_reloads(tmp_path, form):
     model = tiny_model("llama", num_hidden_layers=6)
-    plan = linear_plan(model, "2-3,5", windows(8, 16))
+    plan = linear_plan(model, "2-3,5", windows(8, 16), FitSettings(form=form))
+    assert {s["form"] for s in plan.linearize} == {form}
     assert plan.spans == [(2, 4), (5, 6)]
     plain = tiny_model("llama", num_hidden_layers=6)
     drop_blocks_(plain, [2, 3, 5])
@@ -140,9 +200,9 @@ def test_later_spans_are_fitted_on_the_model_with_earlier_spans_applied():
     ids = windows(6, 16)
     settings = FitSettings()
     first, second = fit_spans(model, ids, [1, 3, 4], [(1, 2), (3, 5)], settings)
-    eq = accumulate(model, ids, [(2, 4)], settings, drop=[1], maps={0: first.map})[(2, 4)]
+    eq = accumulate(model, ids, [(2, 4)], settings, drop=[1], maps={0: first.replacement})[(2, 4)]
     # fit_spans resumes from the replaced states instead of re-running blocks: float32 rounding only.
     reference = eq.solve(settings.ridge)
-    torch.testing.assert_close(second.map, reference, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(second.replacement, reference, rtol=1e-3, atol=1e-4)
     alone = accumulate(model, ids, [(2, 4)], settings)[(2, 4)].solve(settings.ridge)
-    assert (alone - reference).abs().max() > 100 * (second.map - reference).abs().max()
+    assert (alone - reference).abs().max() > 100 * (second.replacement - reference).abs().max()

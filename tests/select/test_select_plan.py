@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 
 from compressor.errors import InvalidPlanError
-from compressor.linearize import linear_plan
+from compressor.linearize import FitSettings, linear_plan
 from compressor.plan import Plan, apply_plan_, read_plan, runs, write_plan
 
 
@@ -18,9 +18,11 @@ def windows(n=8, t=16, seed=0):
 
 
 def mixed_plan(model) -> Plan:
-    """Blocks 1-2 replaced by a map, block 4 dropped without one."""
+    """Blocks 1-2 replaced by a map, block 4 by a refitted projection, block 5 dropped without either."""
     linear = linear_plan(model, "1-2", windows())
-    return Plan("manual", 6, [1, 2, 4], linear.linearize, maps=linear.maps, provenance=linear.provenance)
+    refit = linear_plan(model, "4", windows(), FitSettings(form="projection"))
+    return Plan("manual", 6, [1, 2, 4, 5], linear.linearize + refit.linearize, maps=linear.maps | refit.maps,
+                provenance=linear.provenance)
 
 
 def test_round_trip_applies_exactly_like_the_plan_in_memory(tmp_path):
@@ -29,12 +31,14 @@ def test_round_trip_applies_exactly_like_the_plan_in_memory(tmp_path):
     path = write_plan(plan, tmp_path / "plan.json")
     data = json.loads(path.read_text())
     assert {"strategy", "drop", "linearize", "blocks_original", "maps"} <= set(data)
-    assert data["drop"] == [1, 2, 4] and data["linearize"] == [{"start": 1, "end": 3}]
+    assert data["drop"] == [1, 2, 4, 5]
+    assert data["linearize"] == [{"start": 1, "end": 3, "form": "map"}, {"start": 4, "end": 5, "form": "projection"}]
     assert data["maps"] == "plan.maps.safetensors" and (tmp_path / data["maps"]).is_file()
 
     again = read_plan(path)
-    assert again == plan and set(again.maps) == {"span.1-3"}
-    torch.testing.assert_close(again.maps["span.1-3"], plan.maps["span.1-3"], rtol=0, atol=0)
+    assert again == plan and set(again.maps) == {"span.1-3", "proj.4-5.weight"}
+    for key in again.maps:
+        torch.testing.assert_close(again.maps[key], plan.maps[key], rtol=0, atol=0)
 
     direct, from_disk = tiny_model("llama", num_hidden_layers=6), tiny_model("llama", num_hidden_layers=6)
     apply_plan_(direct, plan)
@@ -42,8 +46,8 @@ def test_round_trip_applies_exactly_like_the_plan_in_memory(tmp_path):
     ids = windows(2, 9, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(from_disk(ids).logits, direct(ids).logits, rtol=0, atol=0)
-    assert from_disk.config.compressor["removed"] == [1, 2, 4]
-    assert from_disk.config.compressor["linearized"] == [{"start": 1, "end": 3}]
+    assert from_disk.config.compressor["removed"] == [1, 2, 4, 5]
+    assert from_disk.config.compressor["linearized"] == [{"start": 1, "end": 3}, {"start": 4, "end": 5}]
 
 
 def test_plan_without_maps_writes_no_maps_file(tmp_path):
@@ -64,6 +68,9 @@ def test_plan_for_another_depth_is_refused():
     (Plan("x", 6, [7]), "outside 0-5"),
     (Plan("x", 6, [0, 1], [{"start": 0, "end": 2}], maps={"span.0-2": torch.eye(4)}), "no kept block before"),
     (Plan("x", 6, [2], [{"start": 2, "end": 3}]), "no map for span 2-2"),
+    (Plan("x", 6, [2], [{"start": 2, "end": 3, "form": "projection"}], maps={"span.2-3": torch.eye(4)}),
+     "no map for span 2-2"),
+    (Plan("x", 6, [2], [{"start": 2, "end": 3, "form": "cubic"}]), "unknown form 'cubic'"),
     (Plan("x", 6, [2], [{"start": 2, "end": 4}], maps={"span.2-4": torch.eye(4)}), "not a run of dropped"),
 ])
 def test_invalid_plans_say_what_is_wrong(plan, message):
@@ -89,5 +96,7 @@ def test_summary_and_runs():
                 maps={"span.12-15": torch.eye(2)})
     text = plan.summary()
     assert "remove 4 of 30 blocks, keep 26" in text and "12-14 -> map folded into block 11" in text
+    refit = Plan("auto", 30, [3], [{"start": 3, "end": 4, "form": "projection"}], maps={"proj.3-4.weight": torch.eye(2)})
+    assert "3 -> refitted MLP projection of block 2" in refit.summary()
     assert "dropped without replacement: 20" in text and "7 loss evaluations" in text
     assert runs([3, 4, 5, 9, 11, 12]) == [(3, 6), (9, 10), (11, 13)]

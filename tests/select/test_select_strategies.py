@@ -64,6 +64,10 @@ def test_auto_is_bounded_and_reports_what_it_considered(six):
     assert search["chosen"] in {o["kind"] for o in search["considered"]}
     assert search["rounds"][0]["evaluated"] == 3  # the first-round shortlist
     assert plan.provenance["held_out_windows"] == 2
+    if plan.linearize:  # both replacement forms were measured; the lower held-out loss won
+        losses = search["held_out_loss_by_form"]
+        assert set(losses) == {"map", "projection"} and search["form"] == min(losses, key=losses.get)
+        assert {s["form"] for s in plan.linearize} == {search["form"]}
     assert plan.provenance["fit"]["exclude_first_token"] is False
 
 
