@@ -59,6 +59,8 @@ class PipelineConfig:
     max_extra_blocks: int = 4
     eval_max_tokens: int = 8192
     timing_seconds: float = 2.0
+    search_windows: int = 16          # auto: windows its maps are fitted on during the search (cost bound)
+    sweep: tuple[float, ...] = ()     # fractions of the blocks to remove for the extra sweep points
 
     def key(self, *fields: str) -> str:
         """A hash of the named settings (all of them when none are named)."""
@@ -70,9 +72,16 @@ class PipelineConfig:
 STAGE_INPUTS = {
     "profile": ("data", "field", "samples", "seq_len", "seed"),
     "latency_model": ("backend", "device", "threads", "prefill_tokens", "new_tokens", "batch", "timing_seconds"),
-    "heal": ("data", "field", "samples", "seq_len", "seed", "strategy", "target_speedup", "max_ppl_increase",
-             "backend", "device", "heal_steps", "heal_minutes", "prefill_tokens", "new_tokens", "batch"),
+    "blocks": ("backend", "device", "threads", "prefill_tokens", "new_tokens", "batch", "timing_seconds",
+               "target_speedup", "max_extra_blocks"),
+    "plan": ("data", "field", "samples", "seq_len", "seed", "strategy", "target_speedup", "max_ppl_increase",
+             "backend", "device", "threads", "prefill_tokens", "new_tokens", "batch", "timing_seconds",
+             "max_extra_blocks", "search_windows", "eval", "eval_max_tokens"),
+    "sweep": ("data", "field", "samples", "seq_len", "seed", "strategy", "search_windows", "backend", "device",
+              "threads", "prefill_tokens", "new_tokens", "batch", "timing_seconds", "sweep", "eval",
+              "eval_max_tokens"),
 }
+STAGE_INPUTS["heal"] = STAGE_INPUTS["plan"] + ("heal_steps", "heal_minutes")
 
 
 def validate(cfg: PipelineConfig) -> None:
@@ -86,6 +95,9 @@ def validate(cfg: PipelineConfig) -> None:
         problems.append(f"--target-speedup must be above 1 (got {cfg.target_speedup})")
     if cfg.max_ppl_increase is not None and not cfg.max_ppl_increase > 0:
         problems.append(f"--max-ppl-increase must be positive (got {cfg.max_ppl_increase:.0%})")
+    if any(not 0 <= level < 1 for level in cfg.sweep):
+        problems.append(f"--sweep levels are percentages of the blocks from 0 up to (not including) 100: "
+                        f"got {', '.join(f'{level:.0%}' for level in cfg.sweep)}")
     if cfg.backend not in backend_names():
         problems.append(f"unknown backend '{cfg.backend}': choose one of {', '.join(backend_names())}")
     if cfg.format not in FORMATS:
@@ -178,10 +190,12 @@ def _stages(run: Run) -> dict:
     calib_windows, eval_sets = _data(run)
     profile = run.cached("profile", lambda: _calibrate(run, calib_windows))
     if cfg.target_speedup is not None:
-        k, attempts = _blocks_for_target(run)
+        found = run.cached("blocks", lambda: _blocks_for_target(run))
+        k, attempts = found["k"], found["attempts"]
     else:
         k, attempts = None, []
-    plan, plan_ppl = _choose_plan(run, calib_windows, eval_sets, k, profile)
+    plan, plan_ppl = _plan_stage(run, calib_windows, eval_sets, k, profile)
+    sweep = run.cached("sweep", lambda: _sweep(run, calib_windows, eval_sets, profile)) if cfg.sweep else None
     compressed = copy.deepcopy(run.model)
     from compressor.plan import apply_plan_
 
@@ -191,8 +205,9 @@ def _stages(run: Run) -> dict:
     checkpoint = run.work / "model"
     _save(run, compressed, checkpoint)
     exports = _exports(run, compressed)
-    return _finish(run, plan, compressed, eval_sets, pruned_ppl, heal_info, checkpoint, exports, attempts,
-                   profile, plan_ppl)
+    report = _finish(run, plan, compressed, eval_sets, pruned_ppl, heal_info, checkpoint, exports, attempts,
+                     profile, plan_ppl, sweep)
+    return report
 
 
 def _data(run: Run):
@@ -273,7 +288,7 @@ def _bench_pair(run: Run, a, b, perplexity: bool = False):
     return ra, rb
 
 
-def _blocks_for_target(run: Run) -> tuple[int, list[dict]]:
+def _blocks_for_target(run: Run) -> dict:
     """Fewest blocks whose removal reaches the target speedup, *measured* on the backend."""
     from compressor.evaluate.latency_model import shallow_copy_without, spread_blocks
 
@@ -294,7 +309,7 @@ def _blocks_for_target(run: Run) -> tuple[int, list[dict]]:
                          "measured": measured, "latency_ms": [_workload_ms(ra), _workload_ms(rb)]})
         status(f"{k} blocks removed: {measured:.3f}x measured ({attempts[-1]['predicted']:.3f}x predicted)")
         if measured >= cfg.target_speedup:
-            return k, attempts
+            return {"k": k, "attempts": attempts}
     best = max(a["measured"] for a in attempts)
     raise InvalidPlanError(
         f"a {cfg.target_speedup:.2f}x speedup was not reached on {cfg.backend}/{cfg.device}: the best measured "
@@ -322,27 +337,59 @@ def _latency_model(run: Run, n: int) -> dict:
     return result.to_dict()
 
 
+def _select_settings(run: Run):
+    from compressor.select import SelectSettings
+
+    return SelectSettings(search_windows=run.cfg.search_windows or None)
+
+
+def _plan_stage(run: Run, windows, eval_sets, k: int | None, profile: dict):
+    """The plan (cached in the work directory as plan.json with its maps, for resumption)."""
+    from compressor.plan import read_plan, write_plan
+
+    path, stage = run.work / "plan.json", run.work / "plan.stage.json"
+    key = run.cfg.key(*STAGE_INPUTS["plan"])
+    if path.is_file() and stage.is_file():
+        stored = json.loads(stage.read_text())
+        if stored.get("key") == key:
+            log.info("resuming: plan from %s", path)
+            return read_plan(path), stored["result"]["perplexity"]
+    start = time.perf_counter()
+    plan, ppl = _choose_plan(run, windows, eval_sets, k, profile)
+    run.seconds["plan"] = round(time.perf_counter() - start, 2)
+    write_plan(plan, path)
+    write_json(stage, {"key": key, "result": {"perplexity": ppl}})
+    return plan, ppl
+
+
 def _choose_plan(run: Run, windows, eval_sets, k: int | None, profile: dict):
-    """The plan for K blocks; under a perplexity budget, the largest K within it."""
+    """The plan for K blocks; under a perplexity budget, the largest K within it.
+
+    Under a budget one search serves every K (measured strategies search once, to the deepest
+    level), and the maps are fitted only for the plans whose perplexity is looked at.
+    """
     from compressor.calibrate import Profile
     from compressor.plan import apply_plan_
-    from compressor.select import make_plan
+    from compressor.select import make_plan, search_plans
 
     cfg = run.cfg
     prof = Profile.from_dict(profile)
     if k is not None:
         status(f"planning the removal of {k} blocks ({cfg.strategy})")
-        return make_plan(run.model, windows, k, cfg.strategy, profile=prof), None
+        return make_plan(run.model, windows, k, cfg.strategy, profile=prof, settings=_select_settings(run)), None
     baseline = _perplexities(run.model, eval_sets)
     budget = {name: ppl * (1 + cfg.max_ppl_increase) for name, ppl in baseline.items()}
     n = get_adapter(run.model).num_blocks(run.model)
+    deepest = max(1, n // 2)  # beyond half the depth no training-free plan keeps perplexity near the original
+    found = search_plans(run.model, windows, list(range(1, deepest + 1)), cfg.strategy, prof, _select_settings(run))
     best, best_ppl = None, None
-    for count in range(1, n - 1):
-        plan = make_plan(run.model, windows, count, cfg.strategy, profile=prof)
+    for count in range(1, deepest + 1):
+        plan = found[(count, True)]()
         candidate = copy.deepcopy(run.model)
         apply_plan_(candidate, plan)
         ppl = _perplexities(candidate, eval_sets)
-        status(f"{count} blocks removed: perplexity {ppl} (budget {budget})")
+        status(f"{count} blocks removed: perplexity " + ", ".join(f"{v:.2f} (budget {budget[n_]:.2f})"
+                                                               for n_, v in ppl.items()))
         if any(ppl[name] > budget[name] for name in ppl):
             break
         best, best_ppl = plan, ppl
@@ -351,6 +398,36 @@ def _choose_plan(run: Run, windows, eval_sets, k: int | None, profile: dict):
             f"removing even one block exceeds the perplexity budget of +{cfg.max_ppl_increase:.0%}: "
             "allow a larger increase")
     return best, best_ppl
+
+
+def _sweep(run: Run, windows, eval_sets, profile: dict) -> list[dict]:
+    """Training-free points at several depths: plan (one search), perplexity, measured latency."""
+    from compressor.calibrate import Profile
+    from compressor.plan import apply_plan_
+    from compressor.select import search_plans
+
+    cfg = run.cfg
+    n = get_adapter(run.model).num_blocks(run.model)
+    levels = sorted({min(n - 1, round(level * n)) for level in cfg.sweep})
+    ks = [k for k in levels if k > 0]
+    found = search_plans(run.model, windows, ks, cfg.strategy, Profile.from_dict(profile),
+                         _select_settings(run)) if ks else {}
+    original = _backend(run, run.model, "probe-original")
+    points = []
+    for k in levels:
+        status(f"sweep: {k} of {n} blocks removed")
+        if k == 0:
+            model, drop = run.model, []
+        else:
+            plan = found[(k, True)]()
+            model, drop = copy.deepcopy(run.model), plan.drop
+            apply_plan_(model, plan)
+        ra, rb = _bench_pair(run, original, _backend(run, model, "probe-original" if k == 0 else f"probe-sweep-{k}"))
+        points.append({"blocks_removed": k, "fraction": k / n, "drop": drop,
+                       "latency_ms": _workload_ms(rb), "original_latency_ms": _workload_ms(ra),
+                       "speedup": _workload_ms(ra) / _workload_ms(rb), "perplexity": _perplexities(model, eval_sets),
+                       "healed": False})
+    return points
 
 
 def _perplexities(model, eval_sets: dict) -> dict:
@@ -395,7 +472,7 @@ def _exports(run: Run, compressed) -> dict:
 
 
 def _finish(run: Run, plan, compressed, eval_sets, pruned_ppl, heal_info, checkpoint, exports, attempts,
-            profile, plan_ppl) -> dict:
+            profile, plan_ppl, sweep=None) -> dict:
     from compressor.report import write_reports
 
     cfg = run.cfg
@@ -442,6 +519,7 @@ def _finish(run: Run, plan, compressed, eval_sets, pruned_ppl, heal_info, checkp
         "seconds": run.seconds,
         "notes": run.notes + _notes(plan, ra),
         "tradeoff": _tradeoff(original_ppl, pruned_ppl, compressed_ppl, ra, rb),
+        "sweep": sweep,
         "artifacts": {"checkpoint": str(checkpoint), **{f: str(run.work / f) for f in exports},
                       "profile": str(run.work / "profile.json"), "report_json": str(run.work / "report.json"),
                       "report_md": str(run.work / "report.md"), "report_html": str(run.work / "report.html")},

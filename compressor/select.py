@@ -44,6 +44,8 @@ class SelectSettings:
     first_round: int = 12        # auto: candidates measured in the first round, shortlisted by profile
     spans: int = 3               # auto: contiguous spans (least angular distance) measured as a whole
     batch_size: int = 4          # windows per forward when scoring
+    search_windows: int | None = None  # auto: calibration windows its maps are fitted on while it searches
+                                       # (None: all but the held-out ones); the final fit uses them all
     fit: FitSettings = field(default_factory=FitSettings)
 
 
@@ -135,7 +137,11 @@ class _Job:
                 "loss_evaluations": scorer.evaluations if scorer else 0}
 
     def part(self, which: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        index = self.fit_index if which == "fit" else self.score_index
+        """The windows (and mask) of "fit", "search" (the fit windows auto searches with) or "score"."""
+        index = self.fit_index if which != "score" else self.score_index
+        cap = self.settings.search_windows
+        if which == "search" and cap and cap < index.numel():
+            index = index[torch.linspace(0, index.numel() - 1, cap).round().long()]
         return self.windows[index], (None if self.mask is None else self.mask[index])
 
 
@@ -233,7 +239,7 @@ def _auto(job: _Job, ks: list[int]) -> dict[int, Choice]:
 
 def _choose_form(job: _Job, drop: list[int], spans: list[tuple[int, int]]) -> tuple[str, dict[str, float]]:
     """Fit each replacement form on the fit windows; keep the one with the lower held-out loss."""
-    fit_ids, fit_mask = job.part("fit")
+    fit_ids, fit_mask = job.part("search")
     losses = {}
     for form in FORMS:
         fits = fit_spans(job.model, fit_ids, drop, spans, replace(job.settings.fit, form=form), fit_mask)
@@ -243,7 +249,7 @@ def _choose_form(job: _Job, drop: list[int], spans: list[tuple[int, int]]) -> tu
 
 def _greedy_with_fold(job: _Job, ks: list[int]) -> dict[int, dict]:
     s, scorer, n = job.settings, job.scorer, job.n
-    fit_ids, fit_mask = job.part("fit")
+    fit_ids, fit_mask = job.part("search")
     removed: set[int] = set()
     maps: dict[int, torch.Tensor] = {}        # kept block -> map folded into its projection
     span_end: dict[int, int] = {}             # kept block -> end of the span its map replaces
@@ -315,7 +321,7 @@ def _profile_shortlist(job: _Job, kept: list[int], count: int) -> list[int]:
 def _measured_spans(job: _Job, k: int) -> list[dict]:
     """The least-angular contiguous spans of length k, each with its map, measured as a whole."""
     starts = [st for st in _angular_spans(job, k, job.settings.spans, allow_zero=not job.fold) if st + k <= job.n]
-    fit_ids, fit_mask = job.part("fit")
+    fit_ids, fit_mask = job.part("search")
     pairs = [(st - 1, st + k - 1) for st in starts if job.fold and st > 0]
     eqs = accumulate(job.model, fit_ids, pairs, job.settings.fit, fit_mask,
                      description="auto: fitting span maps") if pairs else {}
@@ -376,6 +382,15 @@ def make_plans(model, windows: torch.Tensor, ks: list[int], strategy: str = "aut
     Measured strategies search once, to the largest K. Baselines choose blocks once and only the
     fitting differs between variants; `auto` searches separately with and without maps.
     """
+    found = search_plans(model, windows, ks, strategy, profile, settings, attention_mask, variants)
+    return {key: finish() for key, finish in found.items()}
+
+
+def search_plans(model, windows: torch.Tensor, ks: list[int], strategy: str = "auto", profile=None,
+                 settings: SelectSettings | None = None, attention_mask: torch.Tensor | None = None,
+                 variants: tuple[bool, ...] = (True,)) -> dict[tuple[int, bool], Callable[[], Plan]]:
+    """Like `make_plans`, but only the search runs now: each value fits its plan's maps when called,
+    so a caller that tries K = 1, 2, ... in turn pays for the fits of the plans it looks at."""
     settings = settings or SelectSettings()
     chosen = get_strategy(strategy)
     windows = torch.as_tensor(windows)
@@ -383,17 +398,25 @@ def make_plans(model, windows: torch.Tensor, ks: list[int], strategy: str = "aut
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise InvalidPlanError("calibration windows must be a non-empty [samples, seq_len] tensor")
     ks = sorted(set(ks))
-    plans, choices = {}, None
+    found, choices = {}, None
     for linear in variants:
         job = _Job(model, windows, attention_mask, profile, replace(settings, linear=linear))
         if chosen.needs_profile:
             profile = job.profile  # computed once, shared by the next variant
         if choices is None or strategy == "auto":
-            status(f"choosing {', '.join(map(str, ks))} blocks ({strategy}{'' if linear else ', no linear maps'})")
+            status(f"choosing {_ranges_text(ks)} blocks ({strategy}{'' if linear else ', no linear maps'})")
             choices = chosen.run(job, ks)
         for k in ks:
-            plans[(k, linear)] = _finish(job, strategy, copy.deepcopy(choices[k]))
-    return plans
+            found[(k, linear)] = _finisher(job, strategy, choices[k])
+    return found
+
+
+def _finisher(job: _Job, strategy: str, choice: Choice) -> Callable[[], Plan]:
+    return lambda: _finish(job, strategy, copy.deepcopy(choice))
+
+
+def _ranges_text(ks: list[int]) -> str:
+    return f"{ks[0]}-{ks[-1]}" if len(ks) > 2 and ks == list(range(ks[0], ks[-1] + 1)) else ", ".join(map(str, ks))
 
 
 def _finish(job: _Job, strategy: str, choice: Choice) -> Plan:

@@ -21,7 +21,7 @@ def compress(*args, **kw):
 
 def test_end_to_end_tiny_model(tiny_dir, tmp_path):
     out = tmp_path / "run"
-    result = compress(tiny_dir, "--target-speedup", "1.05", "--out", out, *FAST, "--json")
+    result = compress(tiny_dir, "--target-speedup", "1.05", "--out", out, *FAST, "--sweep", "0,50", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     for key in ("target_speedup", "speedup_measured", "target_met", "blocks_original", "blocks_removed",
@@ -38,6 +38,29 @@ def test_end_to_end_tiny_model(tiny_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.num_hidden_layers == 4 - len(report["blocks_removed"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # the sweep: the unpruned point and half the blocks removed, each measured against the original
+    sweep = {p["blocks_removed"]: p for p in report["sweep"]}
+    assert sorted(sweep) == [0, 2] and sweep[0]["drop"] == [] and len(sweep[2]["drop"]) == 2
+    assert all(p["latency_ms"] > 0 and p["perplexity"] for p in report["sweep"])
+    assert "| 2 |" in (out / "report.md").read_text().split("Sweep")[1]
+    # the plan that was applied is in the run directory, and applies to the original again
+    from compressor.plan import read_plan
+
+    assert read_plan(out / "plan.json").drop == report["blocks_removed"]
+
+
+def test_perplexity_budget_picks_the_deepest_plan_within_it(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    result = compress(tiny_dir, "--max-ppl-increase", "2%", "--out", out, *FAST, "--heal-steps", "0",
+                      "--format", "none", "--json")
+    report = json.loads(result.stdout) if result.returncode != 2 else None
+    if report is None:  # not even one block fits: the refusal says so, and nothing is left behind
+        assert "exceeds the perplexity budget" in result.stderr and not out.exists()
+        return
+    assert result.returncode == (0 if report["target_met"] else 1), result.stderr
+    pruned, original = report["perplexity"]["pruned_before_heal"], report["perplexity"]["original"]
+    assert all(pruned[name] <= original[name] * 1.02 for name in original)
+    assert report["blocks_removed"] and report["exports"] == {}
 
 
 def test_interrupted_run_resumes(tiny_dir, tmp_path):

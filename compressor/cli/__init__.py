@@ -32,6 +32,7 @@ COMMANDS = [
     ("export", "export", "export"),
     ("bench", "bench", "bench"),
     ("compare", "compare", "compare"),
+    ("report", "report", "report"),
 ]
 
 

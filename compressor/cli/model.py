@@ -27,6 +27,16 @@ def _workload(text: str) -> tuple[int, int, int]:
     return int(match.group(1) or 1), int(match.group(2)), int(match.group(3))
 
 
+def _levels(text: str | None) -> tuple[float, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(float(part.strip().rstrip("%")) / 100 for part in text.split(","))
+    except ValueError:
+        raise CompressorError(f"cannot read --sweep '{text}': write percentages of the blocks, e.g. 0,10,20,30,40") \
+            from None
+
+
 def model(
     model: Annotated[str, typer.Argument(help="Model directory, .gguf file, or 'smollm2-135m'.")] = "smollm2-135m",
     target_speedup: Annotated[float | None, typer.Option(
@@ -48,11 +58,21 @@ def model(
     samples: Annotated[int, typer.Option("--samples", help="Calibration windows.")] = 64,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")] = 256,
     seed: SeedOpt = 0,
+    sweep: Annotated[str | None, typer.Option(
+        "--sweep", help="Also measure these levels (percent of blocks removed, training-free), e.g. 0,10,20,30,40, "
+        "and draw the perplexity-versus-latency curve with its Pareto front.")] = None,
     min_seconds: Annotated[float, typer.Option("--min-seconds", help="Timed seconds per model and shape.")] = 2.0,
+    search_windows: Annotated[int, typer.Option(
+        "--search-windows", help="auto: calibration windows its maps are fitted on while it searches "
+        "(bounds its cost; 0: all). The chosen plan is fitted on all windows.")] = 16,
     overwrite: OverwriteOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Compress a model to a target speedup (or perplexity budget): calibrate, plan, prune, heal, export, report."""
+    """Compress a model to a target speedup (or perplexity budget): calibrate, plan, prune, heal, export, report.
+
+    Exit code 0 when the target was met, 1 when the run finished but missed it, 2 for bad input or an
+    unreachable target (nothing is left behind). A rerun with the same --out resumes finished stages.
+    """
     from compressor.pipeline import PipelineConfig, run_pipeline
 
     batch, prefill, new = _workload(workload)
@@ -61,13 +81,15 @@ def model(
         eval=tuple(eval_files or ()), backend=backend, device=device, threads=threads, prefill_tokens=prefill,
         new_tokens=new, batch=batch, strategy=strategy, heal_steps=heal_steps, heal_minutes=heal_minutes,
         format=export_format, samples=samples, seq_len=seq_len, seed=seed,
-        timing_seconds=min_seconds)
+        timing_seconds=min_seconds, sweep=_levels(sweep), search_windows=search_windows)
     target = out_dir or Path(f"compressed-{Path(model).name.removesuffix('.gguf')}")
     report = run_pipeline(cfg, target, overwrite)
     if json:
         emit_json(report)
-        return
-    from compressor.report import headline
+    else:
+        from compressor.report import headline
 
-    out.print(f"[bold]{headline(report)}[/bold]", highlight=False)
-    err.print(f"reports: {target / 'report.md'}, {target / 'report.html'}")
+        out.print(f"[bold]{headline(report)}[/bold]", highlight=False)
+        err.print(f"reports: {target / 'report.md'}, {target / 'report.html'}")
+    if not report["target_met"]:
+        raise typer.Exit(1)  # a pipeline step must not pass on a missed target

@@ -1,0 +1,198 @@
+"""`compress report`: merging finished `compress model` run directories (synthetic report.json, no models)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from compressor.errors import DataError
+from compressor.report import default_labels, merge_reports, pareto_front, write_merged_reports
+
+COMPRESS = Path(sys.executable).with_name("compress")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_report(model="tiny", strategy="auto", removed=(1, 2), lat=(100.0, 70.0), ppl=(10.0, 12.5),
+               evals=("held-out",), backend="onnxruntime", sweep=None) -> dict:
+    report = {
+        "model": model, "target_speedup": 1.3, "max_ppl_increase": None,
+        "speedup_measured": lat[0] / lat[1], "target_met": lat[0] / lat[1] >= 1.3,
+        "blocks_original": 8, "blocks_removed": list(removed),
+        "blocks_linearized": [{"start": removed[0], "end": removed[-1] + 1, "form": "full"}],
+        "perplexity": {"original": {e: ppl[0] + i for i, e in enumerate(evals)},
+                       "pruned_before_heal": {e: ppl[1] * 2 for e in evals},
+                       "compressed": {e: ppl[1] + i for i, e in enumerate(evals)}},
+        "workload_latency_ms": {"original": lat[0], "compressed": lat[1]},
+        "latency": {"original": {}, "compressed": {}},
+        "backend": {"name": backend, "device": "cpu", "threads": 2, "versions": {}},
+        "parameters": {"original": 1000, "compressed": 800}, "size_bytes": {},
+        "plan": {"strategy": strategy, "summary": f"plan ({strategy}): remove {len(removed)} of 8 blocks"},
+        "settings": {"strategy": strategy, "backend": backend}, "tradeoff": [],
+    }
+    if sweep is not None:
+        report["sweep"] = sweep
+    return report
+
+
+def make_run(path: Path, report: dict) -> Path:
+    path.mkdir(parents=True)
+    (path / "report.json").write_text(json.dumps(report))
+    return path
+
+
+def compress(*args, **kw):
+    return subprocess.run([str(COMPRESS), "report", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, check=False, **kw)
+
+
+def brute_force_front(points):
+    def dominates(a, b):
+        return (a["latency_ms"] <= b["latency_ms"] and a["perplexity"] <= b["perplexity"]
+                and (a["latency_ms"] < b["latency_ms"] or a["perplexity"] < b["perplexity"]))
+
+    return [p for p in points if not any(dominates(q, p) for q in points)]
+
+
+def test_pareto_front_matches_brute_force():
+    rng = random.Random(0)
+    for trial in range(200):
+        n = rng.randint(0, 12)
+        # a small grid makes ties in latency, perplexity or both common
+        points = [{"latency_ms": float(rng.randint(1, 6)), "perplexity": float(rng.randint(1, 6)), "i": i}
+                  for i in range(n)]
+        front = pareto_front(points)
+        assert sorted(p["i"] for p in front) == sorted(p["i"] for p in brute_force_front(points)), points
+        assert [p["latency_ms"] for p in front] == sorted(p["latency_ms"] for p in front)
+
+
+def test_pareto_front_ignores_non_finite_points():
+    points = [{"latency_ms": 1.0, "perplexity": float("nan")}, {"latency_ms": 2.0, "perplexity": 3.0},
+              {"latency_ms": None, "perplexity": 1.0}, {"latency_ms": 3.0, "perplexity": float("inf")}]
+    assert pareto_front(points) == [{"latency_ms": 2.0, "perplexity": 3.0}]
+
+
+def test_default_labels_are_unique():
+    assert default_labels(["a/run", "b/run", "c"]) == ["a/run", "b/run", "c"]
+    assert default_labels(["x/run", "x/run", "x/run"]) == ["x/run", "x/run-2", "x/run-3"]
+
+
+def test_merge_rows_points_and_pareto():
+    sweep = [{"blocks_removed": k, "latency_ms": lat, "perplexity": {"held-out": ppl}, "speedup": 101 / lat}
+             for k, lat, ppl in ((1, 85.0, 11.0), (2, 75.0, 12.0), (3, 70.0, 19.0))]
+    reports = [run_report(strategy="influence", removed=(3,), lat=(100.0, 90.0), ppl=(10.0, 10.5)),
+               run_report(strategy="greedy", removed=(1, 2, 5), lat=(101.0, 65.0), ppl=(10.0, 14.0),
+                          evals=("held-out", "code"), sweep=sweep)]
+    merged = merge_reports(reports, ["a", "b"])
+    assert merged["eval"] == "held-out" and merged["notes"] == []
+    for row, report, label in zip(merged["runs"], reports, ["a", "b"]):
+        assert row["label"] == label
+        assert row["model"] == report["model"]
+        assert row["strategy"] == report["plan"]["strategy"]
+        assert (row["backend"], row["device"]) == ("onnxruntime", "cpu")
+        assert row["blocks_removed"] == report["blocks_removed"]
+        assert row["blocks_removed_count"] == len(report["blocks_removed"])
+        assert row["speedup_measured"] == report["speedup_measured"]
+        assert row["target_met"] == report["target_met"]
+        assert row["perplexity"] == {k: report["perplexity"][k] for k in ("original", "compressed")}
+        assert row["workload_latency_ms"] == report["workload_latency_ms"]
+    assert len(merged["points"]) == 2 + 2 + len(sweep)
+    assert {p["kind"] for p in merged["points"] if p["run"] == "b"} == {"original", "compressed", "sweep"}
+    front = [(p["run"], p["kind"], p["blocks_removed"]) for p in merged["pareto"]]
+    # b's sweep k=3 (70 ms, 19) is dominated by b's compressed run (65 ms, 14), b's original by a's
+    assert front == [("b", "compressed", 3), ("b", "sweep", 2), ("b", "sweep", 1), ("a", "compressed", 1),
+                     ("a", "original", 0)]
+    assert merged["pareto"] == pareto_front(merged["points"])
+    assert json.loads(json.dumps(merged)) == merged
+
+
+def test_merge_without_shared_eval_uses_each_first_and_says_so():
+    merged = merge_reports([run_report(evals=("wiki",)), run_report(evals=("code", "wiki2"), backend="torch")],
+                           ["a", "b"])
+    assert merged["eval"] is None
+    assert [r["eval"] for r in merged["runs"]] == ["wiki", "code"]
+    assert any("share no evaluation text" in n for n in merged["notes"])
+    assert any("different backends" in n for n in merged["notes"])
+
+
+def test_merge_refuses_bad_input():
+    with pytest.raises(DataError):
+        merge_reports([], [])
+    with pytest.raises(DataError, match="missing"):
+        merge_reports([{"model": "x"}], ["a"])
+
+
+def test_written_reports_embed_a_png(tmp_path):
+    merged = merge_reports([run_report(), run_report(strategy="angular", lat=(99.0, 80.0), ppl=(10.0, 11.0))],
+                           ["a", "b"])
+    paths = write_merged_reports(merged, tmp_path)
+    assert json.loads(paths["json"].read_text()) == merged
+    md = paths["md"].read_text()
+    assert "| a | tiny | auto |" in md and "| b | tiny | angular |" in md and "Pareto front" in md
+    html = paths["html"].read_text()
+    encoded = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)
+    assert len(encoded) == 1
+    assert base64.b64decode(encoded[0]).startswith(PNG_SIGNATURE)
+
+
+def test_cli_merges_runs(tmp_path):
+    a = make_run(tmp_path / "a", run_report())
+    b = make_run(tmp_path / "b", run_report(strategy="linearity", lat=(100.0, 60.0), ppl=(10.0, 15.0)))
+    out = tmp_path / "m"
+    result = compress(a, b, "--out", out, "--json")
+    assert result.returncode == 0, result.stderr
+    merged = json.loads(result.stdout)
+    assert [r["label"] for r in merged["runs"]] == ["a", "b"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.md"]
+    assert json.loads((out / "report.json").read_text()) == merged
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    again = compress(a, b, "--out", out)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def _bad_inputs(tmp_path):
+    good = make_run(tmp_path / "good", run_report())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "report.json").write_text('{"model": ')
+    other = make_run(tmp_path / "other", {"model": "x"})
+    return {
+        "no runs": ([], "no runs"),
+        "missing dir": ([good, tmp_path / "nosuch"], "not a run directory"),
+        "no report.json": ([good, empty], "not a run directory"),
+        "bad json": ([good, broken], "cannot read"),
+        "not a report": ([good, other], "not a compress model report"),
+        "out replaces a run": ([good, tmp_path], "would replace"),
+    }
+
+
+CASES = ["no runs", "missing dir", "no report.json", "bad json", "not a report"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cli_bad_input(tmp_path, case):
+    runs, fragment = _bad_inputs(tmp_path)[case]
+    out = tmp_path / "m"
+    result = compress(*runs, "--out", out)
+    assert result.returncode == 2, result.stderr
+    assert fragment in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".m")]
+
+
+def test_cli_refuses_to_overwrite_a_run(tmp_path):
+    runs = [make_run(tmp_path / "runs" / name, run_report()) for name in ("a", "b")]
+    for out in (runs[0], tmp_path / "runs"):
+        result = compress(*runs, "--out", out, "--overwrite")
+        assert result.returncode == 2 and "would replace" in result.stderr, result.stderr
+    assert all((r / "report.json").is_file() for r in runs)
+    assert sorted(p.name for p in runs[0].iterdir()) == ["report.json"]
+
