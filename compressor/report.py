@@ -106,9 +106,7 @@ def to_html(report: dict, figures: dict[str, bytes]) -> str:
     esc = html.escape
     rows = "".join(f"<tr><td>{esc(m)}</td><td>{esc(a)}</td><td>{esc(b)}</td></tr>" for m, a, b in
                    summary_rows(report))
-    figs = "".join(
-        f'<figure><img alt="{esc(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        f"<figcaption>{esc(title)}</figcaption></figure>" for title, png in figures.items())
+    figs = _figures_html(figures)
     notes = "".join(f"<li>{esc(n)}</li>" for n in report.get("notes", []))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>compressor report</title>
@@ -122,6 +120,14 @@ figure{{margin:1.5em 0}}img{{max-width:100%}}</style></head><body>
 {figs}
 </body></html>
 """
+
+
+def _figures_html(figures: dict[str, bytes]) -> str:
+    """Figures as <figure> elements with the PNG embedded as a data URI (one self-contained file)."""
+    esc = html.escape
+    return "".join(
+        f'<figure><img alt="{esc(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        f"<figcaption>{esc(title)}</figcaption></figure>" for title, png in figures.items())
 
 
 def _png(fig) -> bytes:
@@ -417,9 +423,7 @@ def merged_html(merged: dict, figures: dict[str, bytes]) -> str:
         body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
         return f"<table><tr>{head}</tr>{body}</table>"
 
-    figs = "".join(
-        f'<figure><img alt="{esc(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        f"<figcaption>{esc(title)}</figcaption></figure>" for title, png in figures.items())
+    figs = _figures_html(figures)
     notes = "".join(f"<li>{esc(n)}</li>" for n in merged.get("notes", []))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>compressor comparison</title>

@@ -115,6 +115,19 @@ def save_checkpoint(model, tokenizer, out) -> None:
 
 # --- linear maps folded into existing weights (issue 4) ---------------------------------------
 
+def _foldable_projection(model: torch.nn.Module, block_index: int, action: str) -> torch.nn.Module:
+    """Block `block_index`'s MLP output projection, or a refusal naming why it cannot be changed."""
+    adapter = get_adapter(model)
+    reason = adapter.why_no_fold(model.config)
+    if reason:
+        raise InvalidPlanError(f"cannot {action} {model.config.model_type}: {reason}; "
+                               "drop the blocks without a linear replacement instead")
+    blocks = adapter.blocks_of(model)
+    if not 0 <= block_index < len(blocks):
+        raise InvalidPlanError(f"block {block_index} is out of range: the model has blocks 0-{len(blocks) - 1}")
+    return adapter.mlp_out_of(blocks[block_index])
+
+
 def fold_linear_(model: torch.nn.Module, block_index: int, T: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     """Make block `block_index`'s MLP output projection return proj(x) @ T (+ bias), in place.
 
@@ -122,15 +135,7 @@ def fold_linear_(model: torch.nn.Module, block_index: int, T: torch.Tensor, bias
     The product is taken in float64 and stored in the weight's dtype; no module or parameter is
     added, so the checkpoint stays standard. `bias` is only accepted where the projection has one.
     """
-    adapter = get_adapter(model)
-    reason = adapter.why_no_fold(model.config)
-    if reason:
-        raise InvalidPlanError(f"cannot fold a linear map into {model.config.model_type}: {reason}; "
-                               "drop the blocks without a linear replacement instead")
-    blocks = adapter.blocks_of(model)
-    if not 0 <= block_index < len(blocks):
-        raise InvalidPlanError(f"block {block_index} is out of range: the model has blocks 0-{len(blocks) - 1}")
-    proj = adapter.mlp_out_of(blocks[block_index])
+    proj = _foldable_projection(model, block_index, "fold a linear map into")
     weight = proj.weight
     T = torch.as_tensor(T).to(device=weight.device, dtype=torch.float64)
     out_features = weight.shape[0] if isinstance(proj, torch.nn.Linear) else weight.shape[1]
@@ -159,15 +164,7 @@ def set_projection_(model: torch.nn.Module, block_index: int, weight: torch.Tens
     Conv1D stores it as is); values are cast to the module's dtype. Shapes must match: nothing is
     added to the model.
     """
-    adapter = get_adapter(model)
-    reason = adapter.why_no_fold(model.config)
-    if reason:
-        raise InvalidPlanError(f"cannot refit the MLP projection of {model.config.model_type}: {reason}; "
-                               "drop the blocks without a linear replacement instead")
-    blocks = adapter.blocks_of(model)
-    if not 0 <= block_index < len(blocks):
-        raise InvalidPlanError(f"block {block_index} is out of range: the model has blocks 0-{len(blocks) - 1}")
-    proj = adapter.mlp_out_of(blocks[block_index])
+    proj = _foldable_projection(model, block_index, "refit the MLP projection of")
     linear = isinstance(proj, torch.nn.Linear)
     weight = torch.as_tensor(weight)
     new = weight.T if linear else weight

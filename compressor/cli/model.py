@@ -47,6 +47,8 @@ def model(
     data: DataOpt = None,
     eval_files: Annotated[list[Path] | None, typer.Option(
         "--eval", help="Evaluation text (repeatable; default: held-out part of --data).")] = None,
+    eval_tokens: Annotated[int, typer.Option(
+        "--eval-tokens", help="Tokens of each evaluation text scored for perplexity (strided 512/256).")] = 8192,
     backend: Annotated[str, typer.Option("--backend", help="torch, onnxruntime or tensorrt.")] = "onnxruntime",
     device: DeviceOpt = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", help="Pinned thread count (default: all).")] = None,
@@ -81,7 +83,8 @@ def model(
         eval=tuple(eval_files or ()), backend=backend, device=device, threads=threads, prefill_tokens=prefill,
         new_tokens=new, batch=batch, strategy=strategy, heal_steps=heal_steps, heal_minutes=heal_minutes,
         format=export_format, samples=samples, seq_len=seq_len, seed=seed,
-        timing_seconds=min_seconds, sweep=_levels(sweep), search_windows=search_windows)
+        timing_seconds=min_seconds, sweep=_levels(sweep), search_windows=search_windows,
+        eval_max_tokens=eval_tokens)
     target = out_dir or Path(f"compressed-{Path(model).name.removesuffix('.gguf')}")
     report = run_pipeline(cfg, target, overwrite)
     if json:

@@ -1,0 +1,41 @@
+"""`compress model` on the real SmolLM2-135M with a small budget: a modest target, all three reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from compressor.errors import ModelLoadError
+from compressor.loading import resolve
+
+pytestmark = pytest.mark.smollm2
+
+
+def test_smollm2_meets_a_modest_target_and_reports(tmp_path):
+    try:
+        resolve("smollm2-135m")
+    except ModelLoadError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "compressor", "model", "smollm2-135m", "--target-speedup", "1.15", "--out", str(out),
+         "--backend", "torch", "--threads", "2", "--workload", "1x128+16", "--samples", "12", "--seq-len", "128",
+         "--heal-steps", "3", "--min-seconds", "0.3", "--eval-tokens", "1024", "--json"],
+        capture_output=True, text=True, timeout=1800, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["target_met"] and report["speedup_measured"] >= 1.15
+    assert report["blocks_original"] == 30 and 1 <= len(report["blocks_removed"]) <= 15
+    for name in ("report.json", "report.md", "report.html", "model/config.json", "onnx/model.onnx", "plan.json"):
+        assert (out / name).is_file(), name
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 2
+    (name, original), = report["perplexity"]["original"].items()
+    compressed = report["perplexity"]["compressed"][name]
+    assert 5 < original < compressed < 10 * original  # worse than the original, but a working model
+    assert "perplexity" in (out / "report.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.config.num_hidden_layers == 30 - len(report["blocks_removed"])
