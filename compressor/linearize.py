@@ -80,6 +80,17 @@ class NormalEquations:
         self.yy += float((y * y).sum())
         self.tokens += x.shape[0]
 
+    def all_reduce_(self) -> NormalEquations:
+        """Sum the statistics over ranks under torch.distributed (in place; alone, nothing changes)."""
+        from compressor.calibrate.profile import _all_reduce, rank_world
+
+        if rank_world()[1] > 1:
+            _all_reduce(self.xtx)
+            _all_reduce(self.xty)
+            self.yy, tokens, excluded = _all_reduce_sum([self.yy, self.tokens, self.excluded])
+            self.tokens, self.excluded = int(tokens), int(excluded)
+        return self
+
     def solve(self, ridge: float = DEFAULT_RIDGE, prior: torch.Tensor | None = None) -> torch.Tensor:
         """argmin ||X B - Y||^2 + lambda ||B - prior||^2, lambda = ridge * trace(X'X) / d_in;
         prior defaults to the identity (a map that changes nothing)."""
@@ -183,10 +194,34 @@ def accumulate(model, windows: torch.Tensor, pairs: list[tuple[int, int]], setti
     return _stream(model, windows, pairs, settings or FitSettings(), attention_mask, set(drop), maps, description)[0]
 
 
+def _shard(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's rows [rank::world] under torch.distributed (possibly none); alone, all of them."""
+    from compressor.calibrate.profile import rank_world
+
+    rank, world = rank_world()
+    return tensor if tensor is None or world == 1 else tensor[rank::world]
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    """The sums of `values` over ranks, in float64, under torch.distributed; alone, the values."""
+    from compressor.calibrate.profile import _all_reduce, rank_world
+
+    if rank_world()[1] == 1:
+        return list(values)
+    buffer = torch.tensor(values, dtype=F64)
+    _all_reduce(buffer)
+    return buffer.tolist()
+
+
 def _stream(model, windows, pairs, settings: FitSettings, attention_mask, drop: set[int], maps, description,
             resume: tuple[int, list[torch.Tensor]] | None = None, keep: int | None = None):
     """accumulate(), optionally starting at block resume[0] from per-batch input states resume[1]
-    (blocks before it are not run), and keeping block `keep`'s output and projection output."""
+    (blocks before it are not run), and keeping block `keep`'s output and projection output.
+
+    Under torch.distributed each rank streams its shard windows[rank::world] and the sums are
+    all-reduced, so every rank gets the same equations; `kept` (and so `resume`) are per batch of
+    the rank's own shard, so every rank must pass the same windows and batch size."""
+    windows, attention_mask = _shard(windows), _shard(attention_mask)
     adapter = get_adapter(model)
     blocks = list(adapter.blocks_of(model))
     for owner, last in pairs:
@@ -263,6 +298,8 @@ def _stream(model, windows, pairs, settings: FitSettings, attention_mask, drop: 
     finally:
         for h in handles:
             h.remove()
+    for eq in eqs.values():  # every rank reaches this, with or without windows of its own
+        eq.all_reduce_()
     return eqs, kept
 
 
@@ -329,7 +366,7 @@ def fit_spans(model, windows: torch.Tensor, drop: Iterable[int], spans: list[tup
         fits.append(SpanFit(s, e, replacement, eq.tokens, eq.excluded, eq.relative_error(B)))
         log.info("fitted blocks %d-%d (%s) on %d tokens (%d left out): relative error %.4f",
                  s, e - 1, fits[-1].form, eq.tokens, eq.excluded, fits[-1].relative_error)
-        if kept:
+        if k + 1 < len(spans):  # kept: this rank's batches (none on a rank without windows)
             after = next(i for i in range(e, spans[k + 1][0]) if i not in drop)
             resume = (after, [apply_replacement(h, m, a, replacement) for h, m, a in kept])
     return fits

@@ -5,6 +5,12 @@ removed and maps applied (`compressor.linearize.modified`). Searches ask the sam
 many candidates that differ only from some block on, so `capture` records hidden states once per
 round and `loss_from` restarts the forward at a block from a given state: the blocks before it
 are not run again. Every call counts as one loss evaluation, reported in the plan's cost.
+
+Under torch.distributed (torchrun) each rank runs only its shard of the windows, [rank::world]
+(uneven, possibly empty), and `loss`/`loss_from` all-reduce the float64 (nll sum, token count),
+so every rank gets the same global mean and a search makes the same choices on every rank.
+`capture` stays per rank: it records the states of the rank's own batches, which its
+`loss_from` consumes. Alone, nothing of this applies.
 """
 
 from __future__ import annotations
@@ -16,13 +22,14 @@ from collections.abc import Iterable
 import torch
 
 from compressor.adapters import get_adapter
-from compressor.linearize import _Stop, modified
+from compressor.linearize import _all_reduce_sum, _shard, _Stop, modified
 
 log = logging.getLogger(__name__)
 
 
 class Scorer:
-    """Mean next-token loss (nats) over fixed windows [N, T], for models modified on the fly."""
+    """Mean next-token loss (nats) over fixed windows [N, T], for models modified on the fly
+    (under torch.distributed, over all ranks' windows; each rank runs its shard)."""
 
     def __init__(self, model, windows: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  batch_size: int = 4):
@@ -40,9 +47,11 @@ class Scorer:
         return int(self.windows.numel() if self.mask is None else self.mask.sum())
 
     def _batches(self):
-        for b in range(0, self.windows.shape[0], self.batch_size):
-            ids = self.windows[b:b + self.batch_size]
-            mask = None if self.mask is None else self.mask[b:b + self.batch_size]
+        """(batch number, ids, mask) over this rank's shard of the windows (all of them alone)."""
+        windows, masks = _shard(self.windows), _shard(self.mask)
+        for b in range(0, windows.shape[0], self.batch_size):
+            ids = windows[b:b + self.batch_size]
+            mask = None if masks is None else masks[b:b + self.batch_size]
             yield b // self.batch_size, ids, mask
 
     def _forward_loss(self, ids, mask) -> tuple[float, int]:
@@ -65,13 +74,13 @@ class Scorer:
             for _, ids, mask in self._batches():
                 nll, n = self._forward_loss(ids, mask)
                 total, count = total + nll, count + n
-        self._count(start)
-        return total / max(count, 1)
+        return self._mean(total, count, start)
 
     def capture(self, drop: Iterable[int], maps: dict[int, torch.Tensor] | None, inputs: Iterable[int],
                 projections: Iterable[int] = ()) -> dict[str, list[torch.Tensor]]:
         """Per batch, the input of each block in `inputs` ("h{i}") and the MLP output projection's
-        output of each block in `projections` ("m{i}"), on the modified model (all kept blocks)."""
+        output of each block in `projections` ("m{i}"), on the modified model (all kept blocks).
+        Batches of this rank's shard only (no communication)."""
         blocks = self.adapter.blocks_of(self.model)
         inputs, projections = set(inputs), set(projections)
         deepest = max(inputs | projections)
@@ -146,6 +155,11 @@ class Scorer:
                     total, count = total + nll, count + n
         finally:
             handle.remove()
+        return self._mean(total, count, start)
+
+    def _mean(self, total: float, count: int, start: float) -> float:
+        """The mean over every rank's tokens (summed across ranks under torch.distributed)."""
+        total, count = _all_reduce_sum([total, count])
         self._count(start)
         return total / max(count, 1)
 

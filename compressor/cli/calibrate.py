@@ -17,8 +17,10 @@ from compressor.cli.common import (
     OverwriteOpt,
     SeedOpt,
     device_kwargs,
+    distributed,
     emit_json,
     err,
+    process_group,
 )
 from compressor.cli.common import (
     out as console,
@@ -53,7 +55,11 @@ def calibrate(
     dtype: DtypeOpt = "float32",
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
-    """Profile every block: linearity with and without the residual, influence, span distances."""
+    """Profile every block: linearity with and without the residual, influence, span distances.
+
+    Under torchrun each rank profiles its share of the windows, the float64 statistics are
+    all-reduced (the result equals one process's), and rank 0 writes.
+    """
     from compressor.calibrate import profile_for, write_profile
     from compressor.io import atomic_dir, check_output
 
@@ -62,11 +68,15 @@ def calibrate(
         raise DataError(f"--batch-size must be at least 1 (got {batch_size})")
     if spans_max is not None and spans_max <= 0:
         raise DataError(f"--spans-max must be at least 1 (got {spans_max})")
-    profile = profile_for(
-        model, data, field=field, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-        spans_max=spans_max, intrinsic_dim=intrinsic_dim, exclude_outliers=outlier_factor or None,
-        with_stats=stats, cache=not no_cache, dtype=dtype, allow_pickle=allow_pickle, **device_kwargs(device),
-    )
+    with process_group(device) as (rank, rank_device):
+        profile = profile_for(
+            model, data, field=field, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
+            spans_max=spans_max, intrinsic_dim=intrinsic_dim, exclude_outliers=outlier_factor or None,
+            with_stats=stats, cache=not no_cache and not distributed(), dtype=dtype, allow_pickle=allow_pickle,
+            **device_kwargs(rank_device),
+        )
+    if rank != 0:
+        return
     with atomic_dir(out, overwrite) as tmp:
         write_profile(profile, tmp, with_stats=stats)
     if json:

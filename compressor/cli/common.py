@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -75,3 +76,33 @@ def setup_logging(verbose: bool) -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def distributed() -> bool:
+    """Launched by torchrun (or accelerate launch) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextlib.contextmanager
+def process_group(device: str):
+    """Under torchrun (WORLD_SIZE > 1), join the process group for the command: yields (rank, device),
+    with `--device cuda` meaning this rank's GPU (cuda:LOCAL_RANK; NCCL), anything else gloo.
+    Alone, (0, device) and nothing else happens."""
+    import torch
+    import torch.distributed as dist
+
+    if not distributed():
+        yield 0, device
+        return
+    if device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    joined = not dist.is_initialized()
+    if joined:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        yield dist.get_rank(), device
+    finally:
+        if joined:
+            dist.destroy_process_group()

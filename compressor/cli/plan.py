@@ -8,12 +8,16 @@ import typer
 from compressor.cli.common import (
     AllowPickleOpt,
     DataOpt,
+    DeviceOpt,
+    DtypeOpt,
     JsonOpt,
     ModelArg,
     OverwriteOpt,
     SeedOpt,
+    device_kwargs,
     emit_json,
     err,
+    process_group,
 )
 
 StrategyOpt = Annotated[str, typer.Option("--strategy", "-s", help="auto, greedy, angular, influence or linearity.")]
@@ -36,9 +40,15 @@ def plan(
     seed: SeedOpt = 0,
     overwrite: OverwriteOpt = False,
     json: JsonOpt = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
-    """Choose the blocks to remove (and fit linear replacements); write a plan for `compress prune --plan`."""
+    """Choose the blocks to remove (and fit linear replacements); write a plan for `compress prune --plan`.
+
+    Under torchrun the search runs data-parallel (each rank scores and fits on its share of the
+    windows; every rank makes the same choices) and rank 0 writes the plan.
+    """
     from compressor.calibrate import load_texts, make_windows
     from compressor.io import check_output
     from compressor.loading import load_model
@@ -49,10 +59,13 @@ def plan(
     check_output(out, overwrite)
     for sibling in (out.with_name(f"{out.stem}.maps.safetensors"),):
         check_output(sibling, overwrite)
-    loaded, tokenizer = load_model(model, allow_pickle=allow_pickle)
-    check_k(loaded, drop)
-    windows = make_windows(tokenizer, load_texts(data, field), samples, seq_len, seed)
-    result = make_plan(loaded, windows, drop, strategy, linear=linear)
+    with process_group(device) as (rank, rank_device):
+        loaded, tokenizer = load_model(model, dtype=dtype, allow_pickle=allow_pickle, **device_kwargs(rank_device))
+        check_k(loaded, drop)
+        windows = make_windows(tokenizer, load_texts(data, field), samples, seq_len, seed)
+        result = make_plan(loaded, windows, drop, strategy, linear=linear)
+    if rank != 0:
+        return
     result.provenance["model"] = str(model)
     result.provenance["windows"] |= {"data": str(data) if data else "bundled", "seed": seed}
     write_plan(result, out)

@@ -46,3 +46,50 @@ def test_two_ranks_equal_one_process(tmp_path):
             for key, value in want.items():
                 if isinstance(value, float) and not math.isnan(value):
                     assert got[key] == pytest.approx(value, abs=1e-9), key
+
+
+def _cli_calibrate(model_dir: Path, out: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from compressor.cli.calibrate import calibrate as calibrate_command
+
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    app.command(name="calibrate")(calibrate_command)
+    result = CliRunner().invoke(app, ["calibrate", str(model_dir), "--out", str(out), "--samples", "5",
+                                      "--seq-len", "16", "--batch-size", "2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+def _cli_worker(rank: int, world: int, out: str, model_dir: str, port: int) -> None:
+    import os
+
+    torch.set_num_threads(1)
+    os.environ |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "COMPRESSOR_CACHE": str(Path(out, f"cache{rank}"))}
+    _cli_calibrate(Path(model_dir), Path(out, "ranks"))
+
+
+def test_cli_under_torchrun_joins_the_group_and_rank0_writes(tmp_path, monkeypatch):
+    import socket
+
+    from conftest import make_tokenizer
+
+    model_dir = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_cli_worker, args=(2, str(tmp_path), str(model_dir), port), nprocs=2, join=True)
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache-single"))
+    _cli_calibrate(model_dir, tmp_path / "single")
+    ranks = json.loads((tmp_path / "ranks" / "profile.json").read_text())
+    single = json.loads((tmp_path / "single" / "profile.json").read_text())
+    assert ranks["tokens"] == single["tokens"] == 5 * 16
+    for got, want in zip(ranks["blocks"], single["blocks"], strict=True):
+        assert got["linearity"] == pytest.approx(want["linearity"], abs=1e-9)
+        assert got["block_influence"] == pytest.approx(want["block_influence"], abs=1e-9)
+    assert not list(tmp_path.glob("cache1/**/*.json"))  # no rank wrote the profile cache
