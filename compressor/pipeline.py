@@ -205,9 +205,8 @@ def _stages(run: Run) -> dict:
     checkpoint = run.work / "model"
     _save(run, compressed, checkpoint)
     exports = _exports(run, compressed)
-    report = _finish(run, plan, compressed, eval_sets, pruned_ppl, heal_info, checkpoint, exports, attempts,
-                     profile, plan_ppl, sweep)
-    return report
+    return _finish(run, plan, compressed, eval_sets, pruned_ppl, heal_info, checkpoint, exports, attempts,
+                   profile, plan_ppl, sweep)
 
 
 def _data(run: Run):
