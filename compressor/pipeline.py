@@ -56,7 +56,7 @@ class PipelineConfig:
     heal_steps: int = 60
     heal_minutes: float = 4.0
     format: str = "onnx"
-    max_extra_blocks: int = 4
+    max_probes: int = 4               # measured depths when confirming the target speedup
     eval_max_tokens: int = 8192
     timing_seconds: float = 2.0
     search_windows: int = 16          # auto: windows its maps are fitted on during the search (cost bound)
@@ -73,10 +73,10 @@ STAGE_INPUTS = {
     "profile": ("data", "field", "samples", "seq_len", "seed"),
     "latency_model": ("backend", "device", "threads", "prefill_tokens", "new_tokens", "batch", "timing_seconds"),
     "blocks": ("backend", "device", "threads", "prefill_tokens", "new_tokens", "batch", "timing_seconds",
-               "target_speedup", "max_extra_blocks"),
+               "target_speedup", "max_probes"),
     "plan": ("data", "field", "samples", "seq_len", "seed", "strategy", "target_speedup", "max_ppl_increase",
              "backend", "device", "threads", "prefill_tokens", "new_tokens", "batch", "timing_seconds",
-             "max_extra_blocks", "search_windows", "eval", "eval_max_tokens"),
+             "max_probes", "search_windows", "eval", "eval_max_tokens"),
     "sweep": ("data", "field", "samples", "seq_len", "seed", "strategy", "search_windows", "backend", "device",
               "threads", "prefill_tokens", "new_tokens", "batch", "timing_seconds", "sweep", "eval",
               "eval_max_tokens"),
@@ -288,7 +288,15 @@ def _bench_pair(run: Run, a, b, perplexity: bool = False):
 
 
 def _blocks_for_target(run: Run) -> dict:
-    """Fewest blocks whose removal reaches the target speedup, *measured* on the backend."""
+    """Fewest blocks whose removal reaches the target speedup, *measured* on the backend.
+
+    The latency model gives the first guess. Each probe (a copy with that many blocks removed,
+    spread over the depth, exported and timed against the original in alternation) then corrects
+    the per-block gain from its own measurement, like a secant step, and the search narrows to
+    the gap between the deepest depth that fell short and the shallowest that reached the target,
+    in both directions: a model that overestimates the fixed cost does not make us remove more
+    blocks than needed. At most `max_probes` probes.
+    """
     from compressor.evaluate.latency_model import shallow_copy_without, spread_blocks
 
     cfg = run.cfg
@@ -298,22 +306,54 @@ def _blocks_for_target(run: Run) -> dict:
 
     latency_model = LatencyModel.from_dict(model_info)
     first = latency_model.blocks_for_speedup(cfg.target_speedup)  # raises, with the ceiling, if out of reach
-    attempts = []
     original = _backend(run, run.model, "probe-original")
-    for k in range(first, min(n - 1, first + cfg.max_extra_blocks) + 1):
+    attempts = []
+
+    def measure(k: int) -> float:
         probe = _backend(run, shallow_copy_without(run.model, spread_blocks(n, k)), f"probe-{k}")
         ra, rb = _bench_pair(run, original, probe)
         measured = _workload_ms(ra) / _workload_ms(rb)
         attempts.append({"blocks_removed": k, "predicted": latency_model.predict_speedup(k),
                          "measured": measured, "latency_ms": [_workload_ms(ra), _workload_ms(rb)]})
         status(f"{k} blocks removed: {measured:.3f}x measured ({attempts[-1]['predicted']:.3f}x predicted)")
-        if measured >= cfg.target_speedup:
-            return {"k": k, "attempts": attempts}
-    best = max(a["measured"] for a in attempts)
+        return measured
+
+    reached = search_depth(first, measure, cfg.target_speedup, n, cfg.max_probes)
+    if reached is not None:
+        return {"k": reached, "attempts": attempts}
+    best = max(attempts, key=lambda a: a["measured"])
     raise InvalidPlanError(
         f"a {cfg.target_speedup:.2f}x speedup was not reached on {cfg.backend}/{cfg.device}: the best measured "
-        f"was {best:.3f}x with {attempts[-1]['blocks_removed']} blocks removed ({latency_model.explain()}); "
+        f"was {best['measured']:.3f}x with {best['blocks_removed']} blocks removed ({latency_model.explain()}); "
         "ask for less")
+
+
+def search_depth(first: int, measure, target: float, n: int, max_probes: int = 4) -> int | None:
+    """The fewest blocks (of n) whose measured speedup `measure(k)` reaches `target`, starting from
+    the guess `first`; None if no probed depth reached it. Each measurement corrects the per-block
+    gain (a secant step through 0 blocks = 1.0x), and the next probe lies between the deepest depth
+    that fell short and the shallowest that reached the target, so the search goes both ways."""
+    k, short, reached = first, 0, None
+    for _ in range(max_probes):
+        measured = measure(k)
+        if measured >= target:
+            reached = k if reached is None else min(reached, k)
+        else:
+            short = max(short, k)
+        upper = (reached - 1) if reached is not None else n - 1
+        guess = _secant_guess(k, measured, target)
+        if short + 1 > upper:
+            break  # the depths on both sides of the target are measured
+        k = min(max(guess, short + 1), upper)  # a guess at or past `reached` checks the depth just below it
+    return reached
+
+
+def _secant_guess(k: int, measured: float, target: float) -> int:
+    """Blocks to remove for `target`, if latency falls linearly with depth as it did from 0 to k blocks."""
+    per_block = (1 - 1 / measured) / k  # latency fraction saved per block removed
+    if per_block <= 0:
+        return k + 1
+    return math.ceil((1 - 1 / target) / per_block - 1e-9)
 
 
 def _latency_model(run: Run, n: int) -> dict:

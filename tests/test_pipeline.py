@@ -97,3 +97,21 @@ def test_bad_input(tiny_dir, tmp_path, args, fragment):
     assert fragment in result.stderr.lower(), result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists() and not (tmp_path / ".run.work").exists()
+
+
+@pytest.mark.parametrize("fixed", [0.05, 0.1, 0.3])
+@pytest.mark.parametrize("first", [1, 5, 11, 20])
+@pytest.mark.parametrize("target", [1.1, 1.3, 1.6])
+def test_depth_search_finds_the_fewest_blocks_from_any_first_guess(fixed, first, target):
+    from compressor.pipeline import search_depth
+
+    n = 30
+
+    def speedup(k):  # latency = fixed + (1 - fixed) x kept / n, with a small non-linearity
+        return 1 / (fixed + (1 - fixed) * ((n - k) / n) ** 1.1)
+
+    want = next(k for k in range(1, n) if speedup(k) >= target)
+    probed = []
+    got = search_depth(first, lambda k: probed.append(k) or speedup(k), target, n, max_probes=4)
+    assert got == want, probed
+    assert len(probed) <= 4 and len(set(probed)) == len(probed)
