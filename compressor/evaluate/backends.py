@@ -303,7 +303,8 @@ class OrtBackend(RunnerBackend):
     def settings(self) -> dict[str, Any]:
         session = getattr(self.runner, "session", None)
         providers = session.get_providers() if session is not None else None
-        return {**super().settings(), "providers": providers, "intra_op_threads": self.threads or "default"}
+        return {**super().settings(), "providers": providers, "intra_op_threads": self.threads or "default",
+                "intra_op_spinning": False}
 
 
 @register_backend("tensorrt", "TensorRT engine (where TensorRT is installed)")
