@@ -290,35 +290,46 @@ def _bench_pair(run: Run, a, b, perplexity: bool = False):
 def _blocks_for_target(run: Run) -> dict:
     """Fewest blocks whose removal reaches the target speedup, *measured* on the backend.
 
-    The latency model gives the first guess. Each probe (a copy with that many blocks removed,
-    spread over the depth, exported and timed against the original in alternation) then corrects
-    the per-block gain from its own measurement, like a secant step, and the search narrows to
-    the gap between the deepest depth that fell short and the shallowest that reached the target,
-    in both directions: a model that overestimates the fixed cost does not make us remove more
-    blocks than needed. At most `max_probes` probes.
+    A first guess from parameter counts (the LM head does not shrink with depth) is measured
+    first: a copy with that many blocks removed, spread over the depth, exported and timed
+    against the original in alternation. That pair fits the latency model (fixed + per-block cost
+    on this backend and device), which refuses an unreachable target with its ceiling and makes
+    the next guess; then each probe corrects the per-block gain from its own measurement (a secant
+    step) within the gap between the deepest depth that fell short and the shallowest that reached
+    the target, so the search goes both ways. At most `max_probes` probes, the first included.
     """
+    from compressor.evaluate import LatencyModel
     from compressor.evaluate.latency_model import shallow_copy_without, spread_blocks
 
     cfg = run.cfg
     n = get_adapter(run.model).num_blocks(run.model)
-    model_info = run.cached("latency_model", lambda: _latency_model(run, n))
-    from compressor.evaluate import LatencyModel
-
-    latency_model = LatencyModel.from_dict(model_info)
-    first = latency_model.blocks_for_speedup(cfg.target_speedup)  # raises, with the ceiling, if out of reach
+    first_guess = _parameter_guess(run.model, n, cfg.target_speedup)
     original = _backend(run, run.model, "probe-original")
-    attempts = []
+    attempts: list[dict] = []
+    pairs: dict[int, tuple] = {}
+    latency_model: LatencyModel | None = None
 
     def measure(k: int) -> float:
-        probe = _backend(run, shallow_copy_without(run.model, spread_blocks(n, k)), f"probe-{k}")
-        ra, rb = _bench_pair(run, original, probe)
+        if k not in pairs:
+            probe = _backend(run, shallow_copy_without(run.model, spread_blocks(n, k)), f"probe-{k}")
+            pairs[k] = _bench_pair(run, original, probe)
+        ra, rb = pairs[k]
         measured = _workload_ms(ra) / _workload_ms(rb)
-        attempts.append({"blocks_removed": k, "predicted": latency_model.predict_speedup(k),
-                         "measured": measured, "latency_ms": [_workload_ms(ra), _workload_ms(rb)]})
-        status(f"{k} blocks removed: {measured:.3f}x measured ({attempts[-1]['predicted']:.3f}x predicted)")
+        predicted = latency_model.predict_speedup(k) if latency_model else None
+        attempts.append({"blocks_removed": k, "predicted": predicted, "measured": measured,
+                         "latency_ms": [_workload_ms(ra), _workload_ms(rb)]})
+        status(f"{k} blocks removed: {measured:.3f}x measured"
+               + (f" ({predicted:.3f}x predicted)" if predicted else ""))
         return measured
 
-    reached = search_depth(first, measure, cfg.target_speedup, n, cfg.max_probes)
+    status(f"measuring the latency model on {cfg.backend}/{cfg.device}")
+    model_info = run.cached("latency_model", lambda: _latency_model(run, n, first_guess, measure, pairs))
+    latency_model = LatencyModel.from_dict(model_info)
+    first = latency_model.blocks_for_speedup(cfg.target_speedup)  # raises, with the ceiling, if out of reach
+    for attempt in attempts:  # the latency model's own probe counts as the search's first measurement
+        attempt["predicted"] = latency_model.predict_speedup(attempt["blocks_removed"])
+    known = {k: _workload_ms(ra) / _workload_ms(rb) for k, (ra, rb) in pairs.items()}
+    reached = search_depth(first, measure, cfg.target_speedup, n, cfg.max_probes, known)
     if reached is not None:
         return {"k": reached, "attempts": attempts}
     best = max(attempts, key=lambda a: a["measured"])
@@ -328,13 +339,34 @@ def _blocks_for_target(run: Run) -> dict:
         "ask for less")
 
 
-def search_depth(first: int, measure, target: float, n: int, max_probes: int = 4) -> int | None:
+def _parameter_guess(model, n: int, target: float) -> int:
+    """Blocks to remove for `target` if time were proportional to the parameters each token passes
+    through: every block, plus the LM head, which never shrinks (embeddings are a lookup)."""
+    head = model.get_output_embeddings()
+    head_params = head.weight.numel() if head is not None else 0
+    blocks = get_adapter(model).blocks_of(model)
+    block_params = sum(p.numel() for p in blocks.parameters())
+    fixed = head_params / max(head_params + block_params, 1)
+    if 1 / target <= fixed:
+        return max(1, n // 2)  # out of reach by this estimate: measure half the depth, the fit will say
+    return min(n - 1, max(1, math.ceil(n * (1 - (1 / target - fixed) / (1 - fixed)) - 1e-9)))
+
+
+def search_depth(first: int, measure, target: float, n: int, max_probes: int = 4,
+                 known: dict[int, float] | None = None) -> int | None:
     """The fewest blocks (of n) whose measured speedup `measure(k)` reaches `target`, starting from
     the guess `first`; None if no probed depth reached it. Each measurement corrects the per-block
     gain (a secant step through 0 blocks = 1.0x), and the next probe lies between the deepest depth
-    that fell short and the shallowest that reached the target, so the search goes both ways."""
-    k, short, reached = first, 0, None
-    for _ in range(max_probes):
+    that fell short and the shallowest that reached the target, so the search goes both ways.
+    `known` holds depths measured before the search (they bound it and count as probes)."""
+    known = dict(known or {})
+    short = max((k for k, v in known.items() if v < target), default=0)
+    reached = min((k for k, v in known.items() if v >= target), default=None)
+    upper = (reached - 1) if reached is not None else n - 1
+    if short + 1 > upper:
+        return reached
+    k = min(max(first, short + 1), upper)
+    for _ in range(max_probes - len(known)):
         measured = measure(k)
         if measured >= target:
             reached = k if reached is None else min(reached, k)
@@ -356,20 +388,16 @@ def _secant_guess(k: int, measured: float, target: float) -> int:
     return math.ceil((1 - 1 / target) / per_block - 1e-9)
 
 
-def _latency_model(run: Run, n: int) -> dict:
-    """Fixed and per-block cost on the target backend, from the full model and a half-depth copy."""
+def _latency_model(run: Run, n: int, k: int, measure, pairs: dict) -> dict:
+    """Fixed and per-block cost on the target backend, from the full model and k blocks removed."""
     from compressor.evaluate import Workload, fit_latency_model
-    from compressor.evaluate.latency_model import shallow_copy_without, spread_blocks
 
     cfg = run.cfg
-    status(f"measuring the latency model on {cfg.backend}/{cfg.device}")
-    half = n // 2
-    original = _backend(run, run.model, "probe-original")
-    probe = _backend(run, shallow_copy_without(run.model, spread_blocks(n, half)), f"probe-{half}")
-    ra, rb = _bench_pair(run, original, probe)
+    measure(k)
+    ra, rb = pairs[k]
     result = fit_latency_model(
-        [(n, ra.prefill[0]["p50_ms"]), (n - half, rb.prefill[0]["p50_ms"])],
-        [(n, ra.decode[0]["p50_ms"]), (n - half, rb.decode[0]["p50_ms"])],
+        [(n, ra.prefill[0]["p50_ms"]), (n - k, rb.prefill[0]["p50_ms"])],
+        [(n, ra.decode[0]["p50_ms"]), (n - k, rb.decode[0]["p50_ms"])],
         n, Workload(cfg.prefill_tokens, cfg.new_tokens, cfg.batch), cfg.backend, cfg.device,
         versions=ra.versions, settings=ra.settings)
     log.info("latency model: %s", result.explain())

@@ -115,3 +115,18 @@ def test_depth_search_finds_the_fewest_blocks_from_any_first_guess(fixed, first,
     got = search_depth(first, lambda k: probed.append(k) or speedup(k), target, n, max_probes=4)
     assert got == want, probed
     assert len(probed) <= 4 and len(set(probed)) == len(probed)
+
+
+def test_depth_search_counts_and_respects_known_measurements():
+    from compressor.pipeline import search_depth
+
+    def speedup(k):
+        return 1 / (0.1 + 0.9 * (30 - k) / 30)
+
+    probed = []
+    want = next(k for k in range(30) if speedup(k) >= 1.3)  # 8
+    # 10 blocks measured before the search (reached 1.3x): the search only looks below it
+    got = search_depth(9, lambda k: probed.append(k) or speedup(k), 1.3, 30, 4, known={10: speedup(10)})
+    assert got == want and probed and max(probed) < 10 and len(probed) <= 3 and want - 1 in probed
+    # both neighbours known: nothing left to measure
+    assert search_depth(5, lambda k: 1 / 0, 1.3, 30, 4, known={7: speedup(7), 8: speedup(8)}) == 8
