@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from compressor.cli.common import AllowPickleOpt, DtypeOpt, JsonOpt, OverwriteOpt, emit_json, err, out
+from compressor.cli.common import (
+    AllowPickleOpt,
+    DtypeOpt,
+    FieldOpt,
+    JsonOpt,
+    OverwriteOpt,
+    emit_json,
+    err,
+    out,
+)
 
 if TYPE_CHECKING:
     from compressor.evaluate import BenchResult, Comparison
@@ -21,7 +30,7 @@ def bench(
     dtype: DtypeOpt = "float32",
     eval_file: Annotated[Path | None, typer.Option(
         "--eval", help=".txt, .jsonl or a directory of .txt (default: bundled text, first 16k tokens).")] = None,
-    field: Annotated[str, typer.Option("--field", help="JSONL field holding the text.")] = "text",
+    field: FieldOpt = "text",
     max_length: Annotated[int, typer.Option("--max-length", help="Perplexity window, tokens.")] = 512,
     stride: Annotated[int, typer.Option("--stride", help="Perplexity window step, tokens.")] = 256,
     max_eval_tokens: Annotated[int | None, typer.Option("--max-eval-tokens", help="Evaluate the first N.")] = None,

@@ -35,6 +35,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or 
 DataOpt = Annotated[
     Path | None, typer.Option("--data", help=".txt, .jsonl or a directory of .txt (default: bundled text).")
 ]
+FieldOpt = Annotated[str, typer.Option("--field", help="JSONL field that holds the text.")]
 AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled (.bin) weights.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for window selection and sampling.")]
 

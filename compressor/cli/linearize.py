@@ -7,6 +7,7 @@ import typer
 from compressor.cli.common import (
     AllowPickleOpt,
     DataOpt,
+    FieldOpt,
     JsonOpt,
     ModelArg,
     OutOpt,
@@ -25,7 +26,7 @@ def linearize(
     form: Annotated[str, typer.Option("--form", help="map (ReplaceMe: fold a d x d map into the projection) "
                                       "or projection (refit the projection on its own input).")] = "map",
     data: DataOpt = None,
-    field: Annotated[str, typer.Option("--field", help="JSONL field that holds the text.")] = "text",
+    field: FieldOpt = "text",
     samples: SamplesOpt = 64,
     seq_len: SeqLenOpt = 256,
     seed: SeedOpt = 0,
