@@ -58,6 +58,9 @@ def heal(
         "--resume", help="Continue an interrupted run into the same --out.")] = False,
     distributed: Annotated[str, typer.Option(
         "--distributed", help="ddp or fsdp, when launched with torchrun / accelerate launch.")] = "ddp",
+    autocast: Annotated[bool, typer.Option(
+        "--autocast/--no-autocast",
+        help="Train in bf16 autocast where native (CUDA; CPUs with AVX512-BF16 or AMX).")] = True,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     seed: SeedOpt = 0,
@@ -76,7 +79,7 @@ def heal(
         grad_accum=grad_accum, temperature=temperature, alpha=alpha, hidden_weight=hidden_weight,
         regularize_linearity=regularize_linearity,
         train=train, lora_rank=lora_rank, topk=topk, checkpoint_every=checkpoint_every, resume=resume,
-        seed=seed, distributed=distributed,
+        seed=seed, distributed=distributed, autocast=autocast,
     )
     if not result.is_main:
         return

@@ -162,6 +162,7 @@ def heal(student: torch.nn.Module, teacher: TeacherArg, train_windows: torch.Ten
         loss_first=history[0]["loss"] if history else None, loss_last=history[-1]["loss"] if history else None,
         ppl_before=ppl_before, ppl_after=ppl_after, resumed_from=resumed_from,
         teacher_cache=str(cache_file) if cache_file else None, world_size=runtime.world_size,
+        precision=str(autocast_dtype(runtime.device, config) or torch.float32).removeprefix("torch."),
         history=history, model=healed, full_state_dict=full_state, is_main=runtime.is_main,
     )
 
@@ -257,7 +258,7 @@ def window_perplexity(model, windows: torch.Tensor, runtime: Runtime | None = No
     mine = windows[runtime.rank::runtime.world_size]
     for start in range(0, len(mine), config.eval_batch_size):
         ids = mine[start:start + config.eval_batch_size].to(runtime.device)
-        with _autocast(runtime, config):
+        with _autocast(runtime, config, training=False):
             logits = model(input_ids=ids, use_cache=False).logits
         nll += lm_loss(logits, ids).double() * ids[:, 1:].numel()
         count += ids[:, 1:].numel()
@@ -359,10 +360,31 @@ def _set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def _autocast(runtime: Runtime, config: HealConfig):
-    if config.autocast and runtime.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), where autocast pays off.
+
+    Elsewhere bf16 is emulated and slower than fp32.
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def autocast_dtype(device: torch.device, config: HealConfig) -> torch.dtype | None:
+    """bfloat16 for training on CUDA and on CPUs that compute it natively; None (fp32) elsewhere."""
+    if not config.autocast:
+        return None
+    if device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def _autocast(runtime: Runtime, config: HealConfig, training: bool = True):
+    """Training runs in bf16 autocast where it is native; evaluation on CPU stays in fp32, so its
+    perplexities compare with every other fp32 evaluation in the tool."""
+    dtype = autocast_dtype(runtime.device, config)
+    if dtype is None or (not training and runtime.device.type == "cpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(runtime.device.type, dtype=dtype)
 
 
 def _losses(model, base, targets, window_ids, ids, points, regularizer, config, runtime) -> dict:

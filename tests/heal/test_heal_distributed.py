@@ -48,7 +48,7 @@ def test_two_ranks_equal_one_process_and_only_rank_0_writes(checkpoints):
     run_worker(tmp, "dist", "cache-dist", batch_size=2, nproc=2)
     heal_checkpoint(tmp / "student", tmp / "teacher", tmp / "single", seq_len=16, samples=16, eval_samples=4,
                     teacher_cache=tmp / "cache-single", steps=4, checkpoint_every=2, batch_size=4, lr=3e-3,
-                    warmup=1, alpha=0.7, hidden_weight=0.5, train="all")
+                    warmup=1, alpha=0.7, hidden_weight=0.5, train="all", autocast=False)
     single, dist = weights(tmp / "single"), weights(tmp / "dist")
     for name, value in single.items():
         torch.testing.assert_close(dist[name], value, rtol=1e-4, atol=2e-5, msg=name)  # Adam magnifies sum-order noise
@@ -65,7 +65,7 @@ def test_two_ranks_equal_one_process_and_only_rank_0_writes(checkpoints):
     result = heal_checkpoint(tmp / "student", tmp / "teacher", tmp / "resumed", seq_len=16, samples=16,
                              eval_samples=4, teacher_cache=tmp / "cache-single", steps=4, checkpoint_every=2,
                              batch_size=4, lr=3e-3, warmup=1, alpha=0.7, hidden_weight=0.5, train="all",
-                             resume=True)
+                             autocast=False, resume=True)
     assert result.resumed_from == 2
     resumed = weights(tmp / "resumed")
     for name, value in single.items():

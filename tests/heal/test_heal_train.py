@@ -15,10 +15,12 @@ from compressor.errors import CompressorError
 from compressor.heal import HealConfig, heal, kd_loss
 from compressor.heal import teacher_cache as tc
 from compressor.heal.select import cut_points, touched_blocks
+from compressor.heal.train import cpu_computes_bf16, window_perplexity
 from compressor.progress import use_tracker
 from compressor.surgery import compressor_record, save_checkpoint
 
-FAST = {"lr": 3e-3, "warmup": 2, "batch_size": 4, "log_every": 1, "alpha": 1.0}
+# fp32 throughout: the exactness tests below compare runs with each other to 1e-5 or better.
+FAST = {"lr": 3e-3, "warmup": 2, "batch_size": 4, "log_every": 1, "alpha": 1.0, "autocast": False}
 
 
 @torch.no_grad()
@@ -47,6 +49,24 @@ def test_a_few_steps_lower_the_distillation_loss_and_touch_only_the_cut():
     assert not any(k.startswith("model.layers.2.") or "embed" in k or k == "model.norm.weight" for k in changed)
     assert compressor_record(student)["removed"] == [1]  # the record survives
     assert not student.training
+
+
+@pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has neither AVX512-BF16 nor AMX")
+def test_bf16_autocast_on_cpu_trains_like_fp32():
+    teacher, student = pair(drop=(1,))
+    ids = windows()
+    before = distillation_loss(student, teacher, ids)
+    fp32, bf16 = copy.deepcopy(student), copy.deepcopy(student)
+    r32 = heal(fp32, teacher, ids, ids[:4], HealConfig(steps=12, **FAST))
+    r16 = heal(bf16, teacher, ids, ids[:4], HealConfig(steps=12, **{**FAST, "autocast": True}))
+    assert (r32.precision, r16.precision) == ("float32", "bfloat16")
+    # The first loss is the same model's forward in the two precisions; training lowers both alike.
+    assert r16.history[0]["kd"] == pytest.approx(r32.history[0]["kd"], rel=0.05)
+    assert distillation_loss(bf16, teacher, ids) < 0.8 * before
+    assert all(p.dtype == torch.float32 for p in bf16.parameters())  # weights stay fp32
+    # Evaluation on CPU stays fp32: the same weights give the same perplexity with autocast on or off.
+    on, off = HealConfig(**{**FAST, "autocast": True}), HealConfig(**FAST)
+    assert window_perplexity(bf16, ids[:4], config=on) == window_perplexity(bf16, ids[:4], config=off)
 
 
 def test_an_unpruned_student_has_nothing_touched_to_train():
