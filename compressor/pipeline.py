@@ -189,7 +189,7 @@ def _stages(run: Run) -> dict:
     run.source = resolve(cfg.model)
     run.model, run.tokenizer = load_model(run.source, device=cfg.device if cfg.device != "auto" else None,
                                           device_map="auto" if cfg.device == "auto" else None)
-    calib_windows, eval_sets = _data(run)
+    calib_windows, heal_windows, eval_sets = _data(run)
     profile = run.cached("profile", lambda: _calibrate(run, calib_windows))
     if cfg.target_speedup is not None:
         found = run.cached("blocks", lambda: _blocks_for_target(run))
@@ -203,7 +203,7 @@ def _stages(run: Run) -> dict:
 
     apply_plan_(compressed, plan)
     pruned_ppl = _perplexities(compressed, eval_sets)
-    heal_info = _heal(run, compressed, calib_windows)
+    heal_info = _heal(run, compressed, heal_windows)
     checkpoint = run.work / "model"
     _save(run, compressed, checkpoint)
     exports = _exports(run, compressed)
@@ -212,9 +212,10 @@ def _stages(run: Run) -> dict:
 
 
 def _data(run: Run):
-    """Calibration windows from the data, and held-out evaluation token sets."""
+    """Calibration windows and healing windows from the data, and held-out evaluation token sets."""
     from compressor.calibrate import load_texts, make_windows
     from compressor.evaluate import load_eval_tokens
+    from compressor.heal import HealConfig
 
     cfg = run.cfg
     texts = load_texts(cfg.data, cfg.field)
@@ -222,6 +223,11 @@ def _data(run: Run):
     cut = joined.rfind(" ", 0, int(len(joined) * 0.85))
     calib_text, holdout = joined[:cut], joined[cut:]
     windows = make_windows(run.tokenizer, [calib_text], cfg.samples, cfg.seq_len, cfg.seed)
+    # Healing draws its own windows from the same text: as many as its steps can use, so it does not
+    # cycle over the few calibration windows.
+    wanted = max(cfg.samples, cfg.heal_steps * HealConfig.batch_size)
+    heal_windows = make_windows(run.tokenizer, [calib_text], wanted, cfg.seq_len, cfg.seed + 1,
+                                at_most=True) if cfg.heal_steps > 0 else None
     eval_sets = {}
     for path in cfg.eval:
         eval_sets[Path(path).name] = load_eval_tokens(run.tokenizer, path, cfg.field, cfg.eval_max_tokens)
@@ -230,7 +236,7 @@ def _data(run: Run):
         if ids.numel() < 2:
             raise DataError("the held-out part of the calibration text is empty: pass --eval FILE")
         eval_sets["held-out " + (Path(cfg.data).name if cfg.data else "bundled text")] = ids
-    return windows, eval_sets
+    return windows, heal_windows, eval_sets
 
 
 def _calibrate(run: Run, windows) -> dict:

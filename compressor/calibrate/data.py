@@ -110,8 +110,12 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def make_windows(tokenizer, texts: list[str], samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """`samples` disjoint windows of `seq_len` tokens, chosen by `seed`: a LongTensor [samples, seq_len]."""
+def make_windows(tokenizer, texts: list[str], samples: int, seq_len: int, seed: int = 0,
+                 at_most: bool = False) -> torch.Tensor:
+    """`samples` disjoint windows of `seq_len` tokens, chosen by `seed`: a LongTensor [samples, seq_len].
+
+    A text too short for `samples` windows is an error, unless `at_most`: then every window it has.
+    """
     if samples <= 0:
         raise DataError(f"--samples must be at least 1 (got {samples})")
     if seq_len < 2:
@@ -121,6 +125,8 @@ def make_windows(tokenizer, texts: list[str], samples: int, seq_len: int, seed: 
     if available == 0:
         raise DataError(f"the text has only {len(stream)} tokens, fewer than one window of {seq_len}: "
                         "pass more text or a smaller --seq-len")
+    if samples > available and at_most:
+        samples = available
     if samples > available:
         raise DataError(f"the text gives only {available} windows of {seq_len} tokens, not {samples}: "
                         f"pass --samples {available} or fewer, a smaller --seq-len, or more text")

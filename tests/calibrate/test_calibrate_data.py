@@ -69,3 +69,7 @@ def test_window_errors():
         make_windows(tok, ["the of and"], 1, 64, 0)
     with pytest.raises(DataError, match="only 2 windows of 10 tokens"):
         make_windows(tok, [WORDS], 5, 10, 0)  # 22 words + EOS = 23 tokens
+    # at_most takes what there is: both windows of the 23-token stream, the same as asking for 2.
+    assert torch.equal(make_windows(tok, [WORDS], 5, 10, 0, at_most=True), make_windows(tok, [WORDS], 2, 10, 0))
+    with pytest.raises(DataError, match="fewer than one window"):
+        make_windows(tok, ["the of and"], 1, 64, 0, at_most=True)
