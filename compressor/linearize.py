@@ -42,6 +42,7 @@ import torch
 
 from compressor.adapters import get_adapter
 from compressor.errors import InvalidPlanError
+from compressor.parallel import all_reduce_, all_reduce_sum, rank_world, shard
 from compressor.progress import track
 from compressor.surgery import blocks_removed
 
@@ -82,12 +83,10 @@ class NormalEquations:
 
     def all_reduce_(self) -> NormalEquations:
         """Sum the statistics over ranks under torch.distributed (in place; alone, nothing changes)."""
-        from compressor.calibrate.profile import _all_reduce, rank_world
-
         if rank_world()[1] > 1:
-            _all_reduce(self.xtx)
-            _all_reduce(self.xty)
-            self.yy, tokens, excluded = _all_reduce_sum([self.yy, self.tokens, self.excluded])
+            all_reduce_(self.xtx)
+            all_reduce_(self.xty)
+            self.yy, tokens, excluded = all_reduce_sum([self.yy, self.tokens, self.excluded])
             self.tokens, self.excluded = int(tokens), int(excluded)
         return self
 
@@ -194,25 +193,6 @@ def accumulate(model, windows: torch.Tensor, pairs: list[tuple[int, int]], setti
     return _stream(model, windows, pairs, settings or FitSettings(), attention_mask, set(drop), maps, description)[0]
 
 
-def _shard(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """This rank's rows [rank::world] under torch.distributed (possibly none); alone, all of them."""
-    from compressor.calibrate.profile import rank_world
-
-    rank, world = rank_world()
-    return tensor if tensor is None or world == 1 else tensor[rank::world]
-
-
-def _all_reduce_sum(values: list[float]) -> list[float]:
-    """The sums of `values` over ranks, in float64, under torch.distributed; alone, the values."""
-    from compressor.calibrate.profile import _all_reduce, rank_world
-
-    if rank_world()[1] == 1:
-        return list(values)
-    buffer = torch.tensor(values, dtype=F64)
-    _all_reduce(buffer)
-    return buffer.tolist()
-
-
 def _stream(model, windows, pairs, settings: FitSettings, attention_mask, drop: set[int], maps, description,
             resume: tuple[int, list[torch.Tensor]] | None = None, keep: int | None = None):
     """accumulate(), optionally starting at block resume[0] from per-batch input states resume[1]
@@ -221,7 +201,7 @@ def _stream(model, windows, pairs, settings: FitSettings, attention_mask, drop: 
     Under torch.distributed each rank streams its shard windows[rank::world] and the sums are
     all-reduced, so every rank gets the same equations; `kept` (and so `resume`) are per batch of
     the rank's own shard, so every rank must pass the same windows and batch size."""
-    windows, attention_mask = _shard(windows), _shard(attention_mask)
+    windows, attention_mask = shard(windows), shard(attention_mask)
     adapter = get_adapter(model)
     blocks = list(adapter.blocks_of(model))
     for owner, last in pairs:

@@ -22,7 +22,8 @@ from collections.abc import Iterable
 import torch
 
 from compressor.adapters import get_adapter
-from compressor.linearize import _all_reduce_sum, _shard, _Stop, modified
+from compressor.linearize import _Stop, modified
+from compressor.parallel import all_reduce_sum, shard
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class Scorer:
 
     def _batches(self):
         """(batch number, ids, mask) over this rank's shard of the windows (all of them alone)."""
-        windows, masks = _shard(self.windows), _shard(self.mask)
+        windows, masks = shard(self.windows), shard(self.mask)
         for b in range(0, windows.shape[0], self.batch_size):
             ids = windows[b:b + self.batch_size]
             mask = None if masks is None else masks[b:b + self.batch_size]
@@ -159,7 +160,7 @@ class Scorer:
 
     def _mean(self, total: float, count: int, start: float) -> float:
         """The mean over every rank's tokens (summed across ranks under torch.distributed)."""
-        total, count = _all_reduce_sum([total, count])
+        total, count = all_reduce_sum([total, count])
         self._count(start)
         return total / max(count, 1)
 

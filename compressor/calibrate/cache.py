@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from compressor.calibrate.data import load_texts, make_windows, windows_fingerprint
-from compressor.calibrate.profile import DEFAULT_OUTLIER_FACTOR, Profile, calibrate, rank_world
+from compressor.calibrate.profile import DEFAULT_OUTLIER_FACTOR, Profile, calibrate
 from compressor.calibrate.stats import Stats
 from compressor.errors import DataError
 from compressor.io import cache_dir, write_json
+from compressor.parallel import rank_world
 from compressor.progress import status
 
 log = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ from compressor.calibrate.metrics import anisotropy, linearities, one_thread
 from compressor.calibrate.stats import Stats
 from compressor.calibrate.twonn import twonn
 from compressor.errors import DataError
+from compressor.parallel import all_reduce_, rank_world
 from compressor.progress import status
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def calibrate(
                              picks, points)
     stats.all_reduce_()
     if samples is not None and world > 1:
-        _all_reduce(samples)
+        all_reduce_(samples)
     if stats.tokens < 10 * stats.hidden_size:
         log.warning("only %d tokens for hidden size %d: linearity scores are inflated (pure noise would "
                     "score about d/n = %.2f); use at least %d tokens", stats.tokens, stats.hidden_size,
@@ -227,24 +228,6 @@ def _twonn_picks(windows, mask, points, seed, ids) -> torch.Tensor:
     window = local[chosen // windows.shape[1]]
     mine = window >= 0
     return torch.stack([mine.nonzero().squeeze(1), window[mine], (chosen % windows.shape[1])[mine]], dim=1)
-
-
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) under torch.distributed, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce(tensor: torch.Tensor) -> None:
-    import torch.distributed as dist
-
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    buffer = tensor.to(device)
-    dist.all_reduce(buffer)
-    tensor.copy_(buffer)
 
 
 def _model_name(model) -> str:
