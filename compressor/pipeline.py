@@ -55,6 +55,8 @@ class PipelineConfig:
     strategy: str = "auto"
     heal_steps: int = 60
     heal_minutes: float = 4.0
+    heal_train: str = "touched"       # see HealConfig.train
+    heal_lr: float | None = None      # None: HealConfig's default for heal_train
     format: str = "onnx"
     max_probes: int = 4               # measured depths when confirming the target speedup
     speedup_margin: float = 0.02      # a probe must reach target x (1 + margin): repeated measurements of
@@ -83,12 +85,13 @@ STAGE_INPUTS = {
               "threads", "prefill_tokens", "new_tokens", "batch", "timing_seconds", "sweep", "eval",
               "eval_max_tokens"),
 }
-STAGE_INPUTS["heal"] = STAGE_INPUTS["plan"] + ("heal_steps", "heal_minutes")
+STAGE_INPUTS["heal"] = STAGE_INPUTS["plan"] + ("heal_steps", "heal_minutes", "heal_train", "heal_lr")
 
 
 def validate(cfg: PipelineConfig) -> None:
     """Every problem with the settings at once, before anything is loaded or written."""
     from compressor.evaluate import backend_names
+    from compressor.heal.config import TRAIN_CHOICES
 
     problems = []
     if (cfg.target_speedup is None) == (cfg.max_ppl_increase is None):
@@ -104,6 +107,12 @@ def validate(cfg: PipelineConfig) -> None:
         problems.append(f"unknown backend '{cfg.backend}': choose one of {', '.join(backend_names())}")
     if cfg.format not in FORMATS:
         problems.append(f"unknown format '{cfg.format}': choose one of {', '.join(FORMATS)}")
+    if cfg.heal_train not in TRAIN_CHOICES:
+        problems.append(f"--heal-train must be one of {', '.join(TRAIN_CHOICES)} (got '{cfg.heal_train}')")
+    if cfg.heal_lr is not None and not cfg.heal_lr > 0:
+        problems.append(f"--heal-lr must be positive (got {cfg.heal_lr})")
+    if not cfg.heal_minutes > 0:
+        problems.append(f"--heal-minutes must be positive (got {cfg.heal_minutes})")
     for path in ([cfg.data] if cfg.data else []) + list(cfg.eval):
         if not Path(path).exists():
             problems.append(f"{path} does not exist")
@@ -520,8 +529,8 @@ def _heal(run: Run, student, windows) -> dict | None:
 
     status(f"healing ({cfg.heal_steps} steps, at most {cfg.heal_minutes} min)")
     state = run.work / f"heal-state-{cfg.key(*STAGE_INPUTS['heal'])}"
-    config = HealConfig(steps=cfg.heal_steps, max_minutes=cfg.heal_minutes, checkpoint_dir=state,
-                        resume=state.exists())
+    config = HealConfig(steps=cfg.heal_steps, max_minutes=cfg.heal_minutes, train=cfg.heal_train, lr=cfg.heal_lr,
+                        checkpoint_dir=state, resume=state.exists())
     start = time.perf_counter()
     result = heal(student, run.model, windows, None, config)
     run.seconds["heal"] = round(time.perf_counter() - start, 2)

@@ -21,7 +21,8 @@ def compress(*args, **kw):
 
 def test_end_to_end_tiny_model(tiny_dir, tmp_path):
     out = tmp_path / "run"
-    result = compress(tiny_dir, "--target-speedup", "1.05", "--out", out, *FAST, "--sweep", "0,50", "--json")
+    result = compress(tiny_dir, "--target-speedup", "1.05", "--out", out, *FAST, "--sweep", "0,50",
+                      "--heal-train", "all", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     for key in ("target_speedup", "speedup_measured", "target_met", "blocks_original", "blocks_removed",
@@ -37,6 +38,8 @@ def test_end_to_end_tiny_model(tiny_dir, tmp_path):
     assert html.count("data:image/png;base64,") == 2
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.num_hidden_layers == 4 - len(report["blocks_removed"])
+    # --heal-train all reached healing: every parameter of the compressed model was trained
+    assert report["heal"]["trainable_parameters"] == sum(p.numel() for p in model.parameters())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     # the sweep: the unpruned point and half the blocks removed, each measured against the original
     sweep = {p["blocks_removed"]: p for p in report["sweep"]}
@@ -89,6 +92,7 @@ def test_interrupted_run_resumes(tiny_dir, tmp_path):
     (["--target-speedup", "1.2", "--backend", "nosuch"], "unknown backend"),
     (["--target-speedup", "1.2", "--format", "tensorrt"], "tensorrt"),
     (["--target-speedup", "1.2", "--max-ppl-increase", "10%"], "exactly one"),
+    (["--target-speedup", "1.2", "--heal-train", "everything"], "--heal-train must be one of"),
 ])
 def test_bad_input(tiny_dir, tmp_path, args, fragment):
     out = tmp_path / "run"

@@ -56,6 +56,10 @@ def model(
     strategy: Annotated[str, typer.Option("--strategy", help="Block selection strategy.")] = "auto",
     heal_steps: Annotated[int, typer.Option("--heal-steps", help="Healing steps (0 skips healing).")] = 60,
     heal_minutes: Annotated[float, typer.Option("--heal-minutes", help="Healing time limit.")] = 4.0,
+    heal_train: Annotated[str, typer.Option(
+        "--heal-train", help="What healing trains: touched (blocks next to each cut), all, or lora.")] = "touched",
+    heal_lr: Annotated[float | None, typer.Option(
+        "--heal-lr", help="Peak healing learning rate (default: 1e-3 for touched and lora, 2e-4 for all).")] = None,
     export_format: Annotated[str, typer.Option("--format", help="onnx, tensorrt or none.")] = "onnx",
     samples: Annotated[int, typer.Option("--samples", help="Calibration windows.")] = 64,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")] = 256,
@@ -82,6 +86,7 @@ def model(
         model=model, target_speedup=target_speedup, max_ppl_increase=_percent(max_ppl_increase), data=data,
         eval=tuple(eval_files or ()), backend=backend, device=device, threads=threads, prefill_tokens=prefill,
         new_tokens=new, batch=batch, strategy=strategy, heal_steps=heal_steps, heal_minutes=heal_minutes,
+        heal_train=heal_train, heal_lr=heal_lr,
         format=export_format, samples=samples, seq_len=seq_len, seed=seed,
         timing_seconds=min_seconds, sweep=_levels(sweep), search_windows=search_windows,
         eval_max_tokens=eval_tokens)
