@@ -131,6 +131,12 @@ def test_depth_search_counts_and_respects_known_measurements():
     want = next(k for k in range(30) if speedup(k) >= 1.3)  # 8
     # 10 blocks measured before the search (reached 1.3x): the search only looks below it
     got = search_depth(9, lambda k: probed.append(k) or speedup(k), 1.3, 30, 4, known={10: speedup(10)})
-    assert got == want and probed and max(probed) < 10 and len(probed) <= 3 and want - 1 in probed
+    assert got == want and probed and max(probed) < 10 and len(probed) <= 3
+    # 7 blocks: the secant through 8 predicts 1.266x, 2.6% short of 1.3x, so it is not measured ...
+    assert want - 1 not in probed
+    # ... unless the search is told to trust predictions less than that
+    probed.clear()
+    got = search_depth(9, lambda k: probed.append(k) or speedup(k), 1.3, 30, 4, known={10: speedup(10)}, trust=0.03)
+    assert got == want and want - 1 in probed
     # both neighbours known: nothing left to measure
     assert search_depth(5, lambda k: 1 / 0, 1.3, 30, 4, known={7: speedup(7), 8: speedup(8)}) == 8
