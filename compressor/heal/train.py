@@ -206,21 +206,23 @@ def check_pair(student, teacher, points: list[CutPoint]) -> None:
 def _teacher_targets(teacher, student, windows, points, config: HealConfig, runtime: Runtime,
                      deadline: float | None):
     blocks = [p.teacher_block for p in points]
+    dtype = autocast_dtype(runtime.device, config)  # the teacher runs in the student's training precision
     if config.teacher_cache is None:
         model = _materialize(teacher)
         check_pair(student, model, points)
-        return LiveTeacher(model.to(runtime.device), blocks), None
+        return LiveTeacher(model.to(runtime.device), blocks, dtype), None
     path = None
     if runtime.is_main:
         model = _materialize(teacher).to(runtime.device)
         check_pair(student, model, points)
-        path = cache_path(Path(config.teacher_cache), model, windows, config.topk, config.temperature, blocks)
+        path = cache_path(Path(config.teacher_cache), model, windows, config.topk, config.temperature, blocks,
+                          dtype)
         if path.is_file():
             log.info("reusing the teacher cache %s", path)
         else:
             status(f"computing the teacher's top-{config.topk} log-probabilities (once; cached)")
             build_cache(model, windows, path, config.topk, config.temperature, blocks, config.batch_size,
-                        deadline, config.seed)
+                        deadline, config.seed, dtype)
         del model
     path = _broadcast_path(runtime, path)
     cached = CachedTeacher(path, runtime.device)

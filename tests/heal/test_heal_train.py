@@ -69,6 +69,18 @@ def test_bf16_autocast_on_cpu_trains_like_fp32():
     assert window_perplexity(bf16, ids[:4], config=on) == window_perplexity(bf16, ids[:4], config=off)
 
 
+@pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has neither AVX512-BF16 nor AMX")
+def test_a_bf16_teacher_gives_nearly_the_fp32_targets_and_its_own_cache(tmp_path):
+    teacher, _ = pair()
+    ids = windows()
+    fp32 = tc.LiveTeacher(teacher).targets(None, ids).logits
+    bf16 = tc.LiveTeacher(teacher, dtype=torch.bfloat16).targets(None, ids).logits
+    assert bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)  # it did run in bf16
+    assert float(kd_loss(bf16, fp32)) < 1e-3  # KL(fp32 || bf16) of the next-token distributions
+    paths = {tc.cache_path(tmp_path, teacher, ids, 8, 1.0, (), dtype) for dtype in (None, torch.bfloat16)}
+    assert len(paths) == 2
+
+
 def test_an_unpruned_student_has_nothing_touched_to_train():
     teacher, _ = pair()
     with pytest.raises(CompressorError, match="nothing 'touched'"):
