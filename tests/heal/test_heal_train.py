@@ -157,6 +157,22 @@ def test_time_bound_replans_the_schedule():
     assert time.monotonic() - start < 0.1 * 60 + 5
 
 
+def test_slow_first_steps_do_not_shorten_the_schedule():
+    teacher, student = pair()
+
+    def slow_start(items, total, description):  # the first 3 steps take 0.5 s each, the rest run at speed
+        for i, item in enumerate(items):
+            if description == "healing" and i < 3:
+                time.sleep(0.5)
+            yield item
+
+    with use_tracker(slow_start):
+        result = heal(student, teacher, windows(), config=HealConfig(steps=100_000, max_minutes=0.2, **FAST))
+    # Fitted to the first 3 steps alone, 12 s would hold about 3 + 0.97 x 10.5 / 0.5 = 23 steps; the
+    # second re-plan, after 12 steps, times the steady pace and extends the schedule.
+    assert result.planned_steps > 50 and result.steps > 50
+
+
 def test_lora_merges_into_a_plain_checkpoint(tmp_path):
     teacher, student = pair(drop=(1, 2))
     start = params(student)
