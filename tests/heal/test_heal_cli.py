@@ -54,6 +54,11 @@ def test_heal_writes_a_standard_checkpoint(checkpoints, monkeypatch):
     healed = AutoModelForCausalLM.from_pretrained(checkpoints / "healed")
     assert healed.config.compressor["removed"] == [1] and len(healed.model.layers) == 3
     assert not list(Path(checkpoints).glob(".healed*"))  # no training state or temporary dir left
+    # --no-autocast reaches the training loop (the default is bf16 wherever the CPU computes it natively)
+    run = CliRunner().invoke(app, ["student", "--teacher", "teacher", "--out", "fp32", "--json", "--no-autocast",
+                                   "--teacher-cache", "off", *FAST])
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.stdout)["precision"] == "float32"
 
 
 @pytest.mark.parametrize("args, message", [
