@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from compressor.plan import Plan, _ranges, apply_plan_
+from compressor.plan import Plan, apply_plan_, ranges_text
 from compressor.progress import status
 from compressor.select import SelectSettings, get_strategy, make_plans
 
@@ -75,7 +75,7 @@ class Comparison:
                   "|---|---|---|---|---|---|---|"]
         for r in sorted(self.rows, key=lambda r: (r.k, labels.index(r.label))):
             spans = ", ".join(f"{s['start']}-{s['end'] - 1}" for s in r.linearize) or "-"
-            lines.append(f"| {r.k} | {r.label} | {r.perplexity:.2f} | {_ranges(r.drop)} | {spans} | "
+            lines.append(f"| {r.k} | {r.label} | {r.perplexity:.2f} | {ranges_text(r.drop)} | {spans} | "
                          f"{r.seconds:.0f} | {r.loss_evaluations} |")
         return "\n".join(lines)
 
@@ -102,7 +102,7 @@ def compare_strategies(model, windows: torch.Tensor, eval_ids: torch.Tensor, ks:
         for (k, linear), plan in sorted(plans.items()):
             row = _evaluate(model, plan, k, linear, eval_ids, max_length, stride, result.profile_seconds, batch_size)
             result.rows.append(row)
-            log.info("K=%d %s: perplexity %.3f (removed %s)", k, row.label, row.perplexity, _ranges(row.drop))
+            log.info("K=%d %s: perplexity %.3f (removed %s)", k, row.label, row.perplexity, ranges_text(row.drop))
             if on_row is not None:
                 on_row(row)
     return result

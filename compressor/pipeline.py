@@ -222,7 +222,8 @@ def _stages(run: Run) -> dict:
 
 def _data(run: Run):
     """Calibration windows and healing windows from the data, and held-out evaluation token sets."""
-    from compressor.calibrate import load_texts, make_windows
+    from compressor.calibrate import load_texts
+    from compressor.calibrate.data import token_stream, windows_of
     from compressor.evaluate import load_eval_tokens
     from compressor.heal import HealConfig
 
@@ -231,12 +232,12 @@ def _data(run: Run):
     joined = "\n\n".join(texts)
     cut = joined.rfind(" ", 0, int(len(joined) * 0.85))
     calib_text, holdout = joined[:cut], joined[cut:]
-    windows = make_windows(run.tokenizer, [calib_text], cfg.samples, cfg.seq_len, cfg.seed)
+    stream = token_stream(run.tokenizer, [calib_text])
+    windows = windows_of(stream, cfg.samples, cfg.seq_len, cfg.seed)
     # Healing draws its own windows from the same text: as many as its steps can use, so it does not
     # cycle over the few calibration windows.
     wanted = max(cfg.samples, cfg.heal_steps * HealConfig.batch_size)
-    heal_windows = make_windows(run.tokenizer, [calib_text], wanted, cfg.seq_len, cfg.seed + 1,
-                                at_most=True) if cfg.heal_steps > 0 else None
+    heal_windows = windows_of(stream, wanted, cfg.seq_len, cfg.seed + 1, at_most=True) if cfg.heal_steps > 0 else None
     eval_sets = {}
     for path in cfg.eval:
         eval_sets[Path(path).name] = load_eval_tokens(run.tokenizer, path, cfg.field, cfg.eval_max_tokens)
@@ -400,21 +401,22 @@ def search_depth(first: int, measure, target: float, n: int, max_probes: int = 4
         if short + 1 > upper:
             break  # the depths on both sides of the target are measured
         k = min(max(guess, short + 1), upper)  # a guess at or past `reached` checks the depth just below it
-        if k == upper and _secant_speedup(reached, known[reached], k) < target / (1 + trust):
-            log.info("%d blocks would give about %.3fx, short of %.3fx: not measured",
-                     k, _secant_speedup(reached, known[reached], k), target)
-            break
+        if reached is not None and k == reached - 1:
+            predicted = 1 / (1 - _saved_per_block(reached, known[reached]) * k)
+            if predicted < target / (1 + trust):
+                log.info("%d blocks would give about %.3fx, short of %.3fx: not measured", k, predicted, target)
+                break
     return reached
 
 
-def _secant_speedup(k: int, measured: float, j: int) -> float:
-    """The speedup at j blocks removed, if latency falls linearly with depth as it did from 0 to k."""
-    return 1 / (1 - (1 - 1 / measured) * j / k)
+def _saved_per_block(k: int, measured: float) -> float:
+    """The latency fraction saved per block, if latency fell linearly with depth from 0 to k blocks."""
+    return (1 - 1 / measured) / k
 
 
 def _secant_guess(k: int, measured: float, target: float) -> int:
     """Blocks to remove for `target`, if latency falls linearly with depth as it did from 0 to k blocks."""
-    per_block = (1 - 1 / measured) / k  # latency fraction saved per block removed
+    per_block = _saved_per_block(k, measured)
     if per_block <= 0:
         return k + 1
     return math.ceil((1 - 1 / target) / per_block - 1e-9)

@@ -133,16 +133,16 @@ class Plan:
         """A few lines for people."""
         kept = self.blocks_kept
         lines = [(f"plan ({self.strategy}): remove {len(self.drop)} of {self.blocks_original} blocks, "
-                 f"keep {kept}; removed: {_ranges(self.drop) or 'none'}")]
+                 f"keep {kept}; removed: {ranges_text(self.drop) or 'none'}")]
         linear = set().union(*(set(range(s, e)) for s, e in self.spans)) if self.spans else set()
         if self.spans:
             what = {"map": "map folded into", "projection": "refitted MLP projection of"}
-            parts = [f"{_ranges(range(s['start'], s['end']))} -> {what.get(s['form'], s['form'])} block {s['start'] - 1}"
+            parts = [f"{ranges_text(range(s['start'], s['end']))} -> {what.get(s['form'], s['form'])} block {s['start'] - 1}"
                      for s in self.linearize]
             lines.append("linear replacement: " + "; ".join(parts))
         plain = [i for i in self.drop if i not in linear]
         if plain and self.spans:
-            lines.append(f"dropped without replacement: {_ranges(plain)}")
+            lines.append(f"dropped without replacement: {ranges_text(plain)}")
         loss = self.provenance.get("calibration_loss")
         if loss:
             lines.append(f"held-out calibration loss {loss['before']:.4f} -> {loss['after']:.4f}")
@@ -159,19 +159,9 @@ def span_key(start: int, end: int) -> str:
     return f"span.{start}-{end}"
 
 
-def _ranges(indices) -> str:
+def ranges_text(indices) -> str:
     """[3, 4, 5, 9] -> '3-5, 9'."""
-    out, run = [], []
-    for i in sorted(indices):
-        if run and i == run[-1] + 1:
-            run.append(i)
-            continue
-        if run:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}")
-        run = [i]
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}")
-    return ", ".join(out)
+    return ", ".join(f"{s}" if e == s + 1 else f"{s}-{e - 1}" for s, e in runs(indices))
 
 
 def runs(indices) -> list[tuple[int, int]]:

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from compressor.io import write_json
+from compressor.plan import ranges_text
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +69,12 @@ def headline(report: dict) -> str:
     if increase:
         parts.append(", ".join(f"perplexity {name} {v:+.1%}" for name, v in increase.items()))
     removed = report["blocks_removed"]
-    parts.append(f"{len(removed)} of {report['blocks_original']} blocks removed ({_span_text(removed)})")
+    parts.append(f"{len(removed)} of {report['blocks_original']} blocks removed ({ranges_text(removed)})")
     spans = report.get("blocks_linearized") or []
     if spans:
         parts.append("replaced by linear maps: " + ", ".join(
-            _span_text(range(s["start"], s["end"])) + (f" ({s['form']})" if s.get("form") else "") for s in spans))
+            ranges_text(range(s["start"], s["end"])) + (f" ({s['form']})" if s.get("form") else "") for s in spans))
     return "; ".join(parts)
-
-
-def _span_text(indices) -> str:
-    """Block indices as ranges: [3, 5, 6, 7] -> "3, 5-7"."""
-    indices, parts = sorted(indices), []
-    for i in indices:
-        if parts and parts[-1][1] == i - 1:
-            parts[-1][1] = i
-        else:
-            parts.append([i, i])
-    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts)
 
 
 def to_markdown(report: dict) -> str:

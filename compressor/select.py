@@ -29,7 +29,7 @@ import torch
 from compressor.adapters import get_adapter
 from compressor.errors import InvalidPlanError
 from compressor.linearize import FORMS, FitSettings, accumulate, apply_map, fit_provenance, fit_spans
-from compressor.plan import Plan, runs
+from compressor.plan import Plan, ranges_text, runs
 from compressor.progress import status
 from compressor.scoring import Scorer
 
@@ -404,7 +404,7 @@ def search_plans(model, windows: torch.Tensor, ks: list[int], strategy: str = "a
         if chosen.needs_profile:
             profile = job.profile  # computed once, shared by the next variant
         if choices is None or strategy == "auto":
-            status(f"choosing {_ranges_text(ks)} blocks ({strategy}{'' if linear else ', no linear maps'})")
+            status(f"choosing {ranges_text(ks)} blocks ({strategy}{'' if linear else ', no linear maps'})")
             choices = chosen.run(job, ks)
         for k in ks:
             found[(k, linear)] = _finisher(job, strategy, choices[k])
@@ -413,10 +413,6 @@ def search_plans(model, windows: torch.Tensor, ks: list[int], strategy: str = "a
 
 def _finisher(job: _Job, strategy: str, choice: Choice) -> Callable[[], Plan]:
     return lambda: _finish(job, strategy, copy.deepcopy(choice))
-
-
-def _ranges_text(ks: list[int]) -> str:
-    return f"{ks[0]}-{ks[-1]}" if len(ks) > 2 and ks == list(range(ks[0], ks[-1] + 1)) else ", ".join(map(str, ks))
 
 
 def _finish(job: _Job, strategy: str, choice: Choice) -> Plan:

@@ -138,5 +138,7 @@ def test_depth_search_counts_and_respects_known_measurements():
     probed.clear()
     got = search_depth(9, lambda k: probed.append(k) or speedup(k), 1.3, 30, 4, known={10: speedup(10)}, trust=0.03)
     assert got == want and want - 1 in probed
+    # a target no depth reaches: the search ends with None, even when its guess runs into n - 1
+    assert search_depth(28, lambda k: 1.0 + 0.001 * k, 1.5, 30, 4) is None
     # both neighbours known: nothing left to measure
     assert search_depth(5, lambda k: 1 / 0, 1.3, 30, 4, known={7: speedup(7), 8: speedup(8)}) == 8

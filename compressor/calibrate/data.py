@@ -116,11 +116,16 @@ def make_windows(tokenizer, texts: list[str], samples: int, seq_len: int, seed: 
 
     A text too short for `samples` windows is an error, unless `at_most`: then every window it has.
     """
+    return windows_of(token_stream(tokenizer, texts), samples, seq_len, seed, at_most)
+
+
+def windows_of(stream: torch.Tensor, samples: int, seq_len: int, seed: int = 0,
+               at_most: bool = False) -> torch.Tensor:
+    """make_windows() over an already tokenized stream (to draw several sets from one tokenization)."""
     if samples <= 0:
         raise DataError(f"--samples must be at least 1 (got {samples})")
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2 (got {seq_len})")
-    stream = token_stream(tokenizer, texts)
     available = len(stream) // seq_len
     if available == 0:
         raise DataError(f"the text has only {len(stream)} tokens, fewer than one window of {seq_len}: "

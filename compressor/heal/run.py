@@ -109,13 +109,13 @@ def _hold_out(texts: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _windows(tokenizer, train_texts, eval_texts, samples, eval_samples, seq_len, seed):
-    from compressor.calibrate.data import make_windows, token_stream
+    from compressor.calibrate.data import make_windows, token_stream, windows_of
 
     train = make_windows(tokenizer, train_texts, samples, seq_len, seed)
     if eval_samples <= 0:
         return train, None
-    available = len(token_stream(tokenizer, eval_texts)) // seq_len
-    if available == 0:
+    stream = token_stream(tokenizer, eval_texts)
+    if len(stream) < seq_len:
         log.warning("no held-out window of %d tokens: perplexity before/after is not measured", seq_len)
         return train, None
-    return train, make_windows(tokenizer, eval_texts, min(eval_samples, available), seq_len, seed + 1)
+    return train, windows_of(stream, eval_samples, seq_len, seed + 1, at_most=True)
