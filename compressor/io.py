@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -48,11 +49,34 @@ def atomic_dir(out: Path | str, overwrite: bool = False):
         tmp.rename(out)
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path | str):
+    """Yield a temporary sibling path that replaces `path` only if the block finishes without error.
+
+    Readers never see a half-written file, and an interrupted write leaves nothing behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path | str, data) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    """Write `data` as indented JSON, atomically (dataclasses, arrays and paths included)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
 
 
 def _jsonable(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
     if hasattr(obj, "tolist"):
         return obj.tolist()
     if isinstance(obj, Path):
