@@ -149,3 +149,15 @@ def windows_fingerprint(windows: torch.Tensor, attention_mask: torch.Tensor | No
     if attention_mask is not None:
         digest.update(attention_mask.to(torch.int8).contiguous().numpy().tobytes())
     return digest.hexdigest()[:20]
+
+
+def hold_out(texts: list[str], fraction: float) -> tuple[str, str]:
+    """The one data-split rule for calibration, healing and evaluation: the texts joined by blank
+    lines, cut at the last space before the final `fraction` of the characters. Returns (kept,
+    held_out); the held-out text is the end, so it never overlaps what calibration or training saw,
+    and the cut falls between words so no token is split across the two."""
+    if not 0 < fraction < 1:
+        raise DataError(f"the held-out fraction must lie between 0 and 1 (got {fraction})")
+    joined = "\n\n".join(texts)
+    cut = joined.rfind(" ", 0, int(len(joined) * (1 - fraction)))
+    return joined[:cut], joined[cut:]

@@ -223,3 +223,69 @@ def measure_latency_model(model: torch.nn.Module, workload: Workload | None = No
 
 def median(samples: list[float]) -> float:
     return percentile(sorted(samples), 50)
+
+
+# --- choosing the depth: the fewest blocks whose *measured* speedup reaches a target -------------
+
+def parameter_guess(model: torch.nn.Module, n: int, target: float) -> int:
+    """Blocks to remove for `target` if time were proportional to the parameters each token passes
+    through: every block, plus the LM head, which never shrinks (embeddings are a lookup)."""
+    head = model.get_output_embeddings()
+    head_params = head.weight.numel() if head is not None else 0
+    blocks = get_adapter(model).blocks_of(model)
+    block_params = sum(p.numel() for p in blocks.parameters())
+    fixed = head_params / max(head_params + block_params, 1)
+    if 1 / target <= fixed:
+        return max(1, n // 2)  # out of reach by this estimate: measure half the depth, the fit will say
+    return min(n - 1, max(1, math.ceil(n * (1 - (1 / target - fixed) / (1 - fixed)) - 1e-9)))
+
+
+def search_depth(first: int, measure, target: float, n: int, max_probes: int = 4,
+                 known: dict[int, float] | None = None, trust: float = 0.02) -> int | None:
+    """The fewest blocks (of n) whose measured speedup `measure(k)` reaches `target`, starting from
+    the guess `first`; None if no probed depth reached it. Each measurement corrects the per-block
+    gain (a secant step through 0 blocks = 1.0x), and the next probe lies between the deepest depth
+    that fell short and the shallowest that reached the target, so the search goes both ways.
+    `known` holds depths measured before the search (they bound it and count as probes).
+
+    The depth just below the shallowest that reached the target is not measured when the secant
+    through that measurement predicts it falls short by more than `trust` (a fraction of the target):
+    the fitted latency model is within about 1 % on the backends measured, so such a probe would only
+    confirm the miss, at the price of an export and a benchmark."""
+    known = dict(known or {})
+    short = max((k for k, v in known.items() if v < target), default=0)
+    reached = min((k for k, v in known.items() if v >= target), default=None)
+    upper = (reached - 1) if reached is not None else n - 1
+    if short + 1 > upper:
+        return reached
+    k = min(max(first, short + 1), upper)
+    for _ in range(max_probes - len(known)):
+        known[k] = measure(k)
+        if known[k] >= target:
+            reached = k if reached is None else min(reached, k)
+        else:
+            short = max(short, k)
+        upper = (reached - 1) if reached is not None else n - 1
+        guess = secant_guess(k, known[k], target)
+        if short + 1 > upper:
+            break  # the depths on both sides of the target are measured
+        k = min(max(guess, short + 1), upper)  # a guess at or past `reached` checks the depth just below it
+        if reached is not None and k == reached - 1:
+            predicted = 1 / (1 - _saved_per_block(reached, known[reached]) * k)
+            if predicted < target / (1 + trust):
+                log.info("%d blocks would give about %.3fx, short of %.3fx: not measured", k, predicted, target)
+                break
+    return reached
+
+
+def _saved_per_block(k: int, measured: float) -> float:
+    """The latency fraction saved per block, if latency fell linearly with depth from 0 to k blocks."""
+    return (1 - 1 / measured) / k
+
+
+def secant_guess(k: int, measured: float, target: float) -> int:
+    """Blocks to remove for `target`, if latency falls linearly with depth as it did from 0 to k blocks."""
+    per_block = _saved_per_block(k, measured)
+    if per_block <= 0:
+        return k + 1
+    return math.ceil((1 - 1 / target) / per_block - 1e-9)

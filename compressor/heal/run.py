@@ -6,6 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from compressor.calibrate.data import hold_out
 from compressor.errors import CompressorError, DataError
 from compressor.heal.config import HealConfig, HealResult
 from compressor.heal.distributed import launched_world_size
@@ -13,6 +14,8 @@ from compressor.heal.train import heal
 from compressor.io import atomic_dir, cache_dir, check_output
 
 log = logging.getLogger(__name__)
+
+HOLD_OUT = 0.1  # the last tenth of the text scores perplexity before and after healing
 
 
 def heal_checkpoint(student: str | Path, teacher: str | Path, out: str | Path, *, data: Path | None = None,
@@ -49,7 +52,8 @@ def heal_checkpoint(student: str | Path, teacher: str | Path, out: str | Path, *
     if eval_data is not None:
         train_texts, eval_texts = texts, load_texts(eval_data)
     elif eval_samples > 0:
-        train_texts, eval_texts = _hold_out(texts)
+        kept, held = hold_out(texts, HOLD_OUT)
+        train_texts, eval_texts = [kept], [held]
     else:
         train_texts, eval_texts = texts, []
     train_windows, eval_windows = _windows(tokenizer, train_texts, eval_texts, samples, eval_samples,
@@ -96,16 +100,6 @@ def _check_teacher_config(student_src, teacher_src) -> None:
     if problems:
         raise CompressorError("the teacher does not match the student (" + "; ".join(problems) + "): "
                               "pass the unpruned model the student was made from as --teacher")
-
-
-def _hold_out(texts: list[str]) -> tuple[list[str], list[str]]:
-    """The last tenth of the documents (or of the one document's characters) for perplexity."""
-    if len(texts) >= 10:
-        n = len(texts) // 10
-        return texts[:-n], texts[-n:]
-    text = "\n\n".join(texts)
-    cut = int(len(text) * 0.9)
-    return [text[:cut]], [text[cut:]]
 
 
 def _windows(tokenizer, train_texts, eval_texts, samples, eval_samples, seq_len, seed):
