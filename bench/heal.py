@@ -112,20 +112,18 @@ def parse_args():
 
 
 def make_or_read_plan(model, windows, args, work: Path):
-    """The default plan (compressor.select.make_plan, strategy auto), cached in the work directory."""
+    """The default plan (compressor.select.plan_blocks, strategy auto), cached in the work directory."""
     from compressor.plan import read_plan, write_plan
 
     path = work / f"plan-{args.strategy}-{args.drop}.json"
     if path.is_file():
         return read_plan(path), f"{args.strategy} (cached {path.name})"
-    try:
-        from compressor.select import make_plan
-    except ImportError:  # the planner is not there: a fixed late-middle span, said so in the report
-        from compressor.plan import Plan
+    from compressor.calibrate import profile_for
+    from compressor.select import get_strategy, plan_blocks
 
-        return Plan(strategy="fixed", blocks_original=30, drop=list(range(20, 20 + args.drop))), "fixed 20-25"
     start = time.perf_counter()
-    plan = make_plan(model, windows, args.drop, args.strategy)
+    profile = profile_for(model, windows) if get_strategy(args.strategy).needs_profile else None
+    plan = plan_blocks(model, windows, args.drop, args.strategy, profile=profile)[args.drop]
     write_plan(plan, path)
     return plan, f"{args.strategy} ({time.perf_counter() - start:.0f} s to plan)"
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from compressor.plan import Plan, apply_plan_, ranges_text
 from compressor.progress import status
-from compressor.select import SelectSettings, get_strategy, make_plans
+from compressor.select import SelectSettings, get_strategy, plan_blocks
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,10 @@ def compare_strategies(model, windows: torch.Tensor, eval_ids: torch.Tensor, ks:
         profile = profile_for(model, windows)
         result.profile_seconds = time.perf_counter() - start
     for name in strategies:
-        plans = make_plans(model, windows, ks, name, profile, settings, variants=variants)
+        search = plan_blocks(model, windows, ks, name, profile=profile,
+                             settings=replace(settings or SelectSettings(), linear=variants[0]))
+        plans = {(k, linear): variant[k] for linear in variants for variant in [search.with_linear(linear)]
+                 for k in variant}
         for (k, linear), plan in sorted(plans.items()):
             row = _evaluate(model, plan, k, linear, eval_ids, max_length, stride, result.profile_seconds, batch_size)
             result.rows.append(row)

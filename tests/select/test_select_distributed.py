@@ -18,11 +18,12 @@ from conftest import make_tokenizer, tiny_model
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from compressor.calibrate import calibrate
 from compressor.cli.plan import plan as plan_command
 from compressor.linearize import FitSettings, fit_spans
 from compressor.plan import read_plan
 from compressor.scoring import Scorer
-from compressor.select import SelectSettings, make_plan
+from compressor.select import SelectSettings, plan_blocks
 
 # 20 windows: 5 held out (3 + 2 per rank), 15 to fit on (8 + 7); batches of one window, so every
 # window's forward is the same computation in one process and in two.
@@ -39,7 +40,8 @@ def _results(model) -> tuple[dict, dict[str, torch.Tensor]]:
     """What one process (or each rank) computes: plans, losses and maps, as JSON and tensors."""
     ids, data, tensors = _windows(), {}, {}
     for strategy in ("greedy", "auto"):
-        plan = make_plan(model, ids, 2, strategy, settings=SETTINGS)
+        profile = calibrate(model, ids) if strategy == "auto" else None
+        plan = plan_blocks(model, ids, 2, strategy, profile=profile, settings=SETTINGS)[2]
         data[strategy] = plan.to_dict() | {"cost": {k: v for k, v in plan.cost.items() if k not in TIMING}}
         replacements = {s - 1: plan.replacement(s, e) for s, e in plan.spans}
         data[f"{strategy} loss"] = Scorer(model, ids[:5], batch_size=1).loss(plan.drop, replacements)

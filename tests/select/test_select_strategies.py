@@ -3,6 +3,8 @@ against plain forwards of the modified model."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -13,7 +15,7 @@ from compressor.errors import InvalidPlanError
 from compressor.linearize import accumulate, apply_map
 from compressor.plan import apply_plan_
 from compressor.scoring import Scorer
-from compressor.select import STRATEGIES, SelectSettings, get_strategy, make_plan, make_plans
+from compressor.select import STRATEGIES, SelectSettings, get_strategy, plan_blocks
 
 F64 = torch.float64
 
@@ -35,8 +37,8 @@ SMALL = SelectSettings(score_windows=2, candidates=2, first_round=3, spans=2)
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_each_strategy_returns_k_distinct_valid_blocks_deterministically(six, strategy):
     model, ids, profile = six
-    first = make_plan(model, ids, 3, strategy, profile=profile, settings=SMALL)
-    again = make_plan(model, ids, 3, strategy, profile=profile, settings=SMALL)
+    first = plan_blocks(model, ids, 3, strategy, profile=profile, settings=SMALL)[3]
+    again = plan_blocks(model, ids, 3, strategy, profile=profile, settings=SMALL)[3]
     assert len(set(first.drop)) == 3 and all(0 <= i < 6 for i in first.drop)
     assert first.drop == again.drop and first.linearize == again.linearize
     for key, value in first.maps.items():
@@ -49,7 +51,9 @@ def test_each_strategy_returns_k_distinct_valid_blocks_deterministically(six, st
 
 def test_measured_strategies_search_once_for_several_k(six):
     model, ids, profile = six
-    plans = make_plans(model, ids, [1, 2, 4], "greedy", profile, SMALL, variants=(False, True))
+    plain = plan_blocks(model, ids, [1, 2, 4], "greedy", profile=profile, settings=replace(SMALL, linear=False))
+    plans = {(k, linear): search[k] for linear, search in ((False, plain), (True, plain.with_linear(True)))
+             for k in search}
     assert set(plans[(1, False)].drop) < set(plans[(2, False)].drop) < set(plans[(4, False)].drop)
     assert plans[(4, True)].drop == plans[(4, False)].drop
     assert plans[(4, False)].linearize == [] and plans[(4, False)].maps == {}
@@ -59,7 +63,7 @@ def test_measured_strategies_search_once_for_several_k(six):
 
 def test_auto_is_bounded_and_reports_what_it_considered(six):
     model, ids, profile = six
-    plan = make_plan(model, ids, 2, "auto", profile=profile, settings=SMALL)
+    plan = plan_blocks(model, ids, 2, "auto", profile=profile, settings=SMALL)[2]
     search = plan.provenance["search"]
     assert search["chosen"] in {o["kind"] for o in search["considered"]}
     assert search["rounds"][0]["evaluated"] == 3  # the first-round shortlist
@@ -74,7 +78,7 @@ def test_auto_is_bounded_and_reports_what_it_considered(six):
 def test_auto_falls_back_to_plain_removal_where_maps_cannot_fold():
     model = tiny_model("gemma2", num_hidden_layers=5)
     ids = windows(8)
-    plan = make_plan(model, ids, 2, "auto", profile=calibrate(model, ids), settings=SMALL)
+    plan = plan_blocks(model, ids, 2, "auto", profile=calibrate(model, ids), settings=SMALL)[2]
     assert plan.linearize == [] and len(plan.drop) == 2
     assert "post_feedforward_layernorm" in plan.provenance["note"]
     apply_plan_(model, plan)
@@ -84,7 +88,7 @@ def test_auto_falls_back_to_plain_removal_where_maps_cannot_fold():
 def test_bad_k_and_unknown_strategy_are_refused(six):
     model, ids, profile = six
     with pytest.raises(InvalidPlanError, match="from 1 to 5"):
-        make_plan(model, ids, 6, "angular", profile=profile)
+        plan_blocks(model, ids, 6, "angular", profile=profile)
     with pytest.raises(InvalidPlanError) as exc:
         get_strategy("best")
     assert all(name in str(exc.value) for name in STRATEGIES)
