@@ -1,0 +1,110 @@
+"""Input statistics of a graph's MatMuls, measured by running the fp32 ONNX graph itself.
+
+Working on the graph (not the torch model) means the statistics belong to exactly the nodes being
+quantized, whatever exporter wrote them (the ORT builder fuses q/k/v into one MatMul, ours does
+not): the input of each MatMul is added as a graph output and X^T X is summed over the
+calibration tokens.
+
+Outlier tokens: SmolLM2-like models put a hidden state 100x larger than the rest on the first
+token of every window (../shared/FINDINGS.md). Summed squares let that one token dominate X^T X,
+so GPTQ would spend its error budget on one position. `skip_first` leaves the first `skip_first`
+positions of each window out of the sums (they still run, so later tokens see them).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from compressor.errors import DataError
+from compressor.progress import track
+
+log = logging.getLogger(__name__)
+
+
+def head_size(graph) -> int | None:
+    """The KV-cache head size of a builder-style graph, whose cache shape leaves it symbolic.
+
+    Read from the first GroupQueryAttention: its query comes from a MatMul of width
+    (num_heads + 2 * kv_num_heads) * head_size when q, k and v are packed, num_heads * head_size if not.
+    """
+    from onnx import helper
+
+    producer = {o: n for n in graph.node for o in n.output}
+    widths = {t.name: t.dims[-1] for t in graph.initializer if len(t.dims) == 2}
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        src = producer.get(node.input[0])
+        while src is not None and src.op_type != "MatMul" and src.input:
+            src = producer.get(src.input[0])
+        if src is None or src.input[1] not in widths:
+            return None
+        packed = len(node.input) < 2 or not node.input[1]
+        heads = attrs["num_heads"] + (2 * attrs["kv_num_heads"] if packed else 0)
+        return int(widths[src.input[1]] // heads)
+    return None
+
+
+def _feeds(session, ids: np.ndarray, head: int | None = None) -> dict:
+    """Inputs for one prefill with an empty KV cache, for Optimum- or builder-style graphs.
+
+    The cache's sequence dim (third) is 0; a symbolic last dim is the head size `head`."""
+    batch, seq = ids.shape
+    feeds = {}
+    for inp in session.get_inputs():
+        name = inp.name
+        if name == "input_ids":
+            feeds[name] = ids.astype(np.int64)
+        elif name == "attention_mask":
+            feeds[name] = np.ones((batch, seq), dtype=np.int64)
+        elif name == "position_ids":
+            feeds[name] = np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
+        elif name.startswith("past_key_values"):
+            shape = [d if isinstance(d, int) else 0 for d in inp.shape]
+            shape[0], shape[2] = batch, 0
+            if not isinstance(inp.shape[3], int):
+                shape[3] = head or 0
+            dtype = np.float16 if "float16" in inp.type else np.float32
+            feeds[name] = np.zeros(shape, dtype=dtype)
+        else:
+            raise DataError(f"cannot calibrate a graph with input {name!r}: export a causal LM graph")
+    return feeds
+
+
+def input_hessians(model, inputs: list[str], windows, skip_first: int = 1) -> tuple[dict[str, np.ndarray], int]:
+    """X^T X (float64, [K, K]) of each tensor in `inputs` over the calibration windows.
+
+    model: an onnx.ModelProto (weights loaded); windows: LongTensor or array [n, seq].
+    Returns the sums and the number of tokens counted.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    ids = np.asarray(windows.cpu().numpy() if hasattr(windows, "cpu") else windows)
+    if ids.ndim != 2 or ids.shape[1] <= skip_first:
+        raise DataError(f"calibration windows must be [n, seq] with seq > {skip_first}, got {ids.shape}")
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in inputs:
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    del probe
+    head = head_size(model.graph)
+    sums: dict[str, np.ndarray] = {}
+    tokens = 0
+    for row in track(range(ids.shape[0]), description="calibrating"):
+        outs = session.run(inputs, _feeds(session, ids[row : row + 1], head))
+        for name, x in zip(inputs, outs, strict=True):
+            x = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])[skip_first:]
+            acc = sums.get(name)
+            sums[name] = x.T @ x if acc is None else acc + x.T @ x
+        tokens += ids.shape[1] - skip_first
+    log.info("calibration: %d tokens through %d MatMul inputs", tokens, len(inputs))
+    return sums, tokens

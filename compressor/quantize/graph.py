@@ -1,0 +1,205 @@
+"""quantize_onnx: replace an fp32 graph's constant-weight MatMuls by MatMulNBits nodes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from compressor.errors import CompressorError, require
+from compressor.progress import status, track
+from compressor.quantize import blockwise
+from compressor.quantize.calibration import input_hessians
+from compressor.quantize.config import QuantConfig, QuantConfigError, QuantSummary
+
+log = logging.getLogger(__name__)
+
+# Ops that pass the logits through unchanged in meaning (bias, scaling, casts, reshapes): walking
+# back over them from the "logits" output finds the output projection in any exporter's graph.
+_PASS_THROUGH = {"Add", "Mul", "Div", "Cast", "Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze"}
+
+
+def _weight_matmuls(graph) -> dict[str, object]:
+    """MatMul nodes whose second input is a 2-D float initializer, by node name."""
+    from onnx import TensorProto
+
+    inits = {t.name: t for t in graph.initializer}
+    out = {}
+    for i, node in enumerate(graph.node):
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        t = inits.get(node.input[1])
+        if t is not None and len(t.dims) == 2 and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            if not node.name:
+                node.name = f"MatMul_{i}"
+            out[node.name] = node
+    return out
+
+
+def output_projection(graph, candidates: dict) -> str | None:
+    """Name of the MatMul that produces the graph's logits (the lm_head), if there is one."""
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = [o.name for o in graph.output]
+    name = "logits" if "logits" in outputs else (outputs[0] if outputs else None)
+    seen = 0
+    while name in producer and seen < 16:
+        node = producer[name]
+        if node.name in candidates and node.op_type == "MatMul":
+            return node.name
+        if node.op_type not in _PASS_THROUGH:
+            return None
+        name, seen = node.input[0], seen + 1
+    return None
+
+
+def plan_bits(config: QuantConfig, graph, candidates: dict) -> tuple[dict[str, int], list[str]]:
+    """Bits per candidate MatMul under config.keep_int8, and notes on the choice."""
+    bits = {name: config.bits for name in candidates}
+    notes = []
+    keep = config.keep_int8.strip()
+    if config.bits == 8 or keep == "none":
+        return bits, notes
+    if keep in ("lm_head", "auto"):
+        head = output_projection(graph, candidates)
+        if head is None:
+            notes.append("keep_int8: no MatMul produces the logits; every MatMul is 4-bit")
+        else:
+            bits[head] = 8
+        return bits, notes
+    names = [n.strip() for n in keep.split(",") if n.strip()]
+    unknown = [n for n in names if n not in candidates]
+    if unknown:
+        raise QuantConfigError(
+            f"keep_int8 names {', '.join(unknown[:3])} are not weight MatMuls of this graph; "
+            f"use 'none', 'lm_head', 'auto' or names such as {next(iter(candidates), '?')}"
+        )
+    bits.update({n: 8 for n in names})
+    return bits, notes
+
+
+def _nbits_node(node, q: blockwise.BlockQuant, weight, config: QuantConfig, graph):
+    """A MatMulNBits node (and its initializers, appended to graph) computing what `node` did."""
+    from onnx import helper, numpy_helper
+
+    packed, scales, zp = blockwise.pack(q)
+    dtype = np.float16 if weight.dtype == np.float16 else np.float32
+    base = node.input[1]
+    names = [f"{base}_Q{q.bits}", f"{base}_scales"]
+    graph.initializer.extend(
+        [numpy_helper.from_array(packed, names[0]), numpy_helper.from_array(scales.astype(dtype), names[1])]
+    )
+    if zp is not None:
+        names.append(f"{base}_zero_points")
+        graph.initializer.append(numpy_helper.from_array(zp, names[2]))
+    k, n = weight.shape
+    new = helper.make_node(
+        "MatMulNBits",
+        [node.input[0], *names],
+        list(node.output),
+        name=f"{node.name}_Q{q.bits}",
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=q.bits,
+        block_size=q.block_size,
+        accuracy_level=config.accuracy_level,
+    )
+    return new, packed.nbytes + scales.nbytes + (zp.nbytes if zp is not None else 0)
+
+
+def _load(src: Path):
+    onnx = require("onnx", "onnx", "quantizing ONNX graphs")
+    if not src.is_file():
+        raise CompressorError(f"{src} is not an ONNX file: pass the model.onnx of an fp32 export")
+    try:
+        return onnx.load(str(src))
+    except Exception as exc:  # onnx raises DecodeError / ValidationError / OSError here
+        raise CompressorError(f"cannot read {src} as ONNX ({exc}): export it again") from None
+
+
+def _save(model, dst: Path) -> None:
+    """Write dst (+ dst.data with the weights) so that readers never see half a model."""
+    import onnx
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    data = dst.name + ".data"
+    try:
+        onnx.save(model, str(tmp / dst.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=data, size_threshold=1024)
+        if (tmp / data).exists():
+            os.replace(tmp / data, dst.parent / data)
+        os.replace(tmp / dst.name, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def quantize_onnx(src: Path, dst: Path, config: QuantConfig, calibration=None) -> QuantSummary:
+    """Quantize the weights of every constant-weight MatMul in `src` to MatMulNBits and write `dst`.
+
+    calibration: token windows (LongTensor [n, seq]) used by "gptq"/"auto" to weight each MatMul's
+    rounding error by its real inputs. Embeddings (Gather) and other ops stay as they are.
+    """
+    from onnx import numpy_helper
+
+    config.validate()
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise CompressorError(f"quantize_onnx would overwrite its source {src}: choose another dst")
+    algorithm = config.resolved_algorithm(calibration is not None)
+    start = time.perf_counter()
+    status(f"quantizing {src.name} ({config.bits}-bit {algorithm})")
+    model = _load(src)
+    graph = model.graph
+    candidates = _weight_matmuls(graph)
+    if not candidates:
+        raise CompressorError(f"{src} has no MatMul with a constant weight: nothing to quantize")
+    bits, notes = plan_bits(config, graph, candidates)
+    summary = QuantSummary(config=config.to_dict(), algorithm=algorithm, notes=notes)
+    hessians = {}
+    if algorithm == "gptq":
+        t0 = time.perf_counter()
+        inputs = sorted({node.input[0] for node in candidates.values()})
+        hessians, summary.calibration_tokens = input_hessians(model, inputs, calibration)
+        summary.calibration_seconds = time.perf_counter() - t0
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    replaced: dict[str, object] = {}
+    for name in track(list(candidates), description="quantizing MatMuls"):
+        node = candidates[name]
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        w32 = weight.astype(np.float32)
+        h = hessians.get(node.input[0])
+        if h is not None:
+            q = blockwise.gptq(w32, h, bits[name], config.block_size, config.symmetric)
+        else:
+            q = blockwise.rtn(w32, bits[name], config.block_size, config.symmetric)
+        replaced[name], size = _nbits_node(node, q, weight, config, graph)
+        summary.nodes[name] = bits[name]
+        summary.bytes_before += weight.nbytes
+        summary.bytes_after += size
+        uses[node.input[1]] -= 1
+    new_nodes = [replaced.get(n.name, n) for n in graph.node]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    # A weight another node still reads (a tied embedding's Transpose) stays as it is.
+    dead = {inits[c.input[1]].name for c in candidates.values() if uses[c.input[1]] == 0}
+    kept = [t for t in graph.initializer if t.name not in dead]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        from onnx import helper
+
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _save(model, dst)
+    summary.seconds = time.perf_counter() - start
+    log.info("quantized %d MatMuls (%s) in %.1f s", len(summary.nodes), algorithm, summary.seconds)
+    return summary

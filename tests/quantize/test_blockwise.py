@@ -1,0 +1,87 @@
+"""Block quantization formulas, checked against direct numpy arithmetic."""
+
+import numpy as np
+import pytest
+
+from compressor.quantize import blockwise
+
+
+def _weight(k=80, n=12, seed=0):
+    return np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
+
+
+def _blocks(w, bs):
+    """[K, N] -> [N, n_blocks, bs] with zero padding, written out independently of the module."""
+    k, n = w.shape
+    nb = -(-k // bs)
+    out = np.zeros((n, nb * bs), dtype=np.float32)
+    out[:, :k] = w.T
+    return out.reshape(n, nb, bs)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_error_within_half_a_step(bits, symmetric):
+    w = _weight()
+    q = blockwise.rtn(w, bits, 32, symmetric)
+    blocks = _blocks(w, 32)
+    if symmetric:  # the value of largest magnitude maps to the bottom code
+        m = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+        scale = m / -(2 ** (bits - 1))
+    else:
+        scale = (np.maximum(blocks.max(-1), 0) - np.minimum(blocks.min(-1), 0)) / (2**bits - 1)
+    np.testing.assert_allclose(q.scales, scale, rtol=1e-6)
+    err = np.abs(_blocks(q.dequantize(), 32) - blocks)
+    step = np.broadcast_to(np.abs(scale)[..., None], err.shape)
+    # The symmetric grid has one code fewer above zero (in units of scale): values past it clip.
+    clipped = blocks / scale[..., None] > 2 ** (bits - 1) - 0.5 if symmetric else np.zeros_like(err, bool)
+    assert np.all(err[~clipped] <= (step / 2 * (1 + 1e-5) + 1e-7)[~clipped])
+    assert np.all(err[clipped] <= (step * (1 + 1e-5))[clipped])
+    assert q.codes.max() <= 2**bits - 1
+    assert q.dequantize().shape == w.shape
+
+
+def test_pack_nibbles_low_first():
+    w = _weight(64, 3)
+    q = blockwise.rtn(w, 4, 32, symmetric=False)
+    packed, scales, zp = blockwise.pack(q)
+    assert packed.shape == (3, 2, 16) and scales.shape == (3, 2) and zp.shape == (3, 1)
+    np.testing.assert_array_equal(packed & 0xF, q.codes[..., 0::2])
+    np.testing.assert_array_equal(packed >> 4, q.codes[..., 1::2])
+    np.testing.assert_array_equal(zp[:, 0] & 0xF, q.zero_points[:, 0])
+    np.testing.assert_array_equal(zp[:, 0] >> 4, q.zero_points[:, 1])
+
+
+def _hessian(k, tokens=512, seed=1):
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((k, k)) / np.sqrt(k)  # correlated inputs, as real activations are
+    x = rng.standard_normal((tokens, k)) @ mix + 0.3 * rng.standard_normal((tokens, k))
+    return x, x.T @ x
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_lowers_output_error_against_rtn(bits):
+    w = _weight(96, 40)
+    x, h = _hessian(96)
+    ref = x @ w
+    err_rtn = np.linalg.norm(x @ blockwise.rtn(w, bits, 32, True).dequantize() - ref)
+    err_gptq = np.linalg.norm(x @ blockwise.gptq(w, h, bits, 32, True).dequantize() - ref)
+    assert err_gptq < 0.9 * err_rtn
+
+
+def test_gptq_with_uncorrelated_inputs_is_rtn():
+    """With H = c * I there is no error to push onto other rows: GPTQ reduces to round-to-nearest."""
+    w = _weight(70, 9)
+    for symmetric in (True, False):
+        g = blockwise.gptq(w, 5.0 * np.eye(70), 4, 32, symmetric, damp=0.0)
+        r = blockwise.rtn(w, 4, 32, symmetric)
+        np.testing.assert_array_equal(g.codes, r.codes)
+        np.testing.assert_allclose(g.scales, r.scales, rtol=1e-6)
+
+
+def test_gptq_handles_dead_inputs():
+    w = _weight(64, 8)
+    x, h = _hessian(64)
+    h[5, :] = h[:, 5] = 0  # an input that is always zero
+    q = blockwise.gptq(w, h, 4, 32, True)
+    assert np.all(np.isfinite(q.dequantize()))
