@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compressor.errors import UnsupportedArchitectureError
+from compressor.errors import InvalidPlanError, UnsupportedArchitectureError
 
 
 def _opt_post_norm(config) -> str | None:
@@ -88,6 +88,10 @@ _ROWS = [
             fold_refusal="Granite scales each branch by residual_multiplier before the residual"),
     Adapter("gemma2", ("gemma2", "gemma3_text", "olmo2", "olmo3"), "model.layers", "mlp.down_proj",
             layer_idx=("", "self_attn"), norm="sandwich", fold_refusal=_SANDWICH),
+    # Gemma 3 with its vision tower (Gemma3ForConditionalGeneration): the text blocks sit one level
+    # deeper, and their config fields live in config.text_config (surgery updates both configs).
+    Adapter("gemma3", ("gemma3",), "model.language_model.layers", "mlp.down_proj",
+            layer_idx=("", "self_attn"), norm="sandwich", fold_refusal=_SANDWICH),
 ]
 
 # Families whose row differs only in details the row above does not need.
@@ -121,3 +125,12 @@ def get_adapter(model_or_config) -> Adapter:
         raise UnsupportedArchitectureError(
             f"architecture '{model_type}' is not supported; supported: {', '.join(supported())}"
         ) from None
+
+
+def check_foldable(model, what: str, remedy: str) -> None:
+    """Refuse, naming the adapter's reason and `remedy`, when `model` cannot hold a linear map folded
+    into its MLP output projections (the one place this refusal is worded)."""
+    reason = get_adapter(model).why_no_fold(model.config)
+    if reason:
+        raise InvalidPlanError(f"cannot {what}: {model.config.model_type} cannot fold a linear map into its MLP "
+                               f"output projection ({reason}); {remedy}")

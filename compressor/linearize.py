@@ -137,8 +137,9 @@ def token_mask(shape, attention_mask: torch.Tensor | None, tensors: Iterable[tor
     return keep
 
 
-class _Stop(Exception):
-    """Raised once every hidden state a fit needs has been seen."""
+class StopForward(Exception):
+    """Raised by a forward hook once every hidden state a caller needs has been seen: the forward
+    ends there (the caller catches it), so the blocks after it and the head do not run."""
 
 
 def _hidden(output):
@@ -229,7 +230,7 @@ def _stream(model, windows, pairs, settings: FitSettings, attention_mask, drop: 
         def hook(module, args, output):
             seen[f"h{i}"] = _hidden(output).detach().clone()  # some blocks update in place
             if i == deepest:
-                raise _Stop
+                raise StopForward
 
         return hook
 
@@ -269,7 +270,7 @@ def _stream(model, windows, pairs, settings: FitSettings, attention_mask, drop: 
                     try:
                         model(input_ids=ids.to(device), use_cache=False,
                               **({} if mask is None else {"attention_mask": mask.to(device)}))
-                    except _Stop:
+                    except StopForward:
                         pass
                 for o, c in pairs:
                     _add(eqs[(o, c)], seen[f"m{o}"], seen[f"h{o}"], seen[f"h{c}"], mask, settings, seen.get(f"a{o}"))
@@ -383,36 +384,6 @@ def _readout(proj) -> torch.Tensor:
 
 def _input_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
-def linear_spans(model, blocks) -> tuple[list[int], list[tuple[int, int]]]:
-    """Validate blocks to replace ("12-15" or indices): (sorted blocks, runs as [s, e)) or a refusal."""
-    from compressor.plan import runs
-    from compressor.surgery import parse_blocks
-
-    adapter = get_adapter(model)
-    drop = parse_blocks(blocks, adapter.num_blocks(model))
-    reason = adapter.why_no_fold(model.config)
-    if reason:
-        raise InvalidPlanError(f"cannot replace blocks by a linear map in {model.config.model_type}: {reason}; "
-                               "use `compress prune --blocks` to drop them instead")
-    spans = runs(drop)
-    if spans[0][0] == 0:
-        raise InvalidPlanError(f"blocks {spans[0][0]}-{spans[0][1] - 1} start at block 0: there is no earlier MLP "
-                               "projection to fold a map into; use `compress prune --blocks` for them")
-    return drop, spans
-
-
-def linear_plan(model, blocks, windows: torch.Tensor, settings: FitSettings | None = None,
-                attention_mask: torch.Tensor | None = None):
-    """A plan replacing the given blocks ("12-15", or indices) by fitted maps, one per run."""
-    from compressor.plan import Plan
-
-    drop, spans = linear_spans(model, blocks)
-    settings = settings or FitSettings()
-    fits = fit_spans(model, windows, drop, spans, settings, attention_mask)
-    return Plan.from_fits("manual", get_adapter(model).num_blocks(model), drop, fits,
-                          provenance={"fit": fit_provenance(settings, fits)})
-
-
 def fit_provenance(settings: FitSettings, fits: list[SpanFit]) -> dict:
     return {"form": settings.form, "ridge": settings.ridge, "exclude_first_token": settings.exclude_first,
             "outlier_factor": settings.outlier_factor, "spans": [f.provenance() for f in fits]}

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from compressor.adapters import get_adapter
+from compressor.adapters import check_foldable, get_adapter
 from compressor.errors import InvalidPlanError
-from compressor.surgery import drop_blocks_, fold_linear_, set_projection_
+from compressor.linearize import FitSettings, Projection, fit_provenance, fit_spans
+from compressor.surgery import drop_blocks_, fold_linear_, parse_blocks, set_projection_
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,6 @@ class Plan:
     @classmethod
     def from_fits(cls, strategy: str, blocks_original: int, drop, fits, provenance=None, cost=None) -> Plan:
         """A plan from `compressor.linearize.SpanFit`s (their replacements become the maps)."""
-        from compressor.linearize import Projection
-
         maps: dict[str, torch.Tensor] = {}
         for f in fits:
             if isinstance(f.replacement, Projection):
@@ -73,8 +72,6 @@ class Plan:
 
     def replacement(self, start: int, end: int):
         """The span's map T (a tensor) or refitted projection (`compressor.linearize.Projection`)."""
-        from compressor.linearize import Projection
-
         form = next(s["form"] for s in self.linearize if (s["start"], s["end"]) == (start, end))
         if form == "projection":
             return Projection(self.maps[f"proj.{start}-{end}.weight"], self.maps.get(f"proj.{start}-{end}.bias"))
@@ -235,12 +232,7 @@ def apply_plan_(model: torch.nn.Module, plan: Plan) -> None:
     adapter = get_adapter(model)
     plan.validate(adapter.num_blocks(model))
     if plan.spans:
-        reason = adapter.why_no_fold(model.config)
-        if reason:
-            raise InvalidPlanError(f"this plan replaces spans by linear maps, which {model.config.model_type} "
-                                   f"cannot hold ({reason}): make a plan with --no-linear")
-    from compressor.linearize import Projection
-
+        check_foldable(model, "apply a plan with linear replacements", "make a plan with --no-linear")
     for s, e in plan.spans:
         replacement = plan.replacement(s, e)
         if isinstance(replacement, Projection):
@@ -249,3 +241,26 @@ def apply_plan_(model: torch.nn.Module, plan: Plan) -> None:
             fold_linear_(model, s - 1, replacement)
     drop_blocks_(model, plan.drop, linearized=[{"start": s, "end": e} for s, e in plan.spans])
     log.info("applied plan: %s", plan.summary().splitlines()[0])
+
+
+# --- a plan from blocks the user names (compress linearize) -----------------------------------
+
+def linear_spans(model, blocks) -> tuple[list[int], list[tuple[int, int]]]:
+    """Validate blocks to replace ("12-15" or indices): (sorted blocks, runs as [s, e)) or a refusal."""
+    drop = parse_blocks(blocks, get_adapter(model).num_blocks(model))
+    check_foldable(model, "replace blocks by a linear map", "use `compress prune --blocks` to drop them instead")
+    spans = runs(drop)
+    if spans[0][0] == 0:
+        raise InvalidPlanError(f"blocks {spans[0][0]}-{spans[0][1] - 1} start at block 0: there is no earlier MLP "
+                               "projection to fold a map into; use `compress prune --blocks` for them")
+    return drop, spans
+
+
+def linear_plan(model, blocks, windows: torch.Tensor, settings: FitSettings | None = None,
+                attention_mask: torch.Tensor | None = None):
+    """A plan replacing the given blocks ("12-15", or indices) by fitted maps, one per run."""
+    drop, spans = linear_spans(model, blocks)
+    settings = settings or FitSettings()
+    fits = fit_spans(model, windows, drop, spans, settings, attention_mask)
+    return Plan.from_fits("manual", get_adapter(model).num_blocks(model), drop, fits,
+                          provenance={"fit": fit_provenance(settings, fits)})

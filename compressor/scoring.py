@@ -22,7 +22,8 @@ from collections.abc import Iterable
 import torch
 
 from compressor.adapters import get_adapter
-from compressor.linearize import _Stop, modified
+from compressor.evaluate.loss import next_token_nll, real_targets
+from compressor.linearize import StopForward, modified
 from compressor.parallel import all_reduce_sum, shard
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,9 @@ class Scorer:
         device = self.model.get_input_embeddings().weight.device
         kwargs = {} if mask is None else {"attention_mask": mask.to(device)}
         logits = self.model(input_ids=ids.to(device), use_cache=False, **kwargs).logits
-        targets = ids[:, 1:].to(logits.device)
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
+        nll = next_token_nll(logits, ids)
         if mask is not None:
-            real = (mask[:, 1:] * mask[:, :-1]).flatten().to(nll.device).bool()
+            real = real_targets(mask).to(nll.device)
             return float(nll[real].sum()), int(real.sum())
         return float(nll.sum()), nll.numel()
 
@@ -99,7 +98,7 @@ class Scorer:
             return hook
 
         def stop_hook(module, args, output):
-            raise _Stop
+            raise StopForward
 
         handles = []
         try:
@@ -114,7 +113,7 @@ class Scorer:
                     try:
                         self.model(input_ids=ids.to(device), use_cache=False,
                                    **({} if mask is None else {"attention_mask": mask.to(device)}))
-                    except _Stop:
+                    except StopForward:
                         pass
         finally:
             for h in handles:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-from compressor.adapters import get_adapter
+from compressor.adapters import check_foldable, get_adapter
 from compressor.errors import InvalidPlanError
 
 log = logging.getLogger(__name__)
@@ -117,11 +117,8 @@ def save_checkpoint(model, tokenizer, out) -> None:
 
 def _foldable_projection(model: torch.nn.Module, block_index: int, action: str) -> torch.nn.Module:
     """Block `block_index`'s MLP output projection, or a refusal naming why it cannot be changed."""
+    check_foldable(model, f"{action} block {block_index}", "drop the blocks without a linear replacement instead")
     adapter = get_adapter(model)
-    reason = adapter.why_no_fold(model.config)
-    if reason:
-        raise InvalidPlanError(f"cannot {action} {model.config.model_type}: {reason}; "
-                               "drop the blocks without a linear replacement instead")
     blocks = adapter.blocks_of(model)
     if not 0 <= block_index < len(blocks):
         raise InvalidPlanError(f"block {block_index} is out of range: the model has blocks 0-{len(blocks) - 1}")

@@ -46,6 +46,24 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 
+def tiny_gemma3_multimodal(seed: int = 0, num_hidden_layers: int = 3):
+    """A tiny Gemma3ForConditionalGeneration (a 1-layer vision tower; text blocks at
+    model.language_model.layers, their config in config.text_config). Not in TINY_CONFIGS: the
+    `arch` fixture's tests (export among them) are about text-only models."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(_KV, num_hidden_layers=num_hidden_layers, sliding_window=16)
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 28, "patch_size": 14}
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "emb" not in name:
+                p.mul_(2.0)
+    return model.eval()
+
+
 def tiny_model(model_type: str, seed: int = 0, **overrides):
     """A tiny random CausalLM of the given architecture, in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM

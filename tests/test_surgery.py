@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, tiny_model
+from conftest import TINY_CONFIGS, tiny_gemma3_multimodal, tiny_model
 from transformers import AutoModelForCausalLM
 
 from compressor.adapters import ADAPTERS, get_adapter
 from compressor.errors import InvalidPlanError, UnsupportedArchitectureError
-from compressor.surgery import drop_blocks_, parse_blocks, save_checkpoint
+from compressor.surgery import drop_blocks_, fold_linear_, parse_blocks, save_checkpoint
 
 
 def greedy_without_cache(model, ids, steps):
@@ -21,7 +21,33 @@ def greedy_without_cache(model, ids, steps):
 
 def test_every_adapter_row_has_a_tiny_config():
     assert set(ADAPTERS) <= set(TINY_CONFIGS) | {
+        "gemma3",  # multimodal: tiny_gemma3_multimodal, tested below
         "ministral", "ministral3", "glm", "helium", "arcee", "olmo3"}
+
+
+def test_gemma3_multimodal_blocks_are_found_and_dropped_under_text_config():
+    """Gemma3ForConditionalGeneration keeps its text blocks at model.language_model.layers and their
+    config in text_config; before its adapter row, this raised a raw AttributeError (model.layers)."""
+    model = tiny_gemma3_multimodal(num_hidden_layers=3)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    layers = model.model.language_model.layers
+    assert list(get_adapter(model).blocks_of(model)) == list(layers)
+
+    def skip(module, args, kwargs, output):  # block 1 as the identity: its input passes through
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = layers[1].register_forward_hook(skip, with_kwargs=True)
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+    handle.remove()
+    drop_blocks_(model, [1])
+    assert model.config.text_config.num_hidden_layers == 2 and len(model.config.text_config.layer_types) == 2
+    assert [b.self_attn.layer_idx for b in model.model.language_model.layers] == [0, 1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, expected)
+    with pytest.raises(InvalidPlanError, match="post_feedforward_layernorm"):
+        fold_linear_(model, 0, torch.eye(32))
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))

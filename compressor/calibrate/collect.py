@@ -29,13 +29,10 @@ from compressor.adapters import get_adapter
 from compressor.calibrate.metrics import angular_distance
 from compressor.calibrate.stats import F64, Stats
 from compressor.errors import UnsupportedArchitectureError
+from compressor.linearize import StopForward
 from compressor.progress import track
 
 log = logging.getLogger(__name__)
-
-
-class _StopForward(Exception):
-    """Raised by the last block's hook: nothing after it is needed."""
 
 
 class Collector:
@@ -93,7 +90,7 @@ class Collector:
             self._state(index + 1, y)
             self._block(index)
             if index == self.L - 1 and self.stop_early:
-                raise _StopForward
+                raise StopForward
 
         return hook
 
@@ -115,7 +112,7 @@ class Collector:
             kwargs["attention_mask"] = mask.to(device=device, dtype=torch.long)
         try:
             model(**kwargs)
-        except _StopForward:
+        except StopForward:
             pass
         if len(self._last) != self.L + 1:
             raise UnsupportedArchitectureError(

@@ -38,9 +38,9 @@ def linearize(
     from compressor.calibrate import load_texts, make_windows
     from compressor.errors import InvalidPlanError
     from compressor.io import atomic_dir, check_output
-    from compressor.linearize import FORMS, FitSettings, linear_plan, linear_spans
+    from compressor.linearize import FORMS, FitSettings
     from compressor.loading import load_model
-    from compressor.plan import apply_plan_
+    from compressor.plan import apply_plan_, linear_plan, linear_spans
     from compressor.surgery import save_checkpoint
 
     if form not in FORMS:

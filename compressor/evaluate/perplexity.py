@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from compressor.errors import DataError
+from compressor.evaluate.loss import next_token_nll
 from compressor.progress import track
 
 log = logging.getLogger(__name__)
@@ -96,10 +97,8 @@ def perplexity(
 
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor, first: int) -> float:
-    """Sum of NLLs of ids[first:] given logits [T, V] of one window (position t-1 predicts t)."""
-    logp = torch.log_softmax(logits[first - 1:-1].float(), dim=-1)
-    picked = logp.gather(-1, ids[first:].unsqueeze(-1)).squeeze(-1)
-    return -float(picked.double().sum())
+    """Sum of NLLs of ids[first:] given logits [T, V] of one window (summed in float64)."""
+    return float(next_token_nll(logits, ids, first).double().sum())
 
 
 def logits_function(model_or_runner):

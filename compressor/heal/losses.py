@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from compressor.adapters import get_adapter
+from compressor.evaluate.loss import next_token_nll
 
 _NEG = -1e4  # a finite "log 0": keeps 0 * log(0) terms at 0 with finite gradients
 
@@ -58,7 +59,7 @@ def topk_kd_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, t
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy, averaged over the T-1 predicted positions of each window."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten())
+    return next_token_nll(logits, input_ids, reduction="mean")
 
 
 def hidden_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

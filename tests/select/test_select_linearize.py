@@ -18,10 +18,9 @@ from compressor.linearize import (
     accumulate,
     fit_spans,
     folded_outputs,
-    linear_plan,
     token_mask,
 )
-from compressor.plan import apply_plan_
+from compressor.plan import apply_plan_, linear_plan
 from compressor.surgery import drop_blocks_, fold_linear_, save_checkpoint, set_projection_
 
 F64 = torch.float64

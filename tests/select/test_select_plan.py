@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_model
 
 from compressor.errors import InvalidPlanError
-from compressor.linearize import FitSettings, linear_plan
-from compressor.plan import Plan, apply_plan_, read_plan, runs, write_plan
+from compressor.linearize import FitSettings
+from compressor.plan import Plan, apply_plan_, linear_plan, read_plan, runs, write_plan
 
 
 def windows(n=8, t=16, seed=0):

@@ -11,9 +11,8 @@ from transformers import AutoModelForCausalLM
 from compressor.calibrate import load_texts, make_windows
 from compressor.errors import ModelLoadError
 from compressor.info import count_parameters
-from compressor.linearize import linear_plan
 from compressor.loading import load_model
-from compressor.plan import apply_plan_
+from compressor.plan import apply_plan_, linear_plan
 from compressor.surgery import drop_blocks_, save_checkpoint
 
 pytestmark = pytest.mark.smollm2

@@ -1,0 +1,29 @@
+"""Next-token loss: the one definition every score in compressor uses.
+
+Position t - 1 predicts token t. Perplexity (`compressor.evaluate.perplexity`), the selection
+scorer (`compressor.scoring`), healing's language-model loss and held-out perplexity all call
+`next_token_nll`, so a loss measured while planning, one minimized while healing and one reported
+are the same quantity. Logits are upcast to float32 first: half-precision log-softmax over a
+vocabulary of 50k loses the small differences between candidate plans.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, first: int = 1, reduction: str = "none") -> torch.Tensor:
+    """NLL (nats) of ids[..., first:] given logits [..., T, V] of the same windows.
+
+    reduction "none": one value per scored token, flattened over the leading dimensions
+    (shape [prod(...) * (T - first)]); "sum" or "mean": over all of them (as F.cross_entropy).
+    """
+    scored = logits[..., first - 1:-1, :].float()
+    targets = ids[..., first:].to(logits.device)
+    return F.cross_entropy(scored.flatten(0, -2), targets.flatten(), reduction=reduction)
+
+
+def real_targets(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Flat bool [B * (T - 1)]: the predictions whose context token and target are both real (not padding)."""
+    return (attention_mask[:, 1:] * attention_mask[:, :-1]).flatten().bool()
