@@ -107,7 +107,7 @@ def test_bad_input(tiny_dir, tmp_path, args, fragment):
 @pytest.mark.parametrize("first", [1, 5, 11, 20])
 @pytest.mark.parametrize("target", [1.1, 1.3, 1.6])
 def test_depth_search_finds_the_fewest_blocks_from_any_first_guess(fixed, first, target):
-    from compressor.pipeline import search_depth
+    from compressor.evaluate.latency_model import search_depth
 
     n = 30
 
@@ -122,7 +122,7 @@ def test_depth_search_finds_the_fewest_blocks_from_any_first_guess(fixed, first,
 
 
 def test_depth_search_counts_and_respects_known_measurements():
-    from compressor.pipeline import search_depth
+    from compressor.evaluate.latency_model import search_depth
 
     def speedup(k):
         return 1 / (0.1 + 0.9 * (30 - k) / 30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -9,11 +10,21 @@ import sys
 import typer
 from rich.markup import escape
 
-from compressor.cli.common import err, rich_tracker, setup_logging
+from compressor.cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_CODES_HELP,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    err,
+    interrupted_message,
+    rich_tracker,
+    setup_logging,
+)
 
 app = typer.Typer(
     name="compress",
-    help="Make transformer language models shallower, and ship them to ONNX Runtime and TensorRT.",
+    help="Make transformer language models shallower, and ship them to ONNX Runtime and TensorRT.\n\n"
+    + EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -41,27 +52,56 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     setup_logging(verbose)
 
 
+def _say_interrupted() -> None:
+    err.print(f"[bold red]interrupted[/bold red]: {escape(interrupted_message())}", highlight=False, soft_wrap=True)
+
+
+def _interruptible(func):
+    """The command, with Ctrl-C answered here: inside a command click would print "Aborted!" and exit 1,
+    the code for a missed target."""
+
+    @functools.wraps(func)
+    def command(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            _say_interrupted()
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return command
+
+
 def _mount() -> None:
     for module, func, name in COMMANDS:
         mod = importlib.import_module(f"compressor.cli.{module}")
-        app.command(name=name)(getattr(mod, func))
+        app.command(name=name)(_interruptible(getattr(mod, func)))
 
 
 _mount()
 
 
 def main() -> None:
+    """Run a command; library errors become one line and exit 2, anything unexpected one line and exit 3."""
     from compressor.errors import CompressorError
     from compressor.progress import use_tracker
 
+    debug = bool(os.environ.get("COMPRESSOR_DEBUG"))
     try:
         with use_tracker(rich_tracker):  # stage messages arrive through logging
             app()
     except CompressorError as exc:
-        if os.environ.get("COMPRESSOR_DEBUG"):
+        if debug:
             raise
         err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/bold red]: nothing was written")
-        sys.exit(130)
+        _say_interrupted()
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # a bug, not the user's doing: say so in one line, not with a traceback
+        if debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        err.print(f"[bold red]internal error:[/bold red] {escape(type(exc).__name__)}: {escape(first)} "
+                  "(set COMPRESSOR_DEBUG=1 to see the traceback)", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_INTERNAL)
+

@@ -41,6 +41,26 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for window selection 
 
 DEFAULT = "smollm2-135m"  # compressor.loading.DEFAULT_MODEL, without importing torch for --help
 
+# Exit codes of every command (README "Exit codes"; `compress --help`).
+EXIT_OK = 0            # done (for `model`: the target was met)
+EXIT_MISSED = 1        # `model` finished but missed its target
+EXIT_BAD_INPUT = 2     # a CompressorError: bad input, a missing extra, an unreachable target
+EXIT_INTERNAL = 3      # an unexpected exception: a bug (COMPRESSOR_DEBUG=1 shows the traceback)
+EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_CODES_HELP = ("Exit codes: 0 done (model: target met), 1 finished but missed the target, 2 bad input, "
+                   "3 internal error (set COMPRESSOR_DEBUG=1 for the traceback), 130 interrupted.")
+
+_interrupt_note = ["nothing was written"]
+
+
+def interrupt_note(text: str) -> None:
+    """What Ctrl-C leaves behind, said by main() if the command is interrupted (default: nothing)."""
+    _interrupt_note[0] = text
+
+
+def interrupted_message() -> str:
+    return _interrupt_note[0]
+
 
 def device_kwargs(device: str) -> dict:
     """--device auto means an accelerate device_map; anything else is a plain .to(device)."""

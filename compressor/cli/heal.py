@@ -69,8 +69,11 @@ def heal(
     json: JsonOpt = False,
 ) -> None:
     """Distill the unpruned teacher into a pruned student to recover what pruning lost."""
+    from compressor.cli.common import interrupt_note
     from compressor.heal.run import heal_checkpoint
 
+    interrupt_note(f"the training state in {out.parent / f'.{out.name}.heal-state'} is kept: "
+                   "rerun the same command with --resume to continue")
     result = heal_checkpoint(
         student, teacher, out, data=data, eval_data=eval_data, seq_len=seq_len, samples=samples,
         eval_samples=eval_samples, teacher_cache=teacher_cache, device=device, dtype=dtype,

@@ -6,7 +6,18 @@ from typing import Annotated
 
 import typer
 
-from compressor.cli.common import DataOpt, DeviceOpt, JsonOpt, OverwriteOpt, SeedOpt, emit_json, err, out
+from compressor.cli.common import (
+    EXIT_MISSED,
+    DataOpt,
+    DeviceOpt,
+    JsonOpt,
+    OverwriteOpt,
+    SeedOpt,
+    emit_json,
+    err,
+    interrupt_note,
+    out,
+)
 from compressor.errors import CompressorError
 
 
@@ -76,28 +87,30 @@ def model(
 ) -> None:
     """Compress a model to a target speedup (or perplexity budget): calibrate, plan, prune, heal, export, report.
 
-    Exit code 0 when the target was met, 1 when the run finished but missed it, 2 for bad input or an
-    unreachable target (nothing is left behind). A rerun with the same --out resumes finished stages.
+    Exit codes: 0 the target was met, 1 the run finished but missed it, 2 bad input or an unreachable
+    target (nothing is left behind), 3 internal error, 130 interrupted (the work directory
+    .OUT.work is kept: rerun the same command to resume). A rerun with the same --out resumes
+    finished stages.
     """
-    from compressor.pipeline import PipelineConfig, run_pipeline
+    import compressor
+    from compressor.pipeline import work_dir
 
     batch, prefill, new = _workload(workload)
-    cfg = PipelineConfig(
-        model=model, target_speedup=target_speedup, max_ppl_increase=_percent(max_ppl_increase), data=data,
-        eval=tuple(eval_files or ()), backend=backend, device=device, threads=threads, prefill_tokens=prefill,
-        new_tokens=new, batch=batch, strategy=strategy, heal_steps=heal_steps, heal_minutes=heal_minutes,
-        heal_train=heal_train, heal_lr=heal_lr,
-        format=export_format, samples=samples, seq_len=seq_len, seed=seed,
-        timing_seconds=min_seconds, sweep=_levels(sweep), search_windows=search_windows,
-        eval_max_tokens=eval_tokens)
     target = out_dir or Path(f"compressed-{Path(model).name.removesuffix('.gguf')}")
-    report = run_pipeline(cfg, target, overwrite)
+    interrupt_note(f"the work directory {work_dir(target)} is kept: rerun the same command to resume")
+    report = compressor.compress(
+        model, target_speedup=target_speedup, max_ppl_increase=_percent(max_ppl_increase), out=target,
+        overwrite=overwrite, data=data, eval=tuple(eval_files or ()), backend=backend, device=device,
+        threads=threads, prefill_tokens=prefill, new_tokens=new, batch=batch, strategy=strategy,
+        heal_steps=heal_steps, heal_minutes=heal_minutes, heal_train=heal_train, heal_lr=heal_lr,
+        format=export_format, samples=samples, seq_len=seq_len, seed=seed, timing_seconds=min_seconds,
+        sweep=_levels(sweep), search_windows=search_windows, eval_max_tokens=eval_tokens)
     if json:
-        emit_json(report)
+        emit_json(report.to_dict())
     else:
         from compressor.report import headline
 
         out.print(f"[bold]{headline(report)}[/bold]", highlight=False)
         err.print(f"reports: {target / 'report.md'}, {target / 'report.html'}")
-    if not report["target_met"]:
-        raise typer.Exit(1)  # a pipeline step must not pass on a missed target
+    if not report.target_met:
+        raise typer.Exit(EXIT_MISSED)  # a pipeline step must not pass on a missed target

@@ -17,7 +17,10 @@ def report(
     overwrite: OverwriteOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Merge finished `compress model` runs into one comparative report (table and Pareto front)."""
+    """Merge finished `compress model` runs into one comparative report (table and Pareto front).
+
+    Reads every report.json as a typed compressor.report.Report (older, unversioned files included).
+    """
     from compressor.errors import DataError
     from compressor.io import atomic_dir, check_output
     from compressor.report import default_labels, merge_reports, read_run_report, write_merged_reports

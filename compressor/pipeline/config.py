@@ -1,0 +1,91 @@
+"""The settings of one `compress` run, and their validation (every problem at once, before any work)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from compressor.errors import CompressorError
+
+FORMATS = ("onnx", "tensorrt", "none")
+# What a model is exported to before a backend can time it.
+EXPORT_FOR_BACKEND = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}
+
+
+@dataclass
+class PipelineConfig:
+    model: str = "smollm2-135m"
+    target_speedup: float | None = None
+    max_ppl_increase: float | None = None  # fraction: 0.1 is 10 %
+    data: Path | None = None
+    field: str = "text"
+    eval: tuple[Path, ...] = ()
+    samples: int = 64
+    seq_len: int = 256
+    seed: int = 0
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+    threads: int | None = None
+    prefill_tokens: int = 512
+    new_tokens: int = 128
+    batch: int = 1
+    strategy: str = "auto"
+    heal_steps: int = 60
+    heal_minutes: float = 4.0
+    heal_train: str = "touched"       # see HealConfig.train
+    heal_lr: float | None = None      # None: HealConfig's default for heal_train
+    format: str = "onnx"
+    max_probes: int = 4               # measured depths when confirming the target speedup
+    speedup_margin: float = 0.02      # a probe must reach target x (1 + margin): repeated measurements of
+                                      # one pair vary by about 1-2 %, and the final benchmark is another one
+    eval_max_tokens: int = 8192
+    timing_seconds: float = 2.0
+    search_windows: int = 16          # auto: windows its maps are fitted on during the search (cost bound)
+    sweep: tuple[float, ...] = ()     # fractions of the blocks to remove for the extra sweep points
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Every problem with the settings at once, then the optional dependencies the run will need."""
+    problems = _problems(cfg)
+    if problems:
+        raise CompressorError("; ".join(problems))
+    if "tensorrt" in (cfg.format, cfg.backend):
+        from compressor.export.tensorrt import require_cuda, require_tensorrt
+
+        require_tensorrt()
+        require_cuda("TensorRT")
+    if cfg.format != "none" or cfg.backend in EXPORT_FOR_BACKEND:
+        from compressor.errors import require
+
+        for module in ("onnx", "onnxscript", "onnxruntime"):
+            require(module, "onnx", "exporting to ONNX")
+
+
+def _problems(cfg: PipelineConfig) -> list[str]:
+    from compressor.evaluate import backend_names
+    from compressor.heal.config import TRAIN_CHOICES
+
+    problems = []
+    if (cfg.target_speedup is None) == (cfg.max_ppl_increase is None):
+        problems.append("give exactly one of --target-speedup or --max-ppl-increase")
+    if cfg.target_speedup is not None and not cfg.target_speedup > 1:
+        problems.append(f"--target-speedup must be above 1 (got {cfg.target_speedup})")
+    if cfg.max_ppl_increase is not None and not cfg.max_ppl_increase > 0:
+        problems.append(f"--max-ppl-increase must be positive (got {cfg.max_ppl_increase:.0%})")
+    if any(not 0 <= level < 1 for level in cfg.sweep):
+        problems.append(f"--sweep levels are percentages of the blocks from 0 up to (not including) 100: "
+                        f"got {', '.join(f'{level:.0%}' for level in cfg.sweep)}")
+    if cfg.backend not in backend_names():
+        problems.append(f"unknown backend '{cfg.backend}': choose one of {', '.join(backend_names())}")
+    if cfg.format not in FORMATS:
+        problems.append(f"unknown format '{cfg.format}': choose one of {', '.join(FORMATS)}")
+    if cfg.heal_train not in TRAIN_CHOICES:
+        problems.append(f"--heal-train must be one of {', '.join(TRAIN_CHOICES)} (got '{cfg.heal_train}')")
+    if cfg.heal_lr is not None and not cfg.heal_lr > 0:
+        problems.append(f"--heal-lr must be positive (got {cfg.heal_lr})")
+    if not cfg.heal_minutes > 0:
+        problems.append(f"--heal-minutes must be positive (got {cfg.heal_minutes})")
+    for path in ([cfg.data] if cfg.data else []) + list(cfg.eval):
+        if not Path(path).exists():
+            problems.append(f"{path} does not exist")
+    return problems

@@ -1,0 +1,23 @@
+"""What a run delivers besides its report: the compressed checkpoint and its export."""
+
+from __future__ import annotations
+
+from compressor.io import atomic_dir
+from compressor.pipeline.measure import export_to
+
+CHECKPOINT = "model"
+
+
+def save_stage(run, model) -> None:
+    from compressor.surgery import save_checkpoint
+
+    with atomic_dir(run.work / CHECKPOINT, overwrite=True) as tmp:
+        save_checkpoint(model, run.tokenizer, tmp)
+
+
+def export_stage(run, model) -> dict[str, dict]:
+    """work/FORMAT with the validated export (an ONNX model, or an ONNX model and its TensorRT engine)."""
+    fmt = run.cfg.format
+    if fmt == "none":
+        return {}
+    return {fmt: export_to(run, model, run.work / fmt, fmt, validate=True).to_dict()}

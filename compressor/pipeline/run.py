@@ -1,0 +1,100 @@
+"""The whole pipeline, read top to bottom:
+
+load -> calibrate (cached) -> latency model on the target backend -> choose K by *measured* speedup
+-> plan (default strategy) -> linearize/prune -> heal -> export -> benchmark original and compressed
+side by side -> Report.
+
+With `out`, stage results live in a work directory beside it (`.NAME.work`); a rerun with the same
+settings resumes from what it holds, and on success the work directory becomes `out`. A deliberate
+stop (unreachable target, bad input) removes it, so nothing half-written is left behind; an
+interruption or a crash keeps it for resuming. Without `out` the work happens in a temporary
+directory that is removed at the end: only the Report comes back.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from compressor.errors import CompressorError
+from compressor.io import check_output, write_json
+from compressor.pipeline.assemble import build_report, final_bench
+from compressor.pipeline.calibrate import calibrate_stage
+from compressor.pipeline.config import PipelineConfig, validate
+from compressor.pipeline.data import load_data, perplexities
+from compressor.pipeline.deliver import export_stage, save_stage
+from compressor.pipeline.depth import blocks_for_target
+from compressor.pipeline.heal import heal_stage
+from compressor.pipeline.plan import plan_stage, sweep_stage
+from compressor.pipeline.runner import Run, Runner
+from compressor.progress import status
+
+
+def work_dir(out: Path | str) -> Path:
+    """Where a run into `out` keeps its stage results until it finishes (kept for resuming)."""
+    out = Path(out)
+    return out.resolve().parent / f".{out.name}.work"
+
+
+def run_pipeline(cfg: PipelineConfig, out: Path | str | None = None, overwrite: bool = False, *,
+                 model=None, tokenizer=None):
+    """Compress `cfg.model` (or the given model and tokenizer) and return its Report; with `out`, also
+    the run directory (report.json/md/html, the checkpoint, the export, the plan and the profile)."""
+    validate(cfg)
+    if out is None:
+        with tempfile.TemporaryDirectory(prefix="compressor-run-") as tmp:
+            return _run(cfg, Runner(Path(tmp) / "work"), model, tokenizer, dest=None)
+    out = check_output(out, overwrite)
+    return _run(cfg, Runner(work_dir(out)), model, tokenizer, dest=out)
+
+
+def _run(cfg: PipelineConfig, runner: Runner, model, tokenizer, dest: Path | None):
+    from compressor.report import write_reports
+
+    # An in-memory model has no identity a later run could check, so its work never resumes.
+    runner.prepare(cfg.model, asdict(cfg), fresh=model is not None)
+    try:
+        run = _load(cfg, runner, model, tokenizer)
+        report, profile = _stages(run, dest)
+    except CompressorError:
+        runner.discard()
+        raise
+    if dest is not None:
+        write_reports(report, runner.work, profile.to_dict())
+        write_json(runner.work / "profile.json", profile.to_dict())
+        runner.deliver(dest)
+    return report
+
+
+def _load(cfg: PipelineConfig, runner: Runner, model, tokenizer) -> Run:
+    if model is not None:
+        return Run(cfg, runner, model, tokenizer, source=None)
+    from compressor.loading import load_model, resolve
+
+    status(f"loading {cfg.model}")
+    source = resolve(cfg.model)
+    model, tokenizer = load_model(source, device=cfg.device if cfg.device != "auto" else None,
+                                  device_map="auto" if cfg.device == "auto" else None)
+    return Run(cfg, runner, model, tokenizer, source)
+
+
+def _stages(run: Run, dest: Path | None):
+    from compressor.plan import apply_plan_
+
+    data = load_data(run.cfg, run.tokenizer)
+    profile = calibrate_stage(run, data.calibration)
+    k, attempts = blocks_for_target(run) if run.cfg.target_speedup is not None else (None, [])
+    plan, _ = plan_stage(run, data, k, profile)
+    sweep = sweep_stage(run, data, profile)
+    compressed = copy.deepcopy(run.model)
+    apply_plan_(compressed, plan)
+    pruned_ppl = perplexities(compressed, data.evaluation)
+    heal = heal_stage(run, compressed, data.healing)
+    save_stage(run, compressed)
+    exports = export_stage(run, compressed)
+    report = build_report(run, plan=plan, compressed=compressed, data=data, pruned_ppl=pruned_ppl, heal=heal,
+                          exports=exports, attempts=attempts, sweep=sweep, bench=final_bench(run, compressed),
+                          dest=dest)
+    return report, profile
