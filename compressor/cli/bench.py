@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -47,17 +45,23 @@ def bench(
     compare: Annotated[str | None, typer.Option(
         "--compare", help="A second model, timed in alternation with the first; prints speedups.")] = None,
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer dir for exports.")] = None,
-    out_file: Annotated[Path, typer.Option("--out", "-o", help="Where to write the results.")] = Path("bench.json"),
+    out_file: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Also write the results as JSON here (default: print them only).")] = None,
     overwrite: OverwriteOpt = False,
     json: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
-    """Perplexity and latency (prefill, decode) on PyTorch, ONNX Runtime or TensorRT; writes bench.json."""
+    """Perplexity and latency (prefill, decode) on PyTorch, ONNX Runtime or TensorRT.
+
+    Prints tables (or, with --json, the results document on stdout); writes a file only with --out,
+    so a second run in the same folder works like the first.
+    """
     from compressor.evaluate import BenchConfig, TimingConfig, run_bench
-    from compressor.io import check_output
+    from compressor.io import check_output, write_json
     from compressor.loading import load_tokenizer, resolve
 
-    check_output(out_file, overwrite)
+    if out_file is not None:
+        check_output(out_file, overwrite)
     config = BenchConfig(
         prefill=prefill, decode=decode, perplexity=not no_perplexity, eval_path=eval_file, field=field,
         max_length=max_length, stride=stride, max_eval_tokens=max_eval_tokens,
@@ -67,22 +71,14 @@ def bench(
     result = run_bench(model, compare, backend, device, threads, config, tok,
                        dtype=dtype, compile=compile, allow_pickle=allow_pickle)
     data = result.to_dict()
-    _write(out_file, data)
+    if out_file is not None:
+        write_json(out_file, data)
     if json:
         emit_json(data)
         return
     _print(result)
-    err.print(f"wrote {out_file}")
-
-
-def _write(path: Path, data: dict) -> None:
-    from compressor.io import write_json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    write_json(tmp, data)
-    os.replace(tmp, path)
+    if out_file is not None:
+        err.print(f"wrote {out_file}")
 
 
 def _print(result: BenchResult | Comparison) -> None:

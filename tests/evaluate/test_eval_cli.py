@@ -46,6 +46,18 @@ def test_bench_json_schema(tiny_dir, tmp_path):
     check_entries(printed)
 
 
+def test_bench_writes_nothing_without_out_and_runs_twice_in_one_folder(tiny_dir, tmp_path, monkeypatch):
+    """It used to write ./bench.json by default and refuse the second run (the file existed)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for _ in range(2):
+        result = run_bench([str(tiny_dir), *FAST, "--no-perplexity", "--json"])
+        assert result.exit_code == 0, result.output
+        assert [(e["batch"], e["seq"]) for e in json.loads(result.stdout)["prefill"]] == [(1, 8), (2, 8)]
+    assert list(work.iterdir()) == []
+
+
 def test_bench_compare_reports_speedups(tiny_dir, tmp_path):
     out = tmp_path / "bench.json"
     result = run_bench([str(tiny_dir), "--compare", str(tiny_dir), *FAST, "--out", str(out)])
