@@ -10,16 +10,27 @@ from compressor.calibrate.profile import Profile
 
 
 def plot_profile(profile: Profile, path: Path | str) -> None:
-    """Write a PNG of the profile (matplotlib, Agg backend: no display needed)."""
-    import matplotlib
+    """Write a PNG of the profile, atomically (no display needed)."""
+    from compressor.io import atomic_file
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    with atomic_file(path) as tmp:
+        profile_figure(profile).savefig(tmp, dpi=120, format="png")
+
+
+def profile_figure(profile: Profile):
+    """The profile as a matplotlib Figure on the Agg canvas.
+
+    A bare `Figure` rather than pyplot: pyplot would need a backend, and forcing one
+    (`matplotlib.use`) breaks plotting in the caller's notebook; nothing global is touched here.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     blocks = profile.blocks
     depth = [b.index / max(1, len(blocks) - 1) for b in blocks]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6.5), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 2]})
+    fig = Figure(figsize=(7.5, 6.5))
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     top.plot(depth, [b.linearity for b in blocks], "o-", color="tab:blue", ms=4, label="with residual")
     top.plot(depth, [b.linearity_without_residual for b in blocks], "s-", color="tab:red", ms=4,
              label="without residual")
@@ -46,5 +57,4 @@ def plot_profile(profile: Profile, path: Path | str) -> None:
     bottom.grid(alpha=0.3)
     bottom.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
