@@ -21,7 +21,7 @@ import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ class Backend(Protocol):
     def decode_step(self, state: Any) -> Any: ...
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor: ...
     def sync(self) -> None: ...
+    def close(self) -> None: ...  # undo process-wide settings the backend made (torch threads)
 
 
 @dataclass(frozen=True)
@@ -153,11 +154,16 @@ def check_device(device: str | None) -> None:
 
 @register_backend("torch", "PyTorch eager, CPU or CUDA; --compile for torch.compile")
 class TorchBackend:
+    """A torch model behind the Backend calls. `threads` sets torch's intra-op thread count, which is
+    process-wide: it holds from construction until `close()` (or the end of a `with` block), which
+    puts back the count found at construction."""
+
     name = "torch"
 
     def __init__(self, model, device: str = "cpu", threads: int | None = None, dtype: str = "float32",
                  compile: bool = False, allow_pickle: bool = False, source: str | Path | None = None):
         check_device(device)
+        self._restore_threads = torch.get_num_threads() if threads else None
         if threads:
             torch.set_num_threads(threads)
         self.tokenizer = None
@@ -224,6 +230,18 @@ class TorchBackend:
         if self.cuda_events:
             torch.cuda.synchronize(self.device)
 
+    def close(self) -> None:
+        """Put back the torch thread count this backend changed (once; later calls do nothing)."""
+        if self._restore_threads is not None:
+            torch.set_num_threads(self._restore_threads)
+            self._restore_threads = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 # --- runners from compressor.export (ONNX Runtime, TensorRT) ---------------------------------
 
@@ -252,6 +270,15 @@ class RunnerBackend:
 
     def settings(self) -> dict[str, Any]:
         return {"threads": self.threads if self.threads else "runtime default", "timer": "perf_counter"}
+
+    def close(self) -> None:
+        """Nothing process-wide to undo: a runner's threads belong to its own session."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def size_bytes(self) -> int | None:
         return dir_size(self.path)

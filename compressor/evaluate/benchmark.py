@@ -10,6 +10,7 @@ bench.json. Its keys are stable: `backend`, `device`, `versions`, `settings`, `s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -96,13 +97,15 @@ def run_bench(model, other=None, backend: str = "auto", device: str = "cpu", thr
     config = config or BenchConfig()
     parse_prefill(config.prefill), parse_decode(config.decode)  # bad shapes fail before loading
     models = [model] if other is None else [model, other]
-    backends = []
-    for spec in models:
-        if isinstance(spec, (str, Path)):
-            status(f"loading {spec} ({backend})")
-        backends.append(get_backend(backend, spec, device=device, threads=threads, **options))
     labels = labels or tuple(str(m) if isinstance(m, (str, Path)) else type(m).__name__ for m in models)
-    results = benchmark(backends, list(labels), config, tokenizer)
+    with contextlib.ExitStack() as opened:  # closing puts back the process-wide thread count
+        backends = []
+        for spec in models:
+            if isinstance(spec, (str, Path)):
+                status(f"loading {spec} ({backend})")
+            backends.append(opened.enter_context(get_backend(backend, spec, device=device, threads=threads,
+                                                             **options)))
+        results = benchmark(backends, list(labels), config, tokenizer)
     if other is None:
         return results[0]
     return Comparison(results[0], results[1], speedups(results[0], results[1]))

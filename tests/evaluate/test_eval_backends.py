@@ -125,3 +125,21 @@ def test_compare_loaded_models():
     assert (data["model"], data["blocks"]) == ("full", 4)
     assert (data["compare"]["other"]["model"], data["compare"]["other"]["blocks"]) == ("pruned", 2)
     assert data["compare"]["speedup"]["prefill"][0]["p50"] > 0 and data["perplexity"] is None
+
+
+def test_torch_backend_threads_hold_only_while_it_is_open():
+    """`threads` sets torch's process-wide count; it used to stay set after the benchmark ended."""
+    from compressor.evaluate import BenchConfig, TimingConfig, run_bench
+    from compressor.evaluate.backends import TorchBackend
+
+    before = torch.get_num_threads()
+    pinned = 1 if before != 1 else 2
+    model = tiny_model("llama")
+    with TorchBackend(model, threads=pinned) as backend:
+        assert torch.get_num_threads() == pinned and backend.settings()["threads"] == pinned
+    assert torch.get_num_threads() == before
+    config = BenchConfig(prefill="1x8", decode="none", perplexity=False,
+                         timing=TimingConfig(warmup=0, min_runs=1, min_seconds=0.0))
+    result = run_bench(model, model, threads=pinned, config=config, labels=("a", "b"))
+    assert result.a.settings["threads"] == pinned == result.b.settings["threads"]
+    assert torch.get_num_threads() == before
