@@ -8,14 +8,13 @@ to the largest K.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from compressor.plan import Plan, apply_plan_, ranges_text
+from compressor.plan import Plan, applied_copy, ranges_text
 from compressor.progress import status
 from compressor.select import SelectSettings, get_strategy, plan_blocks
 
@@ -115,8 +114,7 @@ def _evaluate(model, plan: Plan, k: int, linear: bool, eval_ids, max_length: int
               profile_seconds: float, batch_size: int) -> Row:
     from compressor.evaluate import perplexity
 
-    pruned = copy.deepcopy(model)
-    apply_plan_(pruned, plan)
+    pruned = applied_copy(model, plan)
     start = time.perf_counter()
     ppl = perplexity(pruned, eval_ids, max_length, stride, batch_size).perplexity
     del pruned

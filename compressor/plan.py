@@ -29,7 +29,7 @@ import torch
 from compressor.adapters import check_foldable, get_adapter
 from compressor.errors import InvalidPlanError
 from compressor.linearize import FitSettings, Projection, fit_provenance, fit_spans
-from compressor.surgery import drop_blocks_, fold_linear_, parse_blocks, set_projection_
+from compressor.surgery import copy_without_blocks, drop_blocks_, fold_linear_, parse_blocks, set_projection_
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,17 @@ def _read_maps(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError) as exc:
         raise InvalidPlanError(f"cannot read the plan's maps file {path}: {exc}") from None
+
+
+def applied_copy(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
+    """The model as `plan` leaves it, as a new model; `model` is untouched. Weights the plan does
+    not change are shared (`surgery.copy_without_blocks`): measure it, do not train it."""
+    adapter = get_adapter(model)
+    blocks = adapter.blocks_of(model)
+    changed = [adapter.mlp_out_of(blocks[s - 1]) for s, _ in plan.spans]
+    clone = copy_without_blocks(model, own=changed)
+    apply_plan_(clone, plan)
+    return clone
 
 
 def apply_plan_(model: torch.nn.Module, plan: Plan) -> None:

@@ -177,6 +177,24 @@ def set_projection_(model: torch.nn.Module, block_index: int, weight: torch.Tens
             proj.bias.copy_(torch.as_tensor(bias).reshape(proj.bias.shape).to(proj.bias))
 
 
+def copy_without_blocks(model: torch.nn.Module, drop: Iterable[int] = (),
+                        own: Iterable[torch.nn.Module] = ()) -> torch.nn.Module:
+    """A new model: `model` with blocks `drop` (current numbering) removed, sharing its weights.
+
+    No weight is copied except the parameters of the modules in `own`, which the caller means to
+    change (a projection a map is folded into). The copy is for measuring: training it would
+    change `model` too (`copy.deepcopy` for that). `blocks_removed` is the in-place, temporary
+    form of the same removal, for forwards that need no second model.
+    """
+    owned = {id(p) for module in own for p in module.parameters()}
+    shared = {id(p): p for p in model.parameters() if id(p) not in owned}
+    clone = copy.deepcopy(model, memo=shared)
+    drop = list(drop)
+    if drop:
+        drop_blocks_(clone, drop)
+    return clone
+
+
 @contextlib.contextmanager
 def blocks_removed(model: torch.nn.Module, indices: Iterable[int]):
     """Remove blocks (current numbering) for the duration of a `with`; everything comes back after.

@@ -100,3 +100,27 @@ def test_summary_and_runs():
     assert "3 -> refitted MLP projection of block 2" in refit.summary()
     assert "dropped without replacement: 20" in text and "7 loss evaluations" in text
     assert runs([3, 4, 5, 9, 11, 12]) == [(3, 6), (9, 10), (11, 13)]
+
+
+def test_applied_copy_equals_a_deep_copy_with_the_plan_applied_and_leaves_the_model_alone():
+    import copy
+
+    from compressor.adapters import get_adapter
+    from compressor.plan import applied_copy
+
+    model = tiny_model("llama", num_hidden_layers=6)
+    plan = mixed_plan(model)
+    ids = windows(2, 12)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        reference = copy.deepcopy(model)
+        apply_plan_(reference, plan)
+        pruned = applied_copy(model, plan)
+        torch.testing.assert_close(pruned(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+    adapter = get_adapter(model)
+    assert adapter.num_blocks(model) == 6 and adapter.num_blocks(pruned) == 2
+    # Shared: weights the plan does not change; owned: the projections the maps were folded into.
+    original, kept = adapter.blocks_of(model), adapter.blocks_of(pruned)
+    assert kept[0].self_attn.q_proj.weight is original[0].self_attn.q_proj.weight
+    assert adapter.mlp_out_of(kept[0]).weight is not adapter.mlp_out_of(original[0]).weight
