@@ -8,7 +8,13 @@ from rich.table import Table
 from compressor.cli.common import AllowPickleOpt, JsonOpt, ModelArg, OutOpt, OverwriteOpt, emit_json, err, out
 
 FormatOpt = Annotated[str, typer.Option("--format", "-f", help="onnx, or tensorrt (ONNX plus an engine).")]
-ExportDtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights of the export: float32 or float16.")]
+PrecisionOpt = Annotated[str, typer.Option(
+    "--precision", "-p", help="fp32, fp16 (GPU), bf16 (CUDA ONNX Runtime), int8 or int4 (weight-only "
+    "MatMulNBits, CPU), fp8 (TensorRT with ModelOpt).")]
+ExportDtypeOpt = Annotated[str | None, typer.Option("--dtype", hidden=True, help="Old name of --precision.")]
+RouteOpt = Annotated[str, typer.Option("--route", help="auto (onnxruntime-genai's builder where it supports the "
+                                       "model, else torch.onnx), builder, or dynamo.")]
+_Q = "int8/int4: "
 _RANGE = "MIN:OPT:MAX for the TensorRT profile"
 
 
@@ -16,7 +22,23 @@ def export(
     model: ModelArg,
     out_dir: OutOpt,
     format: FormatOpt = "onnx",
-    dtype: ExportDtypeOpt = "float32",
+    precision: PrecisionOpt = "fp32",
+    route: RouteOpt = "auto",
+    block_size: Annotated[int, typer.Option("--block-size", help=_Q + "weights per scale.")] = 32,
+    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help=_Q + "zero points or not.")] = True,
+    accuracy_level: Annotated[int, typer.Option("--accuracy-level", help=_Q + "MatMulNBits compute type "
+                                                "(1 fp32, 2 fp16, 3 bf16, 4 int8).")] = 4,
+    quant_algorithm: Annotated[str, typer.Option("--quant-algorithm", help=_Q + "rtn, gptq, or auto "
+                                                 "(gptq on the calibration text for int4).")] = "auto",
+    keep_int8: Annotated[str, typer.Option("--keep-int8", help="int4: MatMuls kept at int8: none, lm_head, "
+                                           "auto, or node names (comma-separated).")] = "auto",
+    max_ppl_increase: Annotated[float | None, typer.Option("--max-ppl-increase", help=_Q + "allowed perplexity "
+                                                           "rise in percent [int8 2, int4 25].")] = None,
+    min_top1: Annotated[float | None, typer.Option("--min-top1", help=_Q + "least top-1 agreement with PyTorch "
+                                                   "[int8 0.9, int4 0.7].")] = None,
+    max_kl: Annotated[float | None, typer.Option("--max-kl", help=_Q + "largest mean KL in nats "
+                                                 "[int8 0.05, int4 0.3].")] = None,
+    dtype: ExportDtypeOpt = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (18 or newer).")] = 18,
     optimize: Annotated[bool, typer.Option("--optimize", help="Also save ONNX Runtime's optimised graph.")] = False,
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Compare with PyTorch.")] = True,
@@ -30,12 +52,14 @@ def export(
     allow_pickle: AllowPickleOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Export to ONNX (with KV cache) or a TensorRT engine, validated against PyTorch."""
-    from compressor.export.pipeline import check_export_options, export_model
+    """Export to ONNX (with KV cache, an onnxruntime-genai folder) or a TensorRT engine, validated."""
+    from compressor.export.pipeline import check_export_options, export_model, quant_options
     from compressor.io import atomic_dir, check_output
     from compressor.loading import load_model
 
-    check_export_options(format, dtype, opset)
+    precision = check_export_options(format, dtype or precision, opset, route)
+    quant, bounds = quant_options(precision, block_size, symmetric, accuracy_level, quant_algorithm, keep_int8,
+                                  max_ppl_increase, min_top1, max_kl)
     profile = None
     if format == "tensorrt":
         from compressor.export.tensorrt import TrtProfile
@@ -45,9 +69,9 @@ def export(
     _check_writable(out_dir)
     loaded, tokenizer = load_model(model, dtype="float32", allow_pickle=allow_pickle)
     with atomic_dir(out_dir, overwrite) as tmp:
-        summary = export_model(loaded, tokenizer, tmp, format=format, dtype=dtype, opset=opset, optimize=optimize,
-                               validate=validate, allow_mismatch=allow_mismatch, profile=profile,
-                               workspace_gb=trt_workspace_gb)
+        summary = export_model(loaded, tokenizer, tmp, format=format, precision=precision, route=route,
+                               quant=quant, bounds=bounds, opset=opset, optimize=optimize, validate=validate,
+                               allow_mismatch=allow_mismatch, profile=profile, workspace_gb=trt_workspace_gb)
     data = {"out": str(out_dir), **summary.to_dict()}
     if json:
         emit_json(data)
@@ -71,14 +95,18 @@ def _check_writable(out_dir) -> None:
 
 def _print_summary(data: dict) -> None:
     record = data["record"]
-    err.print(f"wrote {data['out']}: {data['format']}, {data['dtype']}, {data['num_layers']} of "
+    err.print(f"wrote {data['out']}: {data['format']}, {data['precision']} via {data['route']}, "
+              f"{data['num_layers']} of "
               f"{record['blocks_original']} blocks, model.onnx {data['onnx_size_bytes'] / 1e6:,.1f} MB"
               + (f", optimised {data['optimized_size_bytes'] / 1e6:,.1f} MB" if data["optimized_size_bytes"] else "")
               + (f", engine {data['engine']['size_bytes'] / 1e6:,.1f} MB" if data["engine"] else "")
               + f" in {data['seconds']:.0f} s")
     reports = [data["validation"], (data["validation"] or {}).get("optimized"), data["engine_validation"]]
     for report in filter(None, reports):
-        out.print(_table(report))
+        if report.get("kind") == "quantized":
+            err.print(f"{data['precision']} vs PyTorch fp32: {report['summary']}")
+        else:
+            out.print(_table(report))
     for warning in data["warnings"]:
         err.print(f"[yellow]warning:[/yellow] {warning}")
 

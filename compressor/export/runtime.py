@@ -57,6 +57,20 @@ def load_config(folder: Path):
         return None
 
 
+def graph_ops(path: Path) -> set[str]:
+    """The op types of an .onnx graph (its weights stay on disk)."""
+    import onnx
+
+    return {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def _genai_decoder(folder: Path) -> dict:
+    import json
+
+    path = folder / "genai_config.json"
+    return json.loads(path.read_text())["model"]["decoder"] if path.is_file() else {}
+
+
 class CausalRunner:
     """What ONNX Runtime and TensorRT runners share: defaults for masks and positions, greedy decoding."""
 
@@ -143,13 +157,36 @@ class OrtCausalLM(CausalRunner):
         self.providers = self.session.get_providers()
         self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
         self._inputs = [i.name for i in self.session.get_inputs()]
-        self._outputs = [o.name for o in self.session.get_outputs()]
-        past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
-        if not past_inputs or "input_ids" not in self._inputs:
+        by_name = {i.name: i for i in self.session.get_inputs()}
+        layers = sum(1 for n in by_name if n.startswith("past_key_values.")) // 2
+        if not layers or "input_ids" not in by_name:
             raise CompressorError(f"{self.path} is not a causal LM with a KV cache (no past_key_values inputs)")
-        self.num_layers = len(past_inputs) // 2
-        self._past_shapes = [tuple(d if isinstance(d, int) else 0 for d in i.shape[1:]) for i in past_inputs]
+        # Matched by name, not by position: the builder's graphs list their outputs in another order.
+        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+        self._outputs = ["logits", *(f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value"))]
+        missing = [n for n in self._past_names if n not in by_name]
+        missing += sorted(set(self._outputs) - {o.name for o in self.session.get_outputs()})
+        if missing:
+            raise CompressorError(f"{self.path} lacks the cache inputs/outputs {', '.join(missing[:4])}")
+        self.num_layers = layers
+        past_inputs = [by_name[n] for n in self._past_names]
+        head = _genai_decoder(self.path.parent).get("head_size", 0)
+        # [batch, kv heads, past, head size]: the builder leaves the head size symbolic
+        self._past_shapes = [(*(d if isinstance(d, int) else 0 for d in i.shape[1:3]),
+                              i.shape[3] if isinstance(i.shape[3], int) else head) for i in past_inputs]
         self.dtype = _NUMPY_TYPES.get(past_inputs[0].type, np.float32)
+        self.fused_attention = "GroupQueryAttention" in graph_ops(self.path)
+
+    refusal_note = "ONNX Runtime's GroupQueryAttention runs batches without padding, and chunks after a past at batch 1"
+
+    def accepts(self, batch: int, seq: int, past: int, padded: bool = False) -> bool:
+        """Whether this graph computes these shapes. ONNX Runtime's GroupQueryAttention (in the
+        builder's graphs) reads valid lengths from the mask as if sequences were right-aligned, so
+        left padding is out, and it runs a chunk after a past only at batch 1; a graph with plain
+        attention runs every shape."""
+        if not self.fused_attention or batch == 1:
+            return True
+        return not padded and not (seq > 1 and past > 0)
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, *shape), dtype=self.dtype) for shape in self._past_shapes]
@@ -164,7 +201,7 @@ class OrtCausalLM(CausalRunner):
     def _run(self, input_ids, attention_mask, position_ids, past):
         feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         feed = {k: v for k, v in feed.items() if k in self._inputs}
-        names = [n for n in self._inputs if n.startswith("past_key_values.")]
+        names = self._past_names
         if len(past) != len(names):
             raise CompressorError(f"expected {len(names)} past tensors ({self.num_layers} layers), got {len(past)}")
         if self.on_gpu:

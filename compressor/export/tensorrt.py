@@ -206,7 +206,7 @@ class TrtCausalLM(CausalRunner):
         self.device = torch.device("cuda", torch.cuda.current_device())
         self._dummy = torch.zeros(16, dtype=torch.float32, device=self.device)  # an address for empty tensors
 
-    def accepts(self, batch: int, seq: int, past: int) -> bool:
+    def accepts(self, batch: int, seq: int, past: int, padded: bool = False) -> bool:
         profile = self.info.get("profile")
         return TrtProfile(**profile).accepts(batch, seq, past) if profile else True
 
@@ -254,3 +254,18 @@ def _torch_dtype(trt, dtype):
         if hasattr(trt.DataType, name):
             table[getattr(trt.DataType, name)] = torch_type
     return table[dtype]
+
+
+def modelopt_qdq(onnx_path: Path | str, precision: str) -> Path:
+    """Q/DQ-annotate an fp32 graph for an int8 or fp8 TensorRT engine with NVIDIA ModelOpt's ONNX
+    quantization (imported only here; `compress export` checks for it before any work). The
+    annotated graph is written beside the source as model_qdq.onnx."""
+    try:
+        from modelopt.onnx.quantization import quantize
+    except ImportError as exc:
+        raise CompressorError(f"{precision} TensorRT engines need NVIDIA ModelOpt (pip install nvidia-modelopt)") from exc
+    src = Path(onnx_path)
+    dst = src.with_name("model_qdq.onnx")
+    status(f"adding {precision} Q/DQ nodes with NVIDIA ModelOpt")
+    quantize(onnx_path=str(src), quantize_mode=precision, output_path=str(dst))
+    return dst

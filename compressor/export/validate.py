@@ -41,6 +41,8 @@ CASES = [
     ("prefill, batch 2, left-padded", 2, 6, 0, True),
     ("decode, batch 3, left-padded past", 3, 1, 8, True),
     ("chunk after past, batch 2", 2, 4, 5, False),
+    ("decode, batch 2", 2, 1, 6, False),
+    ("chunk after past", 1, 4, 5, False),
 ]
 GREEDY_PROMPT = "The history of the city begins"
 
@@ -244,9 +246,10 @@ def validate_runner(model, runner, dtype: str, tokenizer=None, greedy_tokens: in
     gen = torch.Generator().manual_seed(seed)
     model_was_training = model.training
     model.eval()
-    accepts = getattr(runner, "accepts", None) or (lambda batch, seq, past: True)
-    chosen = [c for c in CASES if accepts(c[1], c[2], c[3])]
-    notes = [f"case '{c[0]}' skipped: outside the engine's profile" for c in CASES if c not in chosen]
+    accepts = getattr(runner, "accepts", None) or (lambda batch, seq, past, padded=False: True)
+    chosen = [c for c in CASES if accepts(c[1], c[2], c[3], c[4])]
+    why = getattr(runner, "refusal_note", "outside the engine's profile")
+    notes = [f"case '{c[0]}' skipped: {why}" for c in CASES if c not in chosen]
     prompt = prompt_ids(model, tokenizer, seed)
     if greedy_tokens and not accepts(1, prompt.shape[1], prompt.shape[1] + greedy_tokens):
         notes.append("greedy generation skipped: the prompt plus new tokens exceed the engine's profile")
