@@ -3,6 +3,7 @@ against plain forwards of the modified model."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -15,7 +16,8 @@ from compressor.errors import InvalidPlanError
 from compressor.linearize import accumulate, apply_map
 from compressor.plan import apply_plan_
 from compressor.scoring import Scorer
-from compressor.select import STRATEGIES, SelectSettings, get_strategy, plan_blocks
+from compressor.select import STRATEGIES, SelectContext, SelectSettings, get_strategy, plan_blocks
+from compressor.surgery import drop_blocks_, fold_linear_
 
 F64 = torch.float64
 
@@ -68,10 +70,13 @@ def test_auto_is_bounded_and_reports_what_it_considered(six):
     assert search["chosen"] in {o["kind"] for o in search["considered"]}
     assert search["rounds"][0]["evaluated"] == 3  # the first-round shortlist
     assert plan.provenance["held_out_windows"] == 2
-    if plan.linearize:  # both replacement forms were measured; the lower held-out loss won
-        losses = search["held_out_loss_by_form"]
-        assert set(losses) == {"map", "projection"} and search["form"] == min(losses, key=losses.get)
-        assert {s["form"] for s in plan.linearize} == {search["form"]}
+    # The lowest held-out loss among the candidates won; on this model that is a folded span, so both
+    # replacement forms were measured for it and the lower one was kept.
+    best = min(search["considered"], key=lambda o: o["loss"])
+    assert plan.drop == best["drop"] and plan.spans == [tuple(s) for s in best["spans"]] != []
+    losses = search["held_out_loss_by_form"]
+    assert set(losses) == {"map", "projection"} and search["form"] == min(losses, key=losses.get)
+    assert {s["form"] for s in plan.linearize} == {search["form"]}
     assert plan.provenance["fit"]["exclude_first_token"] is False
 
 
@@ -94,6 +99,63 @@ def test_bad_k_and_unknown_strategy_are_refused(six):
     assert all(name in str(exc.value) for name in STRATEGIES)
 
 
+def _direct_loss(model, ids) -> float:
+    """Mean next-token NLL over all tokens, straight from the logits (no compressor code)."""
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(), ids[:, 1:].flatten()))
+
+
+def _without(model, drop, fold=None):
+    """A real copy of the model with `fold` = (block, T) folded and `drop` removed by surgery."""
+    pruned = copy.deepcopy(model)
+    if fold is not None:
+        fold_linear_(pruned, *fold)
+    if drop:
+        drop_blocks_(pruned, sorted(drop))
+    return pruned
+
+
+def test_greedy_is_the_best_single_removal_each_round_by_brute_force(six):
+    """Each round of greedy must remove the block whose removal, from the model as the earlier rounds
+    left it, gives the lowest held-out loss: every candidate deleted from a copy with surgery, scored
+    with a direct cross-entropy."""
+    model, ids, profile = six
+    plan = plan_blocks(model, ids, 3, "greedy", profile=profile, settings=replace(SMALL, linear=False))[3]
+    held = ids[SelectContext(model, ids, None, profile, SMALL).score_index]
+    removed: list[int] = []
+    for entry in plan.provenance["search"]["rounds"]:
+        losses = {c: _direct_loss(_without(model, removed + [c]), held) for c in range(6) if c not in removed}
+        best = min(losses, key=losses.get)
+        assert entry["removed"] == best and entry["evaluated"] == len(losses)
+        assert entry["loss"] == pytest.approx(losses[best], abs=1e-4)
+        removed.append(best)
+    assert plan.drop == sorted(removed)
+
+
+@pytest.mark.parametrize("strategy", ["linearity", "influence", "angular"])
+def test_profile_strategies_follow_the_profile_directly(six, strategy):
+    model, ids, profile = six
+    plan = plan_blocks(model, ids, 2, strategy, profile=profile, settings=replace(SMALL, linear=False))[2]
+    blocks = profile.blocks
+    if strategy == "linearity":
+        expected = sorted(range(6), key=lambda i: -blocks[i].linearity)[:2]
+    elif strategy == "influence":
+        expected = sorted(range(6), key=lambda i: blocks[i].block_influence)[:2]
+    else:
+        span = min((s for s in profile.spans if s.length == 2), key=lambda s: s.angular_distance)
+        expected = [span.start, span.start + 1]
+    assert plan.drop == sorted(expected)
+
+
+def test_profile_strategies_refuse_to_run_without_a_profile(six):
+    """They used to calibrate silently; now the caller is told to pass one."""
+    model, ids, _ = six
+    with pytest.raises(InvalidPlanError, match="profile=compressor.calibrate.calibrate"):
+        plan_blocks(model, ids, 2, "auto")
+    assert plan_blocks(model, ids, 1, "greedy", settings=SMALL)[1].drop  # greedy reads no profile
+
+
 # One architecture per code path: Llama, Conv1D (GPT-2), in-place residual (Falcon), flattened MLP
 # (OPT), parallel residual (Phi, GPT-NeoX), ALiBi (Bloom), a norm that refuses folding (Gemma 2).
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "falcon", "opt", "phi", "gpt_neox", "bloom", "gemma2"])
@@ -102,13 +164,16 @@ def test_scorer_shortcuts_match_plain_forwards(arch):
     ids = windows(4, 10)
     scorer = Scorer(model, ids, batch_size=3)
     adapter = get_adapter(model)
+    # Against the model really pruned by surgery and a direct cross-entropy, not the scorer itself.
+    direct = _direct_loss(_without(model, {1, 2}), ids)
+    assert scorer.loss({1, 2}) == pytest.approx(direct, rel=1e-5)
     # Remove block 2 after block 1 was removed earlier: restart at block 3 from block 2's input.
     states = scorer.capture({1}, None, [2], [0])
-    direct = scorer.loss({1, 2})
     assert scorer.loss_from({1, 2}, None, 3, states["h2"]) == pytest.approx(direct, rel=1e-5)
     # The last block: only the head runs.
     states = scorer.capture(set(), None, [3])
-    assert scorer.loss_from({3}, None, None, states["h3"]) == pytest.approx(scorer.loss({3}), rel=1e-5)
+    assert scorer.loss_from({3}, None, None, states["h3"]) == pytest.approx(_direct_loss(_without(model, {3}), ids),
+                                                                         rel=1e-5)
     if adapter.why_no_fold(model.config):
         return
     # A map folded into block 0's projection replacing blocks 1-2 (block 1 already gone).
@@ -117,4 +182,6 @@ def test_scorer_shortcuts_match_plain_forwards(arch):
     assert len(captured["h2"]) == 2  # one tensor per batch of 3 windows
     moved = [apply_map(h, m, T) for h, m in zip(captured["h2"], captured["m0"])]
     shortcut = scorer.loss_from({1, 2}, None, 3, moved)
-    assert shortcut == pytest.approx(scorer.loss({1, 2}, {0: T}), rel=1e-4)
+    folded = _direct_loss(_without(model, {1, 2}, fold=(0, T)), ids)
+    assert shortcut == pytest.approx(folded, rel=1e-4)
+    assert scorer.loss({1, 2}, {0: T}) == pytest.approx(folded, rel=1e-4)
