@@ -38,3 +38,9 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
+
+# Hugging Face Optimum's client in its own cached environment (optimum-onnx 0.1 needs transformers < 4.58);
+# tests/export/test_optimum.py builds it on first use too.
+.PHONY: optimum-env
+optimum-env: setup
+	$(PY) tests/export/optimum_env.py

@@ -48,9 +48,9 @@ def test_path_that_is_not_a_model(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unsupported_dtype_fails_before_loading(tmp_path, one_block_dir):
-    result = compress(one_block_dir, "--out", tmp_path / "out", "--dtype", "int8")
-    assert_one_line_error(result, "int8", "float32 or float16")
+def test_unsupported_precision_fails_before_loading(tmp_path, one_block_dir):
+    result = compress(one_block_dir, "--out", tmp_path / "out", "--precision", "int3")
+    assert_one_line_error(result, "int3", "fp32, fp16, bf16, int8, int4")
     assert not (tmp_path / "out").exists()
 
 
@@ -80,6 +80,7 @@ def test_export_tiny_model_json_then_refuse_to_overwrite(tmp_path, one_block_dir
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["format"] == "onnx" and data["num_layers"] == 1 and data["dtype"] == "float32"
+    assert data["route"] == "dynamo" and "multiple of 16" in data["route_reason"]  # head size 8: fallback
     assert data["validation"]["passed"] and data["validation"]["optimized"]["passed"]
     assert data["validation"]["greedy"]["matched"] == 32
     for name in ("model.onnx", "model_optimized.onnx", "config.json", "tokenizer.json", "validation.json",
@@ -89,3 +90,26 @@ def test_export_tiny_model_json_then_refuse_to_overwrite(tmp_path, one_block_dir
 
     again = compress(one_block_dir, "--out", out)
     assert_one_line_error(again, "already exists", "--overwrite")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--format", "tensorrt", "--precision", "int4"], "int4"),
+    (["--precision", "fp8"], "fp8 is a TensorRT precision"),
+    (["--precision", "int4", "--block-size", "20"], "block_size must be a power of two"),
+])
+def test_precisions_that_cannot_run_exit_2_before_loading(tmp_path, one_block_dir, args, fragment):
+    assert_one_line_error(compress(one_block_dir, "--out", tmp_path / "out", *args), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantized_export_failing_validation_leaves_nothing(tmp_path, one_block_dir):
+    out = tmp_path / "int4"
+    result = compress(one_block_dir, "--out", out, "--precision", "int4", "--max-kl", "0",
+                      "--min-top1", "0.5")
+    assert_one_line_error(result, "outside its bounds", "top-1 agreement", "--allow-mismatch")
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    kept = compress(one_block_dir, "--out", out, "--precision", "int4", "--max-kl", "0", "--allow-mismatch",
+                    "--json")
+    assert kept.returncode == 0, kept.stderr
+    data = json.loads(kept.stdout)
+    assert data["precision"] == "int4" and not data["validation"]["passed"] and (out / "model.onnx").is_file()

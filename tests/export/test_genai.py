@@ -1,0 +1,157 @@
+"""The builder route, precisions, and onnxruntime-genai's own generator on every kind of export folder.
+
+References: PyTorch's greedy tokens through transformers' own cache (`torch_greedy`), the unmodified
+PyTorch model's logits (validation), and a client we did not write (onnxruntime-genai).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tokenizer, tiny_model
+
+from compressor.errors import CompressorError
+from compressor.export.genai import GENAI_CONFIG, builder_refusal, genai_generate
+from compressor.export.pipeline import SUMMARY_FILE, choose_route, export_model, quant_options
+from compressor.export.runtime import OrtCausalLM
+from compressor.export.validate import torch_greedy
+from compressor.surgery import drop_blocks_
+
+pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install 'compressor[onnx]'")
+pytest.importorskip("onnxruntime_genai", reason="needs onnxruntime-genai: pip install 'compressor[genai]'")
+
+# ORT's CPU GroupQueryAttention needs head sizes that are multiples of 16
+WIDE = {"hidden_size": 64, "head_dim": 16, "num_hidden_layers": 3}
+BUILDER_CORE = ["llama", "qwen3", "gemma2"]  # plain, layer_types, sliding window + sandwich norms
+BUILDER_OTHER = ["mistral", "qwen2", "gemma", "olmo", "granite"]
+
+
+def wide(arch: str, seed: int = 0, **overrides):
+    return tiny_model(arch, seed=seed, **{**WIDE, **overrides})
+
+
+def export(model, tmp_path, name="out", **kwargs):
+    out = tmp_path / name
+    out.mkdir()
+    summary = export_model(model, make_tokenizer(), out, **kwargs)
+    return summary, out
+
+
+def assert_genai_greedy_equals_pytorch(model, folder, new_tokens=24):
+    prompt = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    ref, _ = torch_greedy(model, prompt, new_tokens)
+    got = genai_generate(folder, prompt[0].tolist(), new_tokens)
+    eos = model.config.eos_token_id
+    if eos in ref:  # genai stops at EOS, PyTorch's reference loop does not
+        ref = ref[: ref.index(eos) + 1]
+    assert got == ref
+
+
+def _builder_export_matches(arch, tmp_path):
+    model = wide(arch)
+    summary, folder = export(model, tmp_path)
+    assert summary.route == "builder", summary.route_reason
+    assert summary.validation["passed"] and summary.validation["greedy"]["matched"] == 32
+    assert summary.validation["logits_max_abs"] <= 1e-4
+    assert {c["batch"] for c in summary.validation["cases"]} >= {1, 2}
+    assert "GroupQueryAttention" in " ".join(summary.validation["notes"])  # the skipped cases say why
+    saved = json.loads((folder / SUMMARY_FILE).read_text())
+    assert saved["route"] == "builder" and saved["precision"] == "fp32"
+    assert_genai_greedy_equals_pytorch(model, folder)
+
+
+@pytest.mark.parametrize("arch", BUILDER_CORE)
+def test_builder_route_equals_pytorch_and_genai_generates_its_tokens(arch, tmp_path):
+    _builder_export_matches(arch, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", BUILDER_OTHER)
+def test_builder_route_other_families(arch, tmp_path):
+    _builder_export_matches(arch, tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_dynamo_folder_runs_in_genai_with_pytorch_tokens(arch, tmp_path):
+    model = tiny_model(arch, n_layer=2) if arch == "gpt2" else wide(arch)
+    summary, folder = export(model, tmp_path, route="dynamo")
+    assert summary.route == "dynamo"
+    config = json.loads((folder / GENAI_CONFIG).read_text())
+    assert config["search"]["past_present_share_buffer"] is False
+    assert config["model"]["decoder"]["inputs"]["position_ids"] == "position_ids"
+    assert_genai_greedy_equals_pytorch(model, folder)
+
+
+def test_auto_falls_back_to_dynamo_and_says_why(tmp_path):
+    narrow = tiny_model("llama", num_hidden_layers=2)  # head size 8
+    assert "multiple of 16" in builder_refusal(narrow)
+    assert choose_route(tiny_model("gpt2"), "auto", "fp32")[0] == "dynamo"
+    summary, folder = export(narrow, tmp_path)
+    assert summary.route == "dynamo" and "multiple of 16" in summary.route_reason
+    assert json.loads((folder / SUMMARY_FILE).read_text())["route_reason"] == summary.route_reason
+    with pytest.raises(CompressorError, match="--route builder cannot export"):
+        choose_route(narrow, "builder", "fp32")
+
+
+def test_pruned_model_exports_through_the_builder(tmp_path):
+    model = wide("qwen3", num_hidden_layers=4)
+    reference = wide("qwen3", num_hidden_layers=4)
+    drop_blocks_(model, [1, 2])
+    summary, folder = export(model, tmp_path)
+    assert summary.route == "builder" and summary.num_layers == 2 and summary.record["removed"] == [1, 2]
+    assert OrtCausalLM(folder).num_layers == 2
+    assert summary.validation["passed"]
+    ids = torch.randint(3, 128, (1, 9))
+    logits, _ = OrtCausalLM(folder).forward(ids.numpy())
+    with torch.no_grad():  # the pruned export is not the full model (the check above could not pass by accident)
+        assert not np.allclose(logits, reference(ids).logits.numpy(), atol=1e-3)
+    assert_genai_greedy_equals_pytorch(model, folder)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_exports_keep_their_bounds_and_run_in_genai(precision, tmp_path):
+    model = wide("llama")
+    summary, folder = export(model, tmp_path, precision=precision)
+    report = summary.validation
+    assert report["kind"] == "quantized" and report["passed"]
+    assert report["perplexity_increase"] <= report["bounds"]["max_ppl_increase"]
+    assert report["top1_agreement"] >= report["bounds"]["min_top1"]
+    counts = summary.quantization["counts"]
+    assert counts.get("8" if precision == "int8" else "4", 0) > 0
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops
+    assert not (folder / ".float-graph").exists()
+    tokens = genai_generate(folder, [5, 6, 7, 8], 8)
+    assert 1 <= len(tokens) <= 8 and all(0 <= t < 128 for t in tokens)
+
+
+def test_quantized_export_failing_its_bounds_is_an_error_with_the_numbers(tmp_path):
+    from compressor.export.quality import QualityError
+
+    model = wide("llama")
+    _, bounds = quant_options("int4", max_kl=0.0)  # any change of the logits exceeds it
+    with pytest.raises(QualityError, match=r"perplexity .* top-1 agreement .* mean KL"):
+        export(model, tmp_path, precision="int4", bounds=bounds, quant=None)
+    kept, folder = export(model, tmp_path, name="kept", precision="int4", bounds=bounds, allow_mismatch=True)
+    assert not kept.validation["passed"] and kept.warnings
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"precision": "bf16"}, "bf16 graphs need ONNX Runtime's CUDA provider"),
+    ({"precision": "fp8"}, "fp8 is a TensorRT precision"),
+    ({"precision": "int3"}, "unknown precision"),
+    ({"route": "fast"}, "unknown export route"),
+])
+def test_precisions_the_cpu_cannot_run_are_refused(kwargs, message, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and kwargs.get("precision") == "bf16":
+        pytest.skip("this ONNX Runtime has CUDA")
+    with pytest.raises(CompressorError, match=message):
+        export_model(wide("llama"), None, tmp_path, **kwargs)
+    assert list(tmp_path.iterdir()) == []
