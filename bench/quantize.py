@@ -23,7 +23,7 @@ import numpy as np
 
 from compressor.calibrate.data import load_texts, make_windows
 from compressor.loading import resolve
-from compressor.quantize import QuantConfig, quantize_onnx
+from compressor.quantize import QuantConfig, measure_hessians, quantize_onnx
 from compressor.quantize.calibration import _feeds
 
 # name -> QuantConfig fields
@@ -117,8 +117,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/compressor-bench-quantize"))
     p.add_argument("--builder", default="fp32,int8,int4", help="builder precisions to include")
     p.add_argument("--candidates", default="rtn8,rtn4,gptq4-head8")
-    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq", type=int, default=256)
+    p.add_argument("--skip-first", type=int, default=1, help="window positions left out of the Hessians")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--latency", action="store_true", help="also time the workload (run under flock -x)")
     p.add_argument("--repeats", type=int, default=2)
@@ -135,8 +136,12 @@ def main() -> None:
         folders[f"builder-{prec}"] = build(ckpt, args.work / f"builder-{prec}", prec)
     fp32 = build(ckpt, args.work / "builder-fp32", "fp32")
     windows = make_windows(tok, load_texts(None), args.calib_samples, args.calib_seq, seed=0)
+    t0 = time.perf_counter()
+    hessians = measure_hessians(fp32 / "model.onnx", windows, skip_first=args.skip_first)
+    print(f"calibration: {hessians.tokens} tokens in {time.perf_counter() - t0:.1f} s", flush=True)
     for name in [s for s in args.candidates.split(",") if s]:
-        folders[name], info[name] = candidate(name, fp32, args.work, windows)
+        folders[name], info[name] = candidate(name, fp32, args.work, hessians)
+        print(name, info[name], flush=True)
     base = perplexity(fp32, ids, args.threads)
     rows = []
     for name, folder in folders.items():

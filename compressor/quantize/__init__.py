@@ -4,7 +4,8 @@
 """
 
 from compressor.quantize.config import QuantConfig, QuantConfigError, QuantSummary
-from compressor.quantize.graph import quantize_onnx
+from compressor.quantize.calibration import Hessians, input_hessians
+from compressor.quantize.graph import measure_hessians, quantize_onnx
 
 
 def prepare_model_(model, windows, config: QuantConfig) -> dict | None:
@@ -14,4 +15,4 @@ def prepare_model_(model, windows, config: QuantConfig) -> dict | None:
     return None
 
 
-__all__ = ["QuantConfig", "QuantConfigError", "QuantSummary", "prepare_model_", "quantize_onnx"]
+__all__ = ["Hessians", "QuantConfig", "QuantConfigError", "QuantSummary", "input_hessians", "measure_hessians", "prepare_model_", "quantize_onnx"]

@@ -94,49 +94,79 @@ def _result(codes, scale, zp, bits, block_size, k, symmetric) -> BlockQuant:
 def gptq(
     w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetric: bool, damp: float = 0.01
 ) -> BlockQuant:
+    """GPTQ of one [K, N] weight with the [K, K] Hessian of its inputs (see gptq_many)."""
+    return gptq_many([w], [hessian], bits, block_size, symmetric, damp)[0]
+
+
+def gptq_many(
+    ws: list[np.ndarray], hessians: list[np.ndarray], bits: int, block_size: int, symmetric: bool,
+    damp: float = 0.01,
+) -> list[BlockQuant]:
     """GPTQ (Frantar et al. 2022) on the ORT block grid: quantize input rows one at a time and push
     each row's error onto the rows not yet quantized, weighted by the inverse Hessian of the
     calibration inputs (H = sum x x^T over calibration tokens, [K, K]).
 
+    Weights of one shape are done together as a batch (one Python loop over K for all 30 layers'
+    gate projections, say): the loop is sequential in K, so batching is what makes it fast.
     Each block's grid is taken from the already-updated weights when its first row is reached, so
     the grid and the error feedback agree. `damp` times the mean diagonal is added to H so a
     nearly singular H (dead inputs, few tokens) stays invertible.
     """
-    k, n = w.shape
+    k, n = ws[0].shape
     pad = (-k) % block_size
-    wt = torch.from_numpy(np.ascontiguousarray(w.T, dtype=np.float32)).double()  # [N, K]
-    h = torch.from_numpy(np.asarray(hessian, dtype=np.float64)).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
-    wt[:, dead] = 0
-    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype)
+    # Kept in the MatMul's own [K, N] orientation so that one input row is contiguous in memory.
+    wk = torch.from_numpy(np.stack([np.asarray(w, dtype=np.float32) for w in ws]))  # [B, K, N]
+    h = torch.from_numpy(np.stack([np.asarray(x, dtype=np.float64) for x in hessians]))
+    idx = torch.arange(k)
+    diag = h[:, idx, idx]
+    dead = diag == 0
+    h[:, idx, idx] = torch.where(dead, 1.0, diag) + damp * diag.mean(-1, keepdim=True)
+    wk = wk * ~dead[:, :, None]
     if pad:  # padded rows are zeros with no inputs: identity Hessian, quantized to exact zeros
-        wt = torch.nn.functional.pad(wt, (0, pad))
-        h = torch.block_diag(h, torch.eye(pad, dtype=h.dtype))
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.empty_like(wt)
-    n_blocks = wt.shape[1] // block_size
-    scales = torch.empty(n, n_blocks, dtype=wt.dtype)
+        wk = torch.nn.functional.pad(wk, (0, 0, 0, pad))
+        h = torch.stack([torch.block_diag(x, torch.eye(pad, dtype=h.dtype)) for x in h])
+    hinv = _upper_cholesky_of_inverse(h).float()
+    batch, kp = wk.shape[0], wk.shape[1]
+    codes = torch.empty_like(wk)
+    scales = torch.empty(batch, kp // block_size, n)
     zps = torch.empty_like(scales)
-    span = block_size * max(1, 128 // block_size)  # lazy-batch width (a whole number of blocks)
-    for a in range(0, wt.shape[1], span):
-        b = min(a + span, wt.shape[1])
-        w1, err = wt[:, a:b].clone(), torch.zeros(n, b - a, dtype=wt.dtype)
-        h1 = hinv[a:b, a:b]
-        for i in range(b - a):
-            col = a + i
-            if col % block_size == 0:
-                s, z = grid(w1[:, i : i + block_size], bits, symmetric)
-                scales[:, col // block_size], zps[:, col // block_size] = s, z
-            s, z = scales[:, col // block_size], zps[:, col // block_size]
+    span = block_size  # lazy batch: rank-1 updates inside one block, one matmul for the rest
+    for a in range(0, kp, span):
+        b = a + span
+        w1, err = wk[:, a:b].clone(), torch.empty(batch, span, n)
+        h1 = hinv[:, a:b, a:b]
+        s, z = grid(w1.transpose(1, 2), bits, symmetric)  # [B, N]: this block's grid
+        scales[:, a // block_size], zps[:, a // block_size] = s, z
+        for i in range(span):
             q = quantize_codes(w1[:, i], s, z, bits)
-            codes[:, col] = q
-            e = (w1[:, i] - (q - z) * s) / h1[i, i]
-            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+            codes[:, a + i] = q
+            e = (w1[:, i] - (q - z) * s) / h1[:, i, i, None]
+            w1[:, i:].baddbmm_(h1[:, i, i:, None], e[:, None, :], alpha=-1)
             err[:, i] = e
-        wt[:, b:] -= err @ hinv[a:b, b:]
-    codes = codes.reshape(n, n_blocks, block_size)
-    return _result(codes, scales, zps, bits, block_size, k, symmetric)
+        if b < kp:
+            wk[:, b:].baddbmm_(hinv[:, a:b, b:].transpose(1, 2), err, alpha=-1)
+    # [B, K, N] -> per weight [N, n_blocks, block_size]; scales [B, n_blocks, N] -> [N, n_blocks]
+    codes = codes.reshape(batch, kp // block_size, block_size, n).permute(0, 3, 1, 2)
+    scales, zps = scales.transpose(1, 2), zps.transpose(1, 2)
+    return [_result(codes[j], scales[j], zps[j], bits, block_size, k, symmetric) for j in range(batch)]
+
+
+def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
+    """U upper triangular with U^T U = H^-1, from one factorization: with J the reversal
+    permutation and J H J = M M^T, H^-1 = (J M^-T J)(J M^-1 J), so U = J M^-1 J."""
+    m = torch.linalg.cholesky(h.flip(-1, -2))
+    eye = torch.eye(h.shape[-1], dtype=h.dtype).expand_as(h)
+    return torch.linalg.solve_triangular(m, eye, upper=False).flip(-1, -2)
+
+
+def split(q: BlockQuant, widths: list[int]) -> list[BlockQuant]:
+    """The quantizations of weights that were concatenated along N (they share one input)."""
+    out, start = [], 0
+    for w in widths:
+        zp = None if q.zero_points is None else q.zero_points[start : start + w]
+        out.append(BlockQuant(q.codes[start : start + w], q.scales[start : start + w], zp, q.bits, q.block_size, q.k))
+        start += w
+    return out
 
 
 def pack(q: BlockQuant) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -14,8 +14,10 @@ positions of each window out of the sums (they still run, so later tokens see th
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from compressor.errors import DataError
 from compressor.progress import track
@@ -23,10 +25,20 @@ from compressor.progress import track
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Hessians:
+    """X^T X (float64 [K, K]) per MatMul input tensor name, and how many tokens were summed.
+
+    Measured once, they can be handed to several quantize_onnx calls on the same graph."""
+
+    sums: dict[str, np.ndarray]
+    tokens: int
+
+
 def head_size(graph) -> int | None:
     """The KV-cache head size of a builder-style graph, whose cache shape leaves it symbolic.
 
-    Read from the first GroupQueryAttention: its query comes from a MatMul of width
+    Read from the first GroupQueryAttention: its query comes from a MatMul (or MatMulNBits) of width
     (num_heads + 2 * kv_num_heads) * head_size when q, k and v are packed, num_heads * head_size if not.
     """
     from onnx import helper
@@ -38,13 +50,19 @@ def head_size(graph) -> int | None:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         src = producer.get(node.input[0])
-        while src is not None and src.op_type != "MatMul" and src.input:
+        while src is not None and src.op_type not in ("MatMul", "MatMulNBits") and src.input:
             src = producer.get(src.input[0])
-        if src is None or src.input[1] not in widths:
+        if src is None:
+            return None
+        if src.op_type == "MatMulNBits":
+            width = next(a.i for a in src.attribute if a.name == "N")
+        elif src.input[1] in widths:
+            width = widths[src.input[1]]
+        else:
             return None
         packed = len(node.input) < 2 or not node.input[1]
         heads = attrs["num_heads"] + (2 * attrs["kv_num_heads"] if packed else 0)
-        return int(widths[src.input[1]] // heads)
+        return int(width // heads)
     return None
 
 
@@ -74,11 +92,10 @@ def _feeds(session, ids: np.ndarray, head: int | None = None) -> dict:
     return feeds
 
 
-def input_hessians(model, inputs: list[str], windows, skip_first: int = 1) -> tuple[dict[str, np.ndarray], int]:
+def input_hessians(model, inputs: list[str], windows, skip_first: int = 1, batch: int = 4) -> Hessians:
     """X^T X (float64, [K, K]) of each tensor in `inputs` over the calibration windows.
 
     model: an onnx.ModelProto (weights loaded); windows: LongTensor or array [n, seq].
-    Returns the sums and the number of tokens counted.
     """
     import onnx
     import onnxruntime as ort
@@ -99,12 +116,17 @@ def input_hessians(model, inputs: list[str], windows, skip_first: int = 1) -> tu
     head = head_size(model.graph)
     sums: dict[str, np.ndarray] = {}
     tokens = 0
-    for row in track(range(ids.shape[0]), description="calibrating"):
-        outs = session.run(inputs, _feeds(session, ids[row : row + 1], head))
+    rows = list(range(0, ids.shape[0], batch))
+    for row in track(rows, description="calibrating"):
+        chunk = ids[row : row + batch]
+        outs = session.run(inputs, _feeds(session, chunk, head))
         for name, x in zip(inputs, outs, strict=True):
-            x = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])[skip_first:]
-            acc = sums.get(name)
-            sums[name] = x.T @ x if acc is None else acc + x.T @ x
-        tokens += ids.shape[1] - skip_first
+            # float32 products over a whole batch of windows (the cost: tokens x K^2 per input),
+            # summed across batches in float64.
+            x = torch.from_numpy(np.asarray(x, dtype=np.float32).reshape(chunk.shape[0], chunk.shape[1], -1))
+            x = x[:, skip_first:].reshape(-1, x.shape[-1])
+            xtx = (x.T @ x).double().numpy()
+            sums[name] = xtx if name not in sums else sums[name] + xtx
+        tokens += chunk.shape[0] * (ids.shape[1] - skip_first)
     log.info("calibration: %d tokens through %d MatMul inputs", tokens, len(inputs))
-    return sums, tokens
+    return Hessians(sums, tokens)

@@ -14,7 +14,7 @@ import numpy as np
 from compressor.errors import CompressorError, require
 from compressor.progress import status, track
 from compressor.quantize import blockwise
-from compressor.quantize.calibration import input_hessians
+from compressor.quantize.calibration import Hessians, input_hessians
 from compressor.quantize.config import QuantConfig, QuantConfigError, QuantSummary
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,36 @@ def _nbits_node(node, q: blockwise.BlockQuant, weight, config: QuantConfig, grap
     return new, packed.nbytes + scales.nbytes + (zp.nbytes if zp is not None else 0)
 
 
+def _quantize_all(candidates, weights, bits, hessians, config) -> dict[str, blockwise.BlockQuant]:
+    """Each MatMul's quantization: RTN one by one, GPTQ in batches.
+
+    GPTQ treats output columns independently given the input Hessian, so MatMuls reading the same
+    input (gate and up, or q, k and v) are concatenated along N and done as one, and same-shaped
+    groups of all layers go through one batched loop.
+    """
+    out = {}
+    groups: dict[tuple, list[str]] = {}
+    for name, node in candidates.items():
+        if node.input[0] in hessians:
+            groups.setdefault((node.input[0], bits[name]), []).append(name)
+        else:
+            out[name] = blockwise.rtn(weights[name].astype(np.float32), bits[name], config.block_size, config.symmetric)
+    batches: dict[tuple, list[tuple]] = {}
+    for (inp, b), names in groups.items():
+        w = np.concatenate([weights[n].astype(np.float32) for n in names], axis=1)
+        batches.setdefault((w.shape, b), []).append((names, w, hessians[inp]))
+    for (shape, b), items in track(list(batches.items()), description="GPTQ"):
+        # Batches bounded in memory: a few copies of B x K x N float32 live during the loop.
+        per = max(1, int(2**26 // (shape[0] * shape[1])))
+        for i in range(0, len(items), per):
+            chunk = items[i : i + per]
+            qs = blockwise.gptq_many([c[1] for c in chunk], [c[2] for c in chunk], b, config.block_size, config.symmetric)
+            for (names, _, _), q in zip(chunk, qs, strict=True):
+                parts = blockwise.split(q, [weights[n].shape[1] for n in names])
+                out.update(zip(names, parts, strict=True))
+    return out
+
+
 def _load(src: Path):
     onnx = require("onnx", "onnx", "quantizing ONNX graphs")
     if not src.is_file():
@@ -139,11 +169,19 @@ def _save(model, dst: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def measure_hessians(src: Path, windows, skip_first: int = 1) -> Hessians:
+    """The input Hessians of every weight MatMul of `src`, for one or more quantize_onnx calls."""
+    model = _load(Path(src))
+    inputs = sorted({node.input[0] for node in _weight_matmuls(model.graph).values()})
+    return input_hessians(model, inputs, windows, skip_first=skip_first)
+
+
 def quantize_onnx(src: Path, dst: Path, config: QuantConfig, calibration=None) -> QuantSummary:
     """Quantize the weights of every constant-weight MatMul in `src` to MatMulNBits and write `dst`.
 
     calibration: token windows (LongTensor [n, seq]) used by "gptq"/"auto" to weight each MatMul's
-    rounding error by its real inputs. Embeddings (Gather) and other ops stay as they are.
+    rounding error by its real inputs, or `Hessians` measured before on the same graph
+    (`calibration.input_hessians`). Embeddings (Gather) and other ops stay as they are.
     """
     from onnx import numpy_helper
 
@@ -164,27 +202,23 @@ def quantize_onnx(src: Path, dst: Path, config: QuantConfig, calibration=None) -
     hessians = {}
     if algorithm == "gptq":
         t0 = time.perf_counter()
-        inputs = sorted({node.input[0] for node in candidates.values()})
-        hessians, summary.calibration_tokens = input_hessians(model, inputs, calibration)
+        if not isinstance(calibration, Hessians):
+            inputs = sorted({node.input[0] for node in candidates.values()})
+            calibration = input_hessians(model, inputs, calibration)
+        hessians, summary.calibration_tokens = calibration.sums, calibration.tokens
         summary.calibration_seconds = time.perf_counter() - t0
     inits = {t.name: t for t in graph.initializer}
     uses: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
+    weights = {name: numpy_helper.to_array(inits[node.input[1]]) for name, node in candidates.items()}
+    quants = _quantize_all(candidates, weights, bits, hessians, config)
     replaced: dict[str, object] = {}
-    for name in track(list(candidates), description="quantizing MatMuls"):
-        node = candidates[name]
-        weight = numpy_helper.to_array(inits[node.input[1]])
-        w32 = weight.astype(np.float32)
-        h = hessians.get(node.input[0])
-        if h is not None:
-            q = blockwise.gptq(w32, h, bits[name], config.block_size, config.symmetric)
-        else:
-            q = blockwise.rtn(w32, bits[name], config.block_size, config.symmetric)
-        replaced[name], size = _nbits_node(node, q, weight, config, graph)
+    for name, node in candidates.items():
+        replaced[name], size = _nbits_node(node, quants[name], weights[name], config, graph)
         summary.nodes[name] = bits[name]
-        summary.bytes_before += weight.nbytes
+        summary.bytes_before += weights[name].nbytes
         summary.bytes_after += size
         uses[node.input[1]] -= 1
     new_nodes = [replaced.get(n.name, n) for n in graph.node]

@@ -1,0 +1,70 @@
+"""quantize_onnx on a real causal-LM graph: ONNX Runtime's model builder run on a tiny random Llama."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime_genai")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from conftest import make_tokenizer, tiny_model  # noqa: E402
+
+from compressor.quantize import QuantConfig, measure_hessians, quantize_onnx  # noqa: E402
+from compressor.quantize.calibration import _feeds, head_size  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("builder")
+    model = tiny_model("llama", hidden_size=64, head_dim=16, intermediate_size=128)  # GQA: head_size % 16 == 0
+    model.save_pretrained(root / "hf")
+    make_tokenizer().save_pretrained(root / "hf")
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(root / "hf"), "-o",
+                    str(root / "fp32"), "-p", "fp32", "-e", "cpu", "-c", str(root / "cache")],
+                   check=True, capture_output=True)
+    return model, root / "fp32" / "model.onnx"
+
+
+def _logits(path, ids):
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    head = head_size(onnx.load(str(path), load_external_data=False).graph)
+    return np.concatenate([s.run(["logits"], _feeds(s, row[None], head))[0] for row in ids])
+
+
+def test_hessian_of_first_block_matches_pytorch(built):
+    model, path = built
+    ids = torch.randint(4, 128, (3, 24), generator=torch.Generator().manual_seed(0))
+    hess = measure_hessians(path, ids, skip_first=1)
+    with torch.no_grad():
+        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))[:, 1:].reshape(-1, 64).double()
+    name = next(n for n in hess.sums if "layers.0/input_layernorm" in n)
+    np.testing.assert_allclose(hess.sums[name], (x.T @ x).numpy(), rtol=1e-4, atol=1e-6)
+    assert hess.tokens == 3 * 23
+
+
+def test_gptq_closer_to_fp32_than_rtn_on_fresh_tokens(built, tmp_path):
+    _, path = built
+    gen = torch.Generator().manual_seed(1)
+    calib, fresh = torch.randint(4, 128, (16, 32), generator=gen), torch.randint(4, 128, (4, 32), generator=gen)
+    ref = _logits(path, fresh.numpy())
+    errs = {}
+    for algo in ("rtn", "gptq"):
+        out = tmp_path / algo / "model.onnx"
+        summary = quantize_onnx(path, out, QuantConfig(bits=4, algorithm=algo, keep_int8="none"), calibration=calib)
+        assert summary.algorithm == algo and set(summary.nodes.values()) == {4}
+        errs[algo] = np.abs(_logits(out, fresh.numpy()) - ref).mean()
+    assert errs["gptq"] < errs["rtn"]
+
+
+def test_auto_keeps_the_lm_head_int8(built, tmp_path):
+    _, path = built
+    summary = quantize_onnx(path, tmp_path / "q" / "model.onnx", QuantConfig(), calibration=torch.randint(4, 128, (2, 16)))
+    assert summary.algorithm == "gptq"
+    assert summary.int8_nodes == ["/lm_head/MatMul"]
+    written = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    bits = {n.name: a.i for n in written.graph.node for a in n.attribute if a.name == "bits"}
+    assert bits["/lm_head/MatMul_Q8"] == 8 and sum(b == 4 for b in bits.values()) == len(bits) - 1
