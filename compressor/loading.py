@@ -8,15 +8,13 @@ safetensors checkpoint, so the second load is as fast as any local checkpoint.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from compressor.adapters import get_adapter
 from compressor.errors import ModelLoadError, require
-from compressor.io import cache_dir, file_sha256
+from compressor.io import atomic_dir, cache_dir, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +161,9 @@ def _gguf_to_checkpoint(path: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.dtype = torch.float32
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

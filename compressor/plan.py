@@ -28,6 +28,7 @@ import torch
 
 from compressor.adapters import check_foldable, get_adapter
 from compressor.errors import InvalidPlanError
+from compressor.io import atomic_file, write_json
 from compressor.linearize import FitSettings, Projection, fit_provenance, fit_spans
 from compressor.surgery import copy_without_blocks, drop_blocks_, fold_linear_, parse_blocks, set_projection_
 
@@ -184,15 +185,11 @@ def write_plan(plan: Plan, path: Path | str, maps: dict[str, torch.Tensor] | Non
     else:
         plan.maps_file = None
     plan.validate()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if maps:
+    if maps:  # the maps first: a plan.json on disk always has its maps beside it
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in maps.items()}
-        maps_tmp = path.with_name(f".{plan.maps_file}.tmp")
-        save_file(tensors, maps_tmp, metadata={"plan": path.name})
-        maps_tmp.replace(path.with_name(plan.maps_file))
-    tmp.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
-    tmp.replace(path)
+        with atomic_file(path.with_name(plan.maps_file)) as tmp:
+            save_file(tensors, tmp, metadata={"plan": path.name})
+    write_json(path, plan.to_dict())
     return path
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 
 import torch
@@ -32,7 +32,7 @@ from compressor.progress import status
 from compressor.strategy import STRATEGIES, Choice, SelectContext, SelectSettings, Strategy, register
 
 __all__ = ["STRATEGIES", "Choice", "PlanSearch", "SelectContext", "SelectSettings", "Strategy", "check_k",
-           "get_strategy", "make_plan", "plan_blocks", "register", "search_plans"]
+           "get_strategy", "plan_blocks", "register"]
 
 
 def get_strategy(name: str) -> Strategy:
@@ -156,29 +156,3 @@ def _fingerprint(windows, mask) -> str:
     from compressor.calibrate.data import windows_fingerprint
 
     return windows_fingerprint(windows, mask)
-
-
-# --- the names before plan_blocks, kept while callers move over --------------------------------
-
-def make_plan(model, windows: torch.Tensor, k: int, strategy: str = "auto", profile=None,
-              settings: SelectSettings | None = None, attention_mask: torch.Tensor | None = None,
-              linear: bool | None = None) -> Plan:
-    """Deprecated: `plan_blocks(model, windows, k, ...)[k]`."""
-    settings = settings or SelectSettings()
-    settings = settings if linear is None else replace(settings, linear=linear)
-    return plan_blocks(model, windows, k, strategy, profile=profile, settings=settings,
-                       attention_mask=attention_mask)[k]
-
-
-def search_plans(model, windows: torch.Tensor, ks: list[int], strategy: str = "auto", profile=None,
-                 settings: SelectSettings | None = None, attention_mask: torch.Tensor | None = None,
-                 variants: tuple[bool, ...] = (True,)) -> dict[tuple[int, bool], Callable[[], Plan]]:
-    """Deprecated: `plan_blocks(...)` (a lazy mapping K -> Plan) and `.with_linear(False)`."""
-    settings = settings or SelectSettings()
-    search = plan_blocks(model, windows, ks, strategy, profile=profile,
-                         settings=replace(settings, linear=variants[0]), attention_mask=attention_mask)
-    found = {}
-    for linear in variants:
-        variant = search.with_linear(linear)
-        found |= {(k, linear): (lambda v=variant, k=k: v[k]) for k in variant}
-    return found

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,8 +18,8 @@ import torch
 from compressor.calibrate.data import load_texts, make_windows, windows_fingerprint
 from compressor.calibrate.profile import DEFAULT_OUTLIER_FACTOR, Profile, calibrate
 from compressor.calibrate.stats import Stats
-from compressor.errors import DataError
-from compressor.io import cache_dir, write_json
+from compressor.errors import CompressorError, DataError
+from compressor.io import atomic_dir, cache_dir, write_json
 from compressor.parallel import rank_world
 from compressor.progress import status
 
@@ -151,12 +149,8 @@ def profile_for(
 
 
 def _store(profile: Profile, entry: Path, with_stats: bool) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
     try:
-        write_profile(profile, tmp, with_stats=with_stats, figure=False)
-        shutil.rmtree(entry, ignore_errors=True)
-        tmp.rename(entry)
-    except OSError as exc:  # a cache that cannot be written is not worth failing the run for
+        with atomic_dir(entry, overwrite=True) as tmp:
+            write_profile(profile, tmp, with_stats=with_stats, figure=False)
+    except (OSError, CompressorError) as exc:  # a cache that cannot be written is not worth failing the run for
         log.warning("could not cache the profile in %s: %s", entry, exc)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -10,13 +10,13 @@ rank reads it. Loaded with `weights_only=True`: no pickled code runs.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 from pathlib import Path
 
 import torch
 
 from compressor.errors import CompressorError
+from compressor.io import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,9 @@ def save_state(runtime, directory: Path, model, optimizer, progress: dict) -> No
     model_state = runtime.model_state(model, trainable_only=True)
     optimizer_state = runtime.optimizer_state(model, optimizer)
     if runtime.is_main:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{STATE_FILE}.tmp-{os.getpid()}"
         payload = {"model": model_state, "optimizer": optimizer_state, "rng": rng_state(), **progress}
-        try:
+        with atomic_file(Path(directory) / STATE_FILE) as tmp:
             torch.save(payload, tmp)
-            os.replace(tmp, directory / STATE_FILE)
-        finally:
-            tmp.unlink(missing_ok=True)
         log.info("saved training state at step %d to %s", progress["step"], directory)
     runtime.barrier()
 

@@ -10,6 +10,7 @@ from compressor.calibrate.data import hold_out
 from compressor.errors import CompressorError, DataError
 from compressor.heal.config import HealConfig, HealResult
 from compressor.heal.distributed import launched_world_size
+from compressor.heal.pair import check_teacher
 from compressor.heal.train import heal
 from compressor.io import atomic_dir, cache_dir, check_output
 
@@ -91,15 +92,10 @@ def _check_teacher_config(student_src, teacher_src) -> None:
     from transformers import AutoConfig
 
     try:
-        s, t = (AutoConfig.from_pretrained(src).get_text_config() for src in (student_src, teacher_src))
+        s, t = (AutoConfig.from_pretrained(src) for src in (student_src, teacher_src))
     except (OSError, ValueError):
         return  # load_model reports unreadable models with its own, better message
-    problems = [f"{name} {getattr(t, attr, None)} vs the student's {getattr(s, attr, None)}"
-                for name, attr in (("vocabulary", "vocab_size"), ("width", "hidden_size"))
-                if getattr(s, attr, None) != getattr(t, attr, None)]
-    if problems:
-        raise CompressorError("the teacher does not match the student (" + "; ".join(problems) + "): "
-                              "pass the unpruned model the student was made from as --teacher")
+    check_teacher(s, t)
 
 
 def _windows(tokenizer, train_texts, eval_texts, samples, eval_samples, seq_len, seed):

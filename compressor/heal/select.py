@@ -14,6 +14,7 @@ import torch
 
 from compressor.adapters import get_adapter
 from compressor.errors import CompressorError
+from compressor.plan import runs
 from compressor.surgery import compressor_record
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,7 @@ class CutPoint:
 
 def removed_runs(record: dict) -> list[tuple[int, int]]:
     """Maximal runs of removed original blocks, as inclusive (first, last) pairs."""
-    runs: list[tuple[int, int]] = []
-    for i in sorted(record.get("removed", [])):
-        if runs and runs[-1][1] == i - 1:
-            runs[-1] = (runs[-1][0], i)
-        else:
-            runs.append((i, i))
-    return runs
+    return [(start, end - 1) for start, end in runs(record.get("removed", []))]
 
 
 def touched_blocks(record: dict) -> list[int]:

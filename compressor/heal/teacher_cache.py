@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from compressor.errors import DataError
 from compressor.heal.losses import capture_block_outputs, kd_loss, topk_kd_loss
+from compressor.io import atomic_file
 from compressor.progress import track
 
 log = logging.getLogger(__name__)
@@ -185,13 +185,8 @@ def build_cache(teacher: torch.nn.Module, windows: torch.Tensor, path: Path, top
             "vocab_size": str(vocab), "windows": str(n), "seq_len": str(t), "covered": str(done),
             "hidden_blocks": json.dumps(sorted(hidden))}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("wrote the teacher cache %s (%d of %d windows x %d tokens, top %d)", path, done, n, t, k)
     return path
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from compressor.adapters import get_adapter
 from compressor.errors import CompressorError, DataError
 from compressor.heal.checkpoint import check_resumable, load_state, save_state, set_rng_state
 from compressor.heal.config import HealConfig, HealResult
@@ -27,6 +26,20 @@ from compressor.heal.losses import (
     capture_hidden_states,
     hidden_loss,
     lm_loss,
+)
+from compressor.heal.pair import check_teacher
+from compressor.heal.schedule import (
+    STEADY_STEPS,
+    TIMING_STEPS,
+    LossSums,
+    StepPlan,
+    WindowOrder,
+    agree,
+    log_line,
+    lr_at,
+    replan,
+    set_lr,
+    training_budget,
 )
 from compressor.heal.select import CutPoint, cut_points, select_trainable_
 from compressor.heal.teacher_cache import (
@@ -41,12 +54,6 @@ from compressor.progress import status, track
 from compressor.surgery import compressor_record
 
 log = logging.getLogger(__name__)
-
-TIMING_STEPS = 3  # steps timed before a --max-minutes run re-plans its schedule to end in time
-# ... and it re-plans once more after this many, from the steps since the first re-plan: the first steps
-# run slower (allocator and thread-pool warm-up: 5.9 s against 4.4 s later on SmolLM2), and a schedule
-# fitted to them alone ended a 30-minute heal after 21.
-STEADY_STEPS = 4 * TIMING_STEPS
 
 TeacherArg = torch.nn.Module | Callable[[], torch.nn.Module]
 
@@ -92,7 +99,34 @@ def heal(student: torch.nn.Module, teacher: TeacherArg, train_windows: torch.Ten
         eval_seconds = time.monotonic() - t0
         log.info("perplexity before healing: %.3f", ppl_before)
 
-    # The optimizer over what trains.
+    loop = _Loop(config, runtime, *_optimize(model, config, runtime, lora), targets, points, train_windows)
+    loop.resume()
+    loop.run(training_budget(config, time.monotonic() - started, eval_seconds, loop.seconds_before))
+
+    # Measure, fold LoRA back, hand back a plain model in eval mode.
+    loop.model.eval()
+    ppl_after = window_perplexity(loop.model, eval_windows, runtime, config) if eval_windows is not None else None
+    if ppl_after is not None:
+        log.info("perplexity after healing: %.3f (before: %.3f)", ppl_after, ppl_before)
+    healed, full_state = _hand_back(loop.model, runtime, lora)
+    ran, history, train_seconds = loop.done - loop.first_step, loop.history, loop.train_seconds
+    tokens_per_step = loop.tokens_per_step
+    return HealResult(
+        steps=loop.done, planned_steps=loop.plan.planned, stopped_by=loop.stopped_by,
+        tokens=loop.done * tokens_per_step, seconds=round(loop.seconds_before + train_seconds, 3),
+        tokens_per_second=round(ran * tokens_per_step / train_seconds, 1) if ran else 0.0,
+        trainable_parameters=loop.trainable,
+        loss_first=history[0]["loss"] if history else None, loss_last=history[-1]["loss"] if history else None,
+        ppl_before=ppl_before, ppl_after=ppl_after, resumed_from=loop.resumed_from,
+        teacher_cache=str(cache_file) if cache_file else None, world_size=runtime.world_size,
+        precision=str(autocast_dtype(runtime.device, config) or torch.float32).removeprefix("torch."),
+        history=history, model=healed, full_state_dict=full_state, is_main=runtime.is_main,
+    )
+
+
+def _optimize(model, config: HealConfig, runtime: Runtime, lora: bool):
+    """(model, the model the hooks attach to, optimizer, trainable parameters, their count) once the
+    runtime wrapped them (the count is taken before: FSDP shards them)."""
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -100,80 +134,84 @@ def heal(student: torch.nn.Module, teacher: TeacherArg, train_windows: torch.Ten
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP swaps them for sharded ones
     base = runtime.unwrap(model)
     base = base.get_base_model() if lora else base  # the model whose blocks the hooks attach to
+    return model, base, optimizer, params, trainable
 
-    # Resume: trainable weights, optimizer, RNG, step and the planned schedule.
-    digest = windows_hash(train_windows)
-    step, planned, history, seconds_before = _resume(config, runtime, model, optimizer, digest)
-    resumed_from = step if config.resume and step else None
 
-    # The loop.
-    budget = _training_budget(config, time.monotonic() - started, eval_seconds, seconds_before)
-    regularizer = LinearityRegularizer(config.regularize_linearity) if config.regularize_linearity else None
-    per_step = config.batch_size * config.grad_accum * runtime.world_size
-    tokens_per_step = per_step * train_windows.shape[1]
-    order = WindowOrder(len(train_windows), config.seed)
-    sums = _Sums(runtime.device)
-    model.train()
-    status(f"healing: {planned - step} steps of {per_step} windows ({config.train})")
-    loop_start, first_step, done, stopped_by = time.monotonic(), step, step, "steps"
-    timed = 0.0
-    plan = _Plan(planned)
-    for step in track(plan.steps(first_step), total=planned - first_step, description="healing"):
-        _set_lr(optimizer, lr_at(step, plan.planned, config))
+class _Loop:
+    """The training loop and the state it carries: step, planned steps, history, time spent."""
+
+    def __init__(self, config: HealConfig, runtime: Runtime, model, base, optimizer, params, trainable: int,
+                 targets, points, windows: torch.Tensor):
+        self.config, self.runtime, self.model, self.base = config, runtime, model, base
+        self.optimizer, self.params, self.targets, self.points, self.windows = optimizer, params, targets, points, windows
+        self.trainable = trainable
+        self.regularizer = LinearityRegularizer(config.regularize_linearity) if config.regularize_linearity else None
+        self.per_step = config.batch_size * config.grad_accum * runtime.world_size
+        self.tokens_per_step = self.per_step * windows.shape[1]
+        self.digest = windows_hash(windows)
+        self.stopped_by, self.train_seconds = "steps", 0.0
+
+    def resume(self) -> None:
+        """Trainable weights, optimizer, RNG, step and the planned schedule, from the saved state if asked."""
+        step, planned, self.history, self.seconds_before = _resume(self.config, self.runtime, self.model,
+                                                                   self.optimizer, self.digest)
+        self.first_step = self.done = step
+        self.resumed_from = step if self.config.resume and step else None
+        self.plan = StepPlan(planned)
+
+    def run(self, budget: float | None) -> None:
+        config, runtime = self.config, self.runtime
+        order, sums = WindowOrder(len(self.windows), config.seed), LossSums(runtime.device)
+        self.model.train()
+        status(f"healing: {self.plan.planned - self.first_step} steps of {self.per_step} windows ({config.train})")
+        loop_start, timed = time.monotonic(), 0.0
+        for step in track(self.plan.steps(self.first_step), total=self.plan.planned - self.first_step,
+                          description="healing"):
+            self._step(step, order, sums)
+            self.done = done = step + 1
+            elapsed = agree(runtime, time.monotonic() - loop_start)
+            if budget is not None and done - self.first_step == TIMING_STEPS:
+                timed = elapsed
+                self.plan.planned = replan(self.plan.planned, done, elapsed / TIMING_STEPS, budget - elapsed,
+                                           config.steps)
+            if budget is not None and done - self.first_step == STEADY_STEPS:
+                per_step_now = (elapsed - timed) / (STEADY_STEPS - TIMING_STEPS)
+                self.plan.planned = replan(self.plan.planned, done, per_step_now, budget - elapsed, config.steps)
+            self._log_and_save(done, sums, elapsed)
+            if budget is not None and elapsed >= budget and done < self.plan.planned:
+                self.stopped_by = "time"
+                log.warning("stopping at step %d of %d: --max-minutes reached", done, self.plan.planned)
+                break
+        self.train_seconds = time.monotonic() - loop_start
+
+    def _step(self, step: int, order: WindowOrder, sums: LossSums) -> None:
+        config, runtime, model = self.config, self.runtime, self.model
+        set_lr(self.optimizer, lr_at(step, self.plan.planned, config))
         for micro in range(config.grad_accum):  # this rank's slice of each micro-batch of the global batch
             micro_batch = step * config.grad_accum + micro
             window_ids = order.take((micro_batch * runtime.world_size + runtime.rank) * config.batch_size,
                                     config.batch_size)
-            ids = train_windows[window_ids].to(runtime.device)
+            ids = self.windows[window_ids].to(runtime.device)
             with contextlib.nullcontext() if micro == config.grad_accum - 1 else runtime.no_sync(model):
-                parts = _losses(model, base, targets, window_ids, ids, points, regularizer, config, runtime)
+                parts = _losses(model, self.base, self.targets, window_ids, ids, self.points, self.regularizer,
+                                config, runtime)
                 runtime.backward(parts["loss"] / config.grad_accum)
             sums.add(parts)
         if config.max_grad_norm:
-            runtime.clip_grad_norm_(model, params, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            runtime.clip_grad_norm_(model, self.params, config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
-        done = step + 1
-        elapsed = _agree(runtime, time.monotonic() - loop_start)
-        if budget is not None and done - first_step == TIMING_STEPS:
-            timed = elapsed
-            plan.planned = planned = _replan(planned, done, elapsed / TIMING_STEPS, budget - elapsed, config.steps)
-        if budget is not None and done - first_step == STEADY_STEPS:
-            per_step_now = (elapsed - timed) / (STEADY_STEPS - TIMING_STEPS)
-            plan.planned = planned = _replan(planned, done, per_step_now, budget - elapsed, config.steps)
+    def _log_and_save(self, done: int, sums: LossSums, elapsed: float) -> None:
+        config, planned = self.config, self.plan.planned
         if done % config.log_every == 0 or done == planned:
-            speed = (done - first_step) * tokens_per_step / elapsed
-            history.append(sums.report(runtime, done, optimizer, speed))
-            log.info(_log_line(history[-1], planned))
+            speed = (done - self.first_step) * self.tokens_per_step / elapsed
+            self.history.append(sums.report(self.runtime, done, self.optimizer, speed))
+            log.info(log_line(self.history[-1], planned))
         if config.checkpoint_dir and done % config.checkpoint_every == 0 and done < planned:
-            save_state(runtime, config.checkpoint_dir, model, optimizer, {
-                "step": done, "planned_steps": planned, "schedule": config.schedule_key(runtime.world_size),
-                "windows": digest, "seconds": seconds_before + elapsed, "history": history})
-        if budget is not None and elapsed >= budget and done < planned:
-            stopped_by = "time"
-            log.warning("stopping at step %d of %d: --max-minutes reached", done, planned)
-            break
-    train_seconds = time.monotonic() - loop_start
-
-    # Measure, fold LoRA back, hand back a plain model in eval mode.
-    model.eval()
-    ppl_after = window_perplexity(model, eval_windows, runtime, config) if eval_windows is not None else None
-    if ppl_after is not None:
-        log.info("perplexity after healing: %.3f (before: %.3f)", ppl_after, ppl_before)
-    healed, full_state = _hand_back(model, runtime, lora)
-    ran = done - first_step
-    return HealResult(
-        steps=done, planned_steps=planned, stopped_by=stopped_by, tokens=done * tokens_per_step,
-        seconds=round(seconds_before + train_seconds, 3),
-        tokens_per_second=round(ran * tokens_per_step / train_seconds, 1) if ran else 0.0,
-        trainable_parameters=trainable,
-        loss_first=history[0]["loss"] if history else None, loss_last=history[-1]["loss"] if history else None,
-        ppl_before=ppl_before, ppl_after=ppl_after, resumed_from=resumed_from,
-        teacher_cache=str(cache_file) if cache_file else None, world_size=runtime.world_size,
-        precision=str(autocast_dtype(runtime.device, config) or torch.float32).removeprefix("torch."),
-        history=history, model=healed, full_state_dict=full_state, is_main=runtime.is_main,
-    )
+            save_state(self.runtime, config.checkpoint_dir, self.model, self.optimizer, {
+                "step": done, "planned_steps": planned, "schedule": config.schedule_key(self.runtime.world_size),
+                "windows": self.digest, "seconds": self.seconds_before + elapsed, "history": self.history})
 
 
 # --- the pieces heal() uses, in the order it uses them ---------------------------------------------
@@ -195,21 +233,7 @@ def _check_windows(windows, vocab: int, what: str) -> None:
 
 def check_pair(student, teacher, points: list[CutPoint]) -> None:
     """The teacher must speak the student's vocabulary at the student's width (and depth for cuts)."""
-    sv, tv = _vocab_size(student), _vocab_size(teacher)
-    sw = student.config.get_text_config().hidden_size
-    tw = teacher.config.get_text_config().hidden_size
-    problems = []
-    if sv != tv:
-        problems.append(f"vocabulary {tv} vs the student's {sv}")
-    if sw != tw:
-        problems.append(f"width {tw} vs the student's {sw}")
-    depth = compressor_record(student)["blocks_original"]
-    if points and get_adapter(teacher).num_blocks(teacher) != depth:
-        blocks = get_adapter(teacher).num_blocks(teacher)
-        problems.append(f"{blocks} blocks vs the {depth} the student was cut from")
-    if problems:
-        raise CompressorError("the teacher does not match the student (" + "; ".join(problems) + "): "
-                              "pass the unpruned model the student was made from as --teacher")
+    check_teacher(student, teacher, compressor_record(student)["blocks_original"] if points else None)
 
 
 def _teacher_targets(teacher, student, windows, points, config: HealConfig, runtime: Runtime,
@@ -286,17 +310,6 @@ def _trainable(student, config: HealConfig):
     return student, False
 
 
-def _training_budget(config: HealConfig, spent: float, eval_seconds: float, seconds_before: float):
-    """Seconds left for training: --max-minutes bounds the whole run, evaluation after it included."""
-    if config.max_minutes is None:
-        return None
-    left = config.max_minutes * 60 - spent - eval_seconds - seconds_before
-    if left <= 0:
-        raise CompressorError(f"--max-minutes {config.max_minutes} is spent before training starts "
-                              f"({spent:.0f} s on the teacher and evaluation): allow more time")
-    return left
-
-
 def _resume(config: HealConfig, runtime: Runtime, model, optimizer, digest: str):
     """(step, planned steps, history, seconds already trained): from the saved state, or a fresh start."""
     state = load_state(config.checkpoint_dir) if config.resume else None
@@ -322,53 +335,6 @@ def _hand_back(model, runtime: Runtime, lora: bool):
     for p in healed.parameters():
         p.requires_grad_(True)
     return healed.eval(), full_state
-
-
-class WindowOrder:
-    """Which window comes at each global position: a fresh seeded permutation every epoch.
-
-    A pure function of (seed, position), so a resumed run and every rank agree on the order.
-    """
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
-        self._epochs: dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._epochs:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epochs = {epoch: torch.randperm(self.n, generator=g)}
-        return self._epochs[epoch]
-
-    def take(self, start: int, count: int) -> torch.Tensor:
-        return torch.stack([self._perm(i // self.n)[i % self.n] for i in range(start, start + count)])
-
-
-class _Plan:
-    """The number of steps planned; a --max-minutes run may shorten it once, after timing a few steps."""
-
-    def __init__(self, planned: int):
-        self.planned = planned
-
-    def steps(self, start: int):
-        step = start
-        while step < self.planned:
-            yield step
-            step += 1
-
-
-def lr_at(step: int, planned: int, config: HealConfig) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to min_lr_ratio * lr at the planned end."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = min(1.0, (step - config.warmup) / max(1, planned - config.warmup))
-    cosine = 0.5 * (1 + math.cos(math.pi * progress))
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
-
-
-def _set_lr(optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def cpu_computes_bf16() -> bool:
@@ -421,52 +387,3 @@ def _losses(model, base, targets, window_ids, ids, points, regularizer, config, 
         loss = loss + regularizer.weight * parts["cos"]
     parts["loss"] = loss
     return parts
-
-
-def _agree(runtime: Runtime, seconds: float) -> float:
-    """Every rank must stop and re-plan at the same step: use the slowest rank's clock."""
-    if runtime.world_size == 1:
-        return seconds
-    return float(runtime.all_reduce(torch.tensor(seconds, dtype=torch.float64), op="max"))
-
-
-def _replan(planned: int, done: int, seconds_per_step: float, seconds_left: float, most: int) -> int:
-    """The steps that fit in the time left at `seconds_per_step`, at most `most` (the steps asked for)."""
-    fits = min(most, done + int(0.97 * seconds_left / seconds_per_step))
-    if fits != planned:
-        log.info("--max-minutes allows about %d of %d steps (%.2f s/step): the schedule ends there",
-                 fits, most, seconds_per_step)
-    return max(done, fits)
-
-
-class _Sums:
-    """Loss terms summed over micro-batches between two log lines (reduced across ranks when logged)."""
-
-    def __init__(self, device):
-        self.device = device
-        self.reset()
-
-    def reset(self):
-        self.totals: dict[str, torch.Tensor] = {}
-        self.count = 0
-
-    def add(self, parts: dict) -> None:
-        for k, v in parts.items():
-            self.totals[k] = self.totals.get(k, 0.0) + v.detach().double()
-        self.count += 1
-
-    def report(self, runtime: Runtime, step: int, optimizer, tokens_per_second: float) -> dict:
-        names = sorted(self.totals)
-        values = torch.stack([torch.as_tensor(self.totals[k]) for k in names]).to(runtime.device)
-        count = runtime.all_reduce(torch.tensor(float(self.count), dtype=torch.float64, device=runtime.device))
-        values = runtime.all_reduce(values) / count
-        row = {"step": step, **{k: round(float(v), 5) for k, v in zip(names, values)},
-               "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(tokens_per_second, 1)}
-        self.reset()
-        return row
-
-
-def _log_line(row: dict, planned: int) -> str:
-    terms = " ".join(f"{k} {row[k]:.4f}" for k in ("kd", "lm", "hidden", "cos") if k in row)
-    return (f"step {row['step']}/{planned} loss {row['loss']:.4f} ({terms}) lr {row['lr']:.2e} "
-            f"{row['tokens_per_s']:.0f} tok/s")
