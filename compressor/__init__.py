@@ -40,6 +40,7 @@ _VERBS = {
     "export_model": ("compressor.export.pipeline", "export_model"),
     "bench": ("compressor.evaluate.benchmark", "run_bench"),
     "perplexity": ("compressor.evaluate.perplexity", "perplexity"),
+    "HealConfig": ("compressor.heal.config", "HealConfig"),
     "Report": ("compressor.report.schema", "Report"),
     "PipelineConfig": ("compressor.pipeline.config", "PipelineConfig"),
     "CompressorError": ("compressor.errors", "CompressorError"),

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
+import os
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
+
+from conftest import make_tokenizer, tiny_model
 
 FAST = ["--workload", "1x32+8", "--samples", "8", "--seq-len", "32", "--heal-steps", "3",
         "--backend", "torch", "--threads", "1", "--min-seconds", "0.2"]
@@ -52,38 +60,164 @@ def test_end_to_end_tiny_model(tiny_dir, tmp_path):
     assert read_plan(out / "plan.json").drop == report["blocks_removed"]
 
 
-def test_perplexity_budget_picks_the_deepest_plan_within_it(tiny_dir, tmp_path):
-    out = tmp_path / "run"
-    result = compress(tiny_dir, "--max-ppl-increase", "2%", "--out", out, *FAST, "--heal-steps", "0",
-                      "--format", "none", "--json")
-    report = json.loads(result.stdout) if result.returncode != 2 else None
-    if report is None:  # not even one block fits: the refusal says so, and nothing is left behind
-        assert "exceeds the perplexity budget" in result.stderr and not out.exists()
-        return
-    assert result.returncode == (0 if report["target_met"] else 1), result.stderr
-    pruned, original = report["perplexity"]["pruned_before_heal"], report["perplexity"]["original"]
-    assert all(pruned[name] <= original[name] * 1.02 for name in original)
-    assert report["blocks_removed"] and report["exports"] == {}
+API_FAST = dict(backend="torch", threads=1, prefill_tokens=32, new_tokens=8, samples=8, seq_len=32,
+                timing_seconds=0.2, format="none")
 
 
-def test_interrupted_run_resumes(tiny_dir, tmp_path):
-    out = tmp_path / "run"
-    work = tmp_path / ".run.work"
-    args = [tiny_dir, "--target-speedup", "1.05", "--out", out, *FAST]
-    process = subprocess.Popen([sys.executable, "-m", "compressor", "model", *map(str, args)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (work / "profile.stage.json").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    process.kill()
-    process.wait()
-    if out.exists():
-        pytest.skip("the run finished before it could be interrupted")
-    assert (work / "profile.stage.json").exists()
-    result = compress(*args)
-    assert result.returncode == 0, result.stderr
-    assert "resuming: profile" in result.stderr
+def test_perplexity_budget_picks_the_deepest_plan_within_it():
+    """Against every depth's plan scored here: the pipeline keeps the most blocks removed before the
+    first depth that exceeds the budget (the budget is set so that depth is not the deepest)."""
+    import compressor
+    from compressor.calibrate import profile_for
+    from compressor.pipeline import PipelineConfig
+    from compressor.pipeline.data import load_data
+    from compressor.plan import apply_plan_
+    from compressor.select import SelectSettings, plan_blocks
+
+    model, tokenizer = tiny_model("llama", num_hidden_layers=8, initializer_range=0.3), make_tokenizer()
+    data = load_data(PipelineConfig(max_ppl_increase=0.1, heal_steps=0, **API_FAST), tokenizer)
+    profile = profile_for(model, data.calibration, seed=0)
+    found = plan_blocks(model, data.calibration, range(1, 5), "auto", profile=profile,
+                        settings=SelectSettings(search_windows=16))
+    (name, ids), = data.evaluation.items()
+    base = compressor.perplexity(model, ids, max_length=512, stride=256).perplexity
+    increase = {}
+    for k in range(1, 5):
+        pruned = copy.deepcopy(model)
+        apply_plan_(pruned, found[k])
+        increase[k] = compressor.perplexity(pruned, ids, max_length=512, stride=256).perplexity / base - 1
+    first_over = next(k for k in increase if increase[k] > 0)  # premise: some depth makes it worse ...
+    assert 1 < first_over, increase                            # ... and it is not the first
+    budget = increase[first_over] / 2
+    want = max(k for k in range(1, first_over) if increase[k] <= budget)
+    report = compressor.compress(model, tokenizer, max_ppl_increase=budget, heal_steps=0, **API_FAST)
+    assert report.blocks_removed == found[want].drop, (increase, budget)
+    assert report.perplexity.pruned_before_heal[name] <= report.perplexity.original[name] * (1 + budget)
+    assert report.target_met is True and report.exports == {}
+
+
+def test_interrupted_run_resumes_from_its_stages(tiny_dir, tmp_path, caplog):
+    """Interrupted at a known point (Ctrl-C as the latency model is about to be measured): the work
+    directory keeps the profile, and the rerun reuses it instead of calibrating again."""
+    import compressor
+    from compressor.progress import use_tracker
+
+    out, work = tmp_path / "run", tmp_path / ".run.work"
+    settings = dict(target_speedup=1.05, out=out, heal_steps=2, **API_FAST)
+
+    def ctrl_c(message):
+        if message.startswith("measuring the latency model"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), use_tracker(lambda items, total, description: items, on_status=ctrl_c):
+        compressor.compress(tiny_dir, **settings)
+    assert (work / "profile.stage.json").is_file() and not (work / "blocks.stage.json").exists()
+    assert not out.exists()
+    stored = (work / "profile.stage.json").read_text()
+    with caplog.at_level(logging.INFO, logger="compressor"):
+        report = compressor.compress(tiny_dir, **settings)
+    assert "resuming: profile" in caplog.text and "calibrating" not in caplog.text
+    assert "profile" not in report.seconds and "blocks" in report.seconds
+    assert (out / "profile.stage.json").read_text() == stored
     assert (out / "report.json").is_file() and not work.exists()
+
+
+def test_ctrl_c_keeps_the_work_directory_and_says_where(tiny_dir, tmp_path):
+    out, work = tmp_path / "run", tmp_path / ".run.work"
+    args = [tiny_dir, "--target-speedup", "1.05", "--out", out, *FAST, "--format", "none",
+            "--heal-steps", "100000", "--heal-minutes", "10"]  # healing outlasts the wait below
+    process = subprocess.Popen([sys.executable, "-m", "compressor", "model", *map(str, args)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not (work / "plan.stage.json").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()[1]
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and str(work) in stderr and "resume" in stderr, stderr
+    assert "Aborted" not in stderr and "Traceback" not in stderr
+    assert work.is_dir() and not out.exists()
+
+
+def test_an_unexpected_error_exits_3_in_one_line():
+    """A bug is not "missed the target" (1) nor "bad input" (2); COMPRESSOR_DEBUG=1 shows the traceback."""
+    code = ("import sys\nfrom compressor.cli import app, main\n"
+            "@app.command('boom')\ndef boom():\n    raise RuntimeError('something broke')\n"
+            "sys.argv = ['compress', 'boom']\nmain()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 3, result.stderr
+    assert "internal error" in result.stderr and "something broke" in result.stderr
+    assert "COMPRESSOR_DEBUG=1" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    debug = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                           env={**os.environ, "COMPRESSOR_DEBUG": "1"})
+    assert "Traceback" in debug.stderr and "RuntimeError" in debug.stderr
+
+
+def test_stage_keys_follow_their_typed_settings():
+    from compressor.pipeline import PipelineConfig
+    from compressor.pipeline.calibrate import profile_inputs
+    from compressor.pipeline.plan import plan_inputs
+    from compressor.pipeline.runner import inputs_of, key_of
+
+    base = PipelineConfig(target_speedup=1.2)
+
+    def changes(inputs, **change):
+        return key_of(inputs(replace(base, **change))) != key_of(inputs(base))
+
+    for change in ({"samples": 9}, {"seq_len": 64}, {"seed": 1}, {"data": Path("x.txt")}, {"field": "body"}):
+        assert changes(profile_inputs, **change) and changes(plan_inputs, **change), change
+    for change in ({"heal_steps": 1}, {"backend": "torch"}, {"format": "none"}, {"strategy": "greedy"}):
+        assert not changes(profile_inputs, **change), change
+    for change in ({"backend": "torch"}, {"threads": 3}, {"strategy": "greedy"}, {"eval_max_tokens": 5},
+                   {"target_speedup": 1.3}, {"timing_seconds": 1.0}, {"search_windows": 0}):
+        assert changes(plan_inputs, **change), change
+    assert not changes(plan_inputs, heal_steps=1)
+
+    @dataclass(frozen=True)
+    class Misspelt:
+        sampels: int
+
+    with pytest.raises(AttributeError):  # a misspelt setting fails instead of leaving the key silently
+        inputs_of(Misspelt, base)
+
+
+def test_tensorrt_backend_builds_an_engine_not_onnx_only(tmp_path):
+    """The probes of `--backend tensorrt` are exported as TensorRT engines. Without TensorRT that export
+    refuses and leaves nothing; before the fix it wrote an ONNX-only probe, which the TensorRT backend
+    then searched for model.engine."""
+    import importlib.util
+
+    from compressor.errors import MissingDependencyError
+    from compressor.pipeline import PipelineConfig
+    from compressor.pipeline.measure import backend_for
+    from compressor.pipeline.runner import Run, Runner
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed: test_tensorrt_backend_end_to_end covers it")
+    run = Run(PipelineConfig(backend="tensorrt", target_speedup=1.2), Runner(tmp_path), tiny_model("llama"),
+              make_tokenizer())
+    with pytest.raises(MissingDependencyError, match="tensorrt"):
+        backend_for(run, run.model, "probe-original")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_tensorrt_backend_end_to_end(tiny_dir, tmp_path):
+    pytest.importorskip("tensorrt")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    out = tmp_path / "run"
+    result = compress(tiny_dir, "--target-speedup", "1.05", "--out", out, "--workload", "1x32+8", "--samples", "8",
+                      "--seq-len", "32", "--heal-steps", "0", "--min-seconds", "0.2", "--backend", "tensorrt",
+                      "--device", "cuda", "--format", "tensorrt", "--json")
+    assert result.returncode in (0, 1), result.stderr
+    report = json.loads(result.stdout)
+    assert report["backend"]["name"] == "tensorrt" and (out / "tensorrt" / "model.engine").is_file()
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -91,6 +225,7 @@ def test_interrupted_run_resumes(tiny_dir, tmp_path):
     (["--target-speedup", "0.9"], "must be above 1"),
     (["--target-speedup", "1.2", "--backend", "nosuch"], "unknown backend"),
     (["--target-speedup", "1.2", "--format", "tensorrt"], "tensorrt"),
+    (["--target-speedup", "1.2", "--backend", "tensorrt"], "tensorrt"),
     (["--target-speedup", "1.2", "--max-ppl-increase", "10%"], "exactly one"),
     (["--target-speedup", "1.2", "--heal-train", "everything"], "--heal-train must be one of"),
 ])
