@@ -42,6 +42,7 @@ import torch
 
 from compressor.adapters import get_adapter
 from compressor.errors import InvalidPlanError
+from compressor.hooks import block_recorder, forward_until_stop, injector, projection_recorder
 from compressor.parallel import all_reduce_, all_reduce_sum, rank_world, shard
 from compressor.progress import track
 from compressor.surgery import blocks_removed
@@ -137,15 +138,6 @@ def token_mask(shape, attention_mask: torch.Tensor | None, tensors: Iterable[tor
     return keep
 
 
-class StopForward(Exception):
-    """Raised by a forward hook once every hidden state a caller needs has been seen: the forward
-    ends there (the caller catches it), so the blocks after it and the head do not run."""
-
-
-def _hidden(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 @contextlib.contextmanager
 def folded_outputs(model, maps: dict[int, Replacement]):
     """For the `with`: block i's MLP output projection returns proj(x) @ T for a map T, or the
@@ -205,60 +197,26 @@ def _stream(model, windows, pairs, settings: FitSettings, attention_mask, drop: 
     windows, attention_mask = shard(windows), shard(attention_mask)
     adapter = get_adapter(model)
     blocks = list(adapter.blocks_of(model))
-    for owner, last in pairs:
-        if owner < 0:
-            raise InvalidPlanError(f"span {owner + 1}-{last} starts at block 0: there is no earlier MLP projection "
-                                   "to fold a map into; drop it without a linear replacement")
-        if not owner < last < len(blocks) or owner in drop or last in drop:
-            raise InvalidPlanError(f"span {owner + 1}-{last} does not fit this model or overlaps removed blocks")
+    eqs = _equations(adapter, blocks, pairs, drop, settings.form)
     owners = {o for o, _ in pairs}
     outs = owners | {last for _, last in pairs}
     deepest = max(outs)
     projection = settings.form == "projection"
-    if settings.form not in FORMS:
-        raise InvalidPlanError(f"unknown linear replacement form '{settings.form}': choose one of {', '.join(FORMS)}")
-    eqs = {}
-    for o, c in pairs:
-        proj = adapter.mlp_out_of(blocks[o])
-        d_in, d_out = _shape(proj)
-        d_in = d_in + (getattr(proj, "bias", None) is not None) if projection else d_out
-        eqs[(o, c)] = NormalEquations(d_in, d_out, proj.weight.device)
     seen: dict[str, torch.Tensor] = {}
     kept: list[tuple[torch.Tensor, ...]] = []
-
-    def block_hook(i):
-        def hook(module, args, output):
-            seen[f"h{i}"] = _hidden(output).detach().clone()  # some blocks update in place
-            if i == deepest:
-                raise StopForward
-
-        return hook
-
-    def proj_hook(i):
-        def hook(module, args, output):
-            seen[f"m{i}"] = output.detach().clone()
-            if projection:
-                seen[f"a{i}"] = args[0].detach().clone()
-
-        return hook
-
-    def inject(module, args, kwargs):
-        if args:
-            return (seen["resume"], *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": seen["resume"]}
 
     skip = drop | (set(range(resume[0])) if resume else set())
     handles = []
     try:
         for i in outs:
-            handles.append(blocks[i].register_forward_hook(block_hook(i)))
+            handles.append(blocks[i].register_forward_hook(block_recorder(seen, i, stop=i == deepest)))
         if resume:
-            handles.append(blocks[resume[0]].register_forward_pre_hook(inject, with_kwargs=True))
+            handles.append(blocks[resume[0]].register_forward_pre_hook(injector(seen), with_kwargs=True))
         with modified(model, skip, maps):
             # Registered after folded_outputs' hooks, so M is seen with any earlier map applied.
             for i in owners:
-                handles.append(adapter.mlp_out_of(blocks[i]).register_forward_hook(proj_hook(i)))
-            device = _input_device(model)
+                recorder = projection_recorder(seen, i, inputs=projection)
+                handles.append(adapter.mlp_out_of(blocks[i]).register_forward_hook(recorder))
             batches = range(0, windows.shape[0], settings.batch_size)
             for n, b in enumerate(track(batches, len(batches), description)):
                 ids = windows[b:b + settings.batch_size]
@@ -266,12 +224,7 @@ def _stream(model, windows, pairs, settings: FitSettings, attention_mask, drop: 
                 seen.clear()
                 if resume:
                     seen["resume"] = resume[1][n]
-                with torch.no_grad():
-                    try:
-                        model(input_ids=ids.to(device), use_cache=False,
-                              **({} if mask is None else {"attention_mask": mask.to(device)}))
-                    except StopForward:
-                        pass
+                forward_until_stop(model, ids, mask)
                 for o, c in pairs:
                     _add(eqs[(o, c)], seen[f"m{o}"], seen[f"h{o}"], seen[f"h{c}"], mask, settings, seen.get(f"a{o}"))
                 if keep is not None:
@@ -282,6 +235,25 @@ def _stream(model, windows, pairs, settings: FitSettings, attention_mask, drop: 
     for eq in eqs.values():  # every rank reaches this, with or without windows of its own
         eq.all_reduce_()
     return eqs, kept
+
+
+def _equations(adapter, blocks, pairs, drop: set[int], form: str) -> dict[tuple[int, int], NormalEquations]:
+    """Empty normal equations for each (owner, last) pair, after refusing pairs that cannot be fitted."""
+    if form not in FORMS:
+        raise InvalidPlanError(f"unknown linear replacement form '{form}': choose one of {', '.join(FORMS)}")
+    eqs = {}
+    for owner, last in pairs:
+        if owner < 0:
+            raise InvalidPlanError(f"span {owner + 1}-{last} starts at block 0: there is no earlier MLP projection "
+                                   "to fold a map into; drop it without a linear replacement")
+        if not owner < last < len(blocks) or owner in drop or last in drop:
+            raise InvalidPlanError(f"span {owner + 1}-{last} does not fit this model or overlaps removed blocks")
+        proj = adapter.mlp_out_of(blocks[owner])
+        d_in, d_out = _shape(proj)
+        # "projection" regresses on the projection's input (plus a column of ones for its bias)
+        d_in = d_in + (getattr(proj, "bias", None) is not None) if form == "projection" else d_out
+        eqs[(owner, last)] = NormalEquations(d_in, d_out, proj.weight.device)
+    return eqs
 
 
 def apply_map(h: torch.Tensor, m: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
@@ -382,8 +354,6 @@ def _readout(proj) -> torch.Tensor:
     return B if bias is None else torch.cat([B, bias.detach().to(F64)[None]], dim=0)
 
 
-def _input_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
 def fit_provenance(settings: FitSettings, fits: list[SpanFit]) -> dict:
     return {"form": settings.form, "ridge": settings.ridge, "exclude_first_token": settings.exclude_first,
             "outlier_factor": settings.outlier_factor, "spans": [f.provenance() for f in fits]}

@@ -23,7 +23,8 @@ import torch
 
 from compressor.adapters import get_adapter
 from compressor.evaluate.loss import next_token_nll, real_targets
-from compressor.linearize import StopForward, modified
+from compressor.hooks import StopForward, forward_until_stop
+from compressor.linearize import modified
 from compressor.parallel import all_reduce_sum, shard
 
 log = logging.getLogger(__name__)
@@ -109,12 +110,7 @@ class Scorer:
                     handles.append(self.adapter.mlp_out_of(blocks[i]).register_forward_hook(proj_hook(i)))
                 handles.append(blocks[deepest].register_forward_hook(stop_hook))
                 for _, ids, mask in self._batches():
-                    device = self.model.get_input_embeddings().weight.device
-                    try:
-                        self.model(input_ids=ids.to(device), use_cache=False,
-                                   **({} if mask is None else {"attention_mask": mask.to(device)}))
-                    except StopForward:
-                        pass
+                    forward_until_stop(self.model, ids, mask)
         finally:
             for h in handles:
                 h.remove()

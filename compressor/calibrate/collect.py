@@ -29,7 +29,7 @@ from compressor.adapters import get_adapter
 from compressor.calibrate.metrics import angular_distance
 from compressor.calibrate.stats import F64, Stats
 from compressor.errors import UnsupportedArchitectureError
-from compressor.linearize import StopForward
+from compressor.hooks import StopForward
 from compressor.progress import track
 
 log = logging.getLogger(__name__)
