@@ -112,3 +112,22 @@ def test_unsupported_architecture_lists_supported():
     config = AutoConfig.for_model("t5")
     with pytest.raises(UnsupportedArchitectureError, match="supported: .*llama"):
         get_adapter(config)
+
+
+def test_copy_without_blocks_shares_weights_and_equals_a_deep_copy_with_the_drop():
+    import copy
+
+    from compressor.surgery import copy_without_blocks
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    reference = copy.deepcopy(model)
+    drop_blocks_(reference, [1, 2])
+    clone = copy_without_blocks(model, [1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(clone(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=0)
+    assert get_adapter(model).num_blocks(model) == 4 and model.config.num_hidden_layers == 4
+    assert clone.model.layers[1].mlp.down_proj.weight is model.model.layers[3].mlp.down_proj.weight
+    owned = copy_without_blocks(model, own=[model.model.layers[0].mlp.down_proj])
+    assert owned.model.layers[0].mlp.down_proj.weight is not model.model.layers[0].mlp.down_proj.weight
+    assert owned.model.layers[0].self_attn.q_proj.weight is model.model.layers[0].self_attn.q_proj.weight

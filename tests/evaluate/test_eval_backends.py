@@ -115,12 +115,12 @@ def test_bad_devices_are_clear():
 
 def test_compare_loaded_models():
     from compressor.evaluate import BenchConfig, TimingConfig, run_bench
-    from compressor.evaluate.latency_model import shallow_copy_without
+    from compressor.surgery import copy_without_blocks
 
     full = tiny_model("llama")
     config = BenchConfig(prefill="1x8", decode="4+2", perplexity=False,
                          timing=TimingConfig(warmup=0, min_runs=2, min_seconds=0.0))
-    result = run_bench(full, shallow_copy_without(full, [1, 2]), config=config, labels=("full", "pruned"))
+    result = run_bench(full, copy_without_blocks(full, [1, 2]), config=config, labels=("full", "pruned"))
     data = result.to_dict()
     assert (data["model"], data["blocks"]) == ("full", 4)
     assert (data["compare"]["other"]["model"], data["compare"]["other"]["blocks"]) == ("pruned", 2)
