@@ -68,7 +68,9 @@ def workload(folder: Path, prompt: np.ndarray, new_tokens: int, reps: int) -> di
     runs = []
     for rep in range(reps + 1):
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+        # min_length: EOS must not end a run early, every run decodes exactly new_tokens
+        params.set_search_options(max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens,
+                                  do_sample=False)
         generator = og.Generator(model, params)
         t0 = time.perf_counter()
         generator.append_tokens(prompt)
@@ -78,7 +80,8 @@ def workload(folder: Path, prompt: np.ndarray, new_tokens: int, reps: int) -> di
         t2 = time.perf_counter()
         made = len(generator.get_sequence(0)) - len(prompt)
         if rep:
-            runs.append(((t1 - t0) * 1e3, (t2 - t1) * 1e3 / max(made, 1), (t2 - t0) * 1e3))
+            assert made == new_tokens, f"{folder.name}: {made} tokens instead of {new_tokens}"
+            runs.append(((t1 - t0) * 1e3, (t2 - t1) * 1e3 / made, (t2 - t0) * 1e3))
         del generator
     del model
     prefill, decode, total = (statistics.median(r[i] for r in runs) for i in range(3))

@@ -55,6 +55,9 @@ def builder_refusal(model) -> str | None:
         return "onnxruntime-genai is not installed (pip install 'compressor[genai]')"
     heads = config.num_attention_heads
     head = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False:
+        # its GroupQueryAttention then needs a cache buffer of at least the window from the first step
+        return "the builder's sliding-window attention runs only on genai's fixed-size cache buffers"
     if head % 16:
         # ORT's CPU GroupQueryAttention kernel refuses other head sizes at run time
         return f"ONNX Runtime's GroupQueryAttention needs a head size that is a multiple of 16 (this model: {head})"
@@ -75,7 +78,7 @@ def run_builder(model, tokenizer, out_dir: Path, precision: str = "fp32") -> flo
         status(f"building the {builder_precision} graph with onnxruntime-genai's builder")
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint),
                    "-o", str(out_dir), "-p", builder_precision, "-e", provider, "-c", str(cache)]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=_BUILDER_TIMEOUT_S)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=_BUILDER_TIMEOUT_S, check=False)
     log.debug("builder output:\n%s\n%s", done.stdout[-4000:], done.stderr[-4000:])
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -91,8 +94,8 @@ def write_genai_config(model, out_dir: Path, cache_shape: tuple[int, int], filen
     The graph concatenates past and new tokens, so genai must not share past and present buffers.
     """
     config = model.config.get_text_config()
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
     context = (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
     tokens = {k: _first(getattr(config, k, None)) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     tokens["pad_token_id"] = tokens["pad_token_id"] if tokens["pad_token_id"] is not None else tokens["eos_token_id"]

@@ -34,3 +34,26 @@ def test_smollm2_full_and_pruned_export_validate_and_shrink(tmp_path):
         params.append(count_parameters(model))
     # The file shrinks with the parameters (tied embeddings stored once), not more, not less.
     assert sizes[1] / sizes[0] == pytest.approx(params[1] / params[0], abs=0.01)
+
+
+def test_smollm2_pruned_int8_export_validates_and_genai_generates(tmp_path):
+    """Through the default route (the builder for SmolLM2), 24 of 30 blocks, int8 weights."""
+    pytest.importorskip("onnxruntime_genai", reason="needs onnxruntime-genai: pip install 'compressor[genai]'")
+    from compressor.export.genai import genai_generate
+    from compressor.export.pipeline import export_model
+
+    try:
+        model, tokenizer = load_model("smollm2-135m")
+    except ModelLoadError as exc:
+        pytest.skip(str(exc))
+    drop_blocks_(model, parse_blocks("20-25", 30))
+    out = tmp_path / "int8"
+    out.mkdir()
+    summary = export_model(model, tokenizer, out, precision="int8", threads=2)
+    assert summary.route == "builder" and summary.num_layers == 24
+    report = summary.validation
+    assert report["passed"] and report["perplexity_increase"] <= 0.02, report["summary"]
+    assert report["top1_agreement"] >= 0.9, report["summary"]
+    prompt = tokenizer("The history of the city begins")["input_ids"]
+    tokens = genai_generate(out, prompt, 16)
+    assert len(tokens) >= 1 and tokenizer.decode(tokens).strip()

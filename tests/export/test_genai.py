@@ -25,7 +25,7 @@ pytest.importorskip("onnxruntime_genai", reason="needs onnxruntime-genai: pip in
 
 # ORT's CPU GroupQueryAttention needs head sizes that are multiples of 16
 WIDE = {"hidden_size": 64, "head_dim": 16, "num_hidden_layers": 3}
-BUILDER_CORE = ["llama", "qwen3", "gemma2"]  # plain, layer_types, sliding window + sandwich norms
+BUILDER_CORE = ["llama", "qwen3", "gemma"]  # plain, layer_types (qwen3), Gemma's scaled embeddings
 BUILDER_OTHER = ["mistral", "qwen2", "gemma", "olmo", "granite"]
 
 
@@ -94,6 +94,8 @@ def test_auto_falls_back_to_dynamo_and_says_why(tmp_path):
     assert json.loads((folder / SUMMARY_FILE).read_text())["route_reason"] == summary.route_reason
     with pytest.raises(CompressorError, match="--route builder cannot export"):
         choose_route(narrow, "builder", "fp32")
+    assert "sliding-window" in builder_refusal(tiny_model("mistral", **WIDE, sliding_window=16))
+    assert "does not export 'gemma2'" in builder_refusal(tiny_model("gemma2", **WIDE))
 
 
 def test_pruned_model_exports_through_the_builder(tmp_path):
@@ -137,7 +139,7 @@ def test_quantized_export_failing_its_bounds_is_an_error_with_the_numbers(tmp_pa
     _, bounds = quant_options("int4", max_kl=0.0)  # any change of the logits exceeds it
     with pytest.raises(QualityError, match=r"perplexity .* top-1 agreement .* mean KL"):
         export(model, tmp_path, precision="int4", bounds=bounds, quant=None)
-    kept, folder = export(model, tmp_path, name="kept", precision="int4", bounds=bounds, allow_mismatch=True)
+    kept, _ = export(model, tmp_path, name="kept", precision="int4", bounds=bounds, allow_mismatch=True)
     assert not kept.validation["passed"] and kept.warnings
 
 
