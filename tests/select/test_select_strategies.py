@@ -185,3 +185,15 @@ def test_scorer_shortcuts_match_plain_forwards(arch):
     folded = _direct_loss(_without(model, {1, 2}, fold=(0, T)), ids)
     assert shortcut == pytest.approx(folded, rel=1e-4)
     assert scorer.loss({1, 2}, {0: T}) == pytest.approx(folded, rel=1e-4)
+
+
+def test_a_gemma3_multimodal_checkpoint_is_planned_and_pruned():
+    """Gemma3ForConditionalGeneration: its text blocks are scored and removed (no maps: sandwich norm)."""
+    from conftest import tiny_gemma3_multimodal
+
+    model = tiny_gemma3_multimodal(num_hidden_layers=4)
+    ids = windows(8)
+    plan = plan_blocks(model, ids, 1, "auto", profile=calibrate(model, ids), settings=SMALL)[1]
+    assert plan.linearize == [] and "post_feedforward_layernorm" in plan.provenance["note"]
+    apply_plan_(model, plan)
+    assert len(model.model.language_model.layers) == 3 == model.config.text_config.num_hidden_layers
