@@ -196,3 +196,57 @@ def test_cli_refuses_to_overwrite_a_run(tmp_path):
     assert all((r / "report.json").is_file() for r in runs)
     assert sorted(p.name for p in runs[0].iterdir()) == ["report.json"]
 
+
+
+# --- the typed report ---------------------------------------------------------------------------
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+
+
+def test_report_round_trips_and_carries_its_schema_version():
+    from compressor.report import SCHEMA_VERSION, Report
+
+    report = Report.from_dict(run_report(sweep=[{"blocks_removed": 1, "latency_ms": 80.0,
+                                                 "perplexity": {"held-out": 11.0}, "speedup": 1.25}]))
+    data = report.to_dict()
+    assert data["schema_version"] == SCHEMA_VERSION and next(iter(data)) == "schema_version"
+    assert Report.from_dict(json.loads(json.dumps(data))) == report
+    assert report.perplexity.compressed == {"held-out": 12.5} and report.sweep[0].latency_ms == 80.0
+    assert report.size_bytes is None  # the unversioned schema wrote {} for "no value"
+    assert report.strategy == "auto"
+
+
+def test_a_newer_schema_is_refused_with_what_to_do():
+    from compressor.report import SCHEMA_VERSION, Report
+
+    with pytest.raises(DataError, match="upgrade compressor"):
+        Report.from_dict({**run_report(), "schema_version": SCHEMA_VERSION + 1})
+
+
+@pytest.mark.parametrize("name", ["demo-1.3x.report.json", "model-wiki-1.25x.report.json"])
+def test_old_unversioned_reports_still_merge(tmp_path, name):
+    """report.json files written before the schema had a version (bench/results) are read as they are."""
+    old = json.loads((RESULTS / name).read_text())
+    assert "schema_version" not in old
+    run = make_run(tmp_path / "old", old)
+    result = compress(run, make_run(tmp_path / "new", run_report()), "--out", tmp_path / "m", "--json")
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)["runs"][0]
+    assert row["blocks_removed"] == old["blocks_removed"] and row["speedup_measured"] == old["speedup_measured"]
+
+
+def test_writing_a_report_leaves_the_matplotlib_backend_alone(tmp_path):
+    """A notebook's backend survives: the figures are drawn without pyplot (the library used to call
+    matplotlib.use("Agg"))."""
+    code = ("import json, sys, matplotlib\nmatplotlib.use('svg')\n"
+            "from compressor.report import Report, write_reports\n"
+            f"report = Report.from_dict(json.loads({json.dumps(json.dumps(run_report()))}))\n"
+            "write_reports(report, sys.argv[1], {'blocks': [{'index': 0, 'linearity': 0.5, "
+            "'linearity_without_residual': 0.2, 'block_influence': 0.1}]})\n"
+            "print(matplotlib.get_backend())\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "svg"
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 1  # the profile (the tradeoff is empty in run_report)
+    assert json.loads((tmp_path / "report.json").read_text())["schema_version"] >= 1

@@ -123,7 +123,7 @@ class Report:
                    if k not in data]
         if missing:
             raise DataError(f"{where} is not a compress model report (missing {', '.join(missing)})")
-        return cls(**{**_known(cls, data), "schema_version": version,
+        return cls(**{**_known(cls, data), "schema_version": SCHEMA_VERSION,  # read into this schema
                       "perplexity": _perplexities(data["perplexity"], where),
                       "workload_latency_ms": _latencies(data["workload_latency_ms"], where),
                       "blocks_removed": _blocks(data["blocks_removed"], where),
