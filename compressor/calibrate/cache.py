@@ -107,19 +107,11 @@ def profile_for(
     A spec is loaded only on a cache miss; a loaded model needs `tokenizer` unless data are windows.
     with_stats: also keep (and require from the cache) the raw float64 statistics.
     """
-    from compressor.loading import load_model, load_tokenizer, resolve
+    from compressor.loading import load_model, resolve
 
     spec = model
     source = resolve(model) if isinstance(model, (str, Path)) else None
-    if isinstance(data, torch.Tensor):
-        windows = data
-    else:
-        if tokenizer is None:
-            if source is None:
-                raise DataError("profile_for needs the tokenizer of a loaded model (or windows of token ids)")
-            tokenizer = load_tokenizer(source)
-        texts = data if isinstance(data, list) else load_texts(data, field)
-        windows = make_windows(tokenizer, texts, samples, seq_len, seed)
+    windows = _windows(data, tokenizer, source, field, samples, seq_len, seed)
     fingerprints = {"model": model_fingerprint(source if source is not None else model),
                     "data": windows_fingerprint(windows)}
     settings = {"spans_max": spans_max, "intrinsic_dim": intrinsic_dim, "outlier_factor": exclude_outliers or None,
@@ -146,6 +138,20 @@ def profile_for(
     if cache and rank_world()[0] == 0:
         _store(profile, entry, with_stats)
     return profile
+
+
+def _windows(data, tokenizer, source, field: str, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """The calibration windows: `data` itself when it is token ids, else tokenized text."""
+    from compressor.loading import load_tokenizer
+
+    if isinstance(data, torch.Tensor):
+        return data
+    if tokenizer is None:
+        if source is None:
+            raise DataError("profile_for needs the tokenizer of a loaded model (or windows of token ids)")
+        tokenizer = load_tokenizer(source)
+    texts = data if isinstance(data, list) else load_texts(data, field)
+    return make_windows(tokenizer, texts, samples, seq_len, seed)
 
 
 def _store(profile: Profile, entry: Path, with_stats: bool) -> None:
