@@ -46,7 +46,7 @@ _VERBS = {
     "CompressorError": ("compressor.errors", "CompressorError"),
 }
 
-__all__ = ["__version__", *_VERBS]
+__all__ = ["__version__", *_VERBS]  # noqa: PLE0604 (the verbs are strings: the keys of _VERBS)
 
 
 def __getattr__(name: str):

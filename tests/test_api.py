@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tokenizer, tiny_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 HEAVY = ("onnx", "onnxruntime", "onnxruntime_genai", "peft", "matplotlib", "tensorrt", "modelopt")
-FAST = dict(backend="torch", threads=1, prefill_tokens=32, new_tokens=8, samples=8, seq_len=32, heal_steps=2,
-            timing_seconds=0.2, format="none")
+FAST = {"backend": "torch", "threads": 1, "prefill_tokens": 32, "new_tokens": 8, "samples": 8, "seq_len": 32,
+        "heal_steps": 2, "timing_seconds": 0.2, "format": "none"}
 
 
 def test_import_is_light_and_verbs_resolve():
@@ -31,7 +30,7 @@ def test_import_is_light_and_verbs_resolve():
 
     assert compressor.prune_ is __import__("compressor.surgery", fromlist=["x"]).drop_blocks_
     with pytest.raises(AttributeError):
-        compressor.no_such_verb
+        _ = compressor.no_such_verb
 
 
 def test_compress_a_model_in_memory_writes_nothing(tmp_path, monkeypatch):
@@ -66,7 +65,7 @@ def test_compress_refuses_bad_settings():
 
 
 def readme_snippet() -> str:
-    blocks = re.findall(r"^## Python API\n.*?```python\n(.*?)```", README.read_text(), flags=re.S | re.M)
+    blocks = re.findall(r"^## Python API\n.*?```python\n(.*?)```", README.read_text(), flags=re.DOTALL | re.MULTILINE)
     assert blocks, "README.md has no ```python block under ## Python API"
     return blocks[0]
 
@@ -81,7 +80,8 @@ def test_readme_python_snippet_runs_as_written(tmp_path, monkeypatch):
     assert snippet.count('"smollm2-135m"') == 2
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(snippet.replace('"smollm2-135m"', repr(str(path))), "README.md", "exec"), scope)
+    exec(compile(  # noqa: S102 (the README snippet, run as written)
+        snippet.replace('"smollm2-135m"', repr(str(path))), "README.md", "exec"), scope)
     report, model = scope["report"], scope["model"]
     assert report.speedup_measured > 1 and report.blocks_removed
     assert json.loads((tmp_path / "run" / "report.json").read_text())["blocks_removed"] == report.blocks_removed

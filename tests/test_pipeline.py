@@ -14,9 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM
-
 from conftest import make_tokenizer, tiny_model
+from transformers import AutoModelForCausalLM
 
 FAST = ["--workload", "1x32+8", "--samples", "8", "--seq-len", "32", "--heal-steps", "3",
         "--backend", "torch", "--threads", "1", "--min-seconds", "0.2"]
@@ -60,8 +59,8 @@ def test_end_to_end_tiny_model(tiny_dir, tmp_path):
     assert read_plan(out / "plan.json").drop == report["blocks_removed"]
 
 
-API_FAST = dict(backend="torch", threads=1, prefill_tokens=32, new_tokens=8, samples=8, seq_len=32,
-                timing_seconds=0.2, format="none")
+API_FAST = {"backend": "torch", "threads": 1, "prefill_tokens": 32, "new_tokens": 8, "samples": 8, "seq_len": 32,
+            "timing_seconds": 0.2, "format": "none"}
 
 
 def test_perplexity_budget_picks_the_deepest_plan_within_it():

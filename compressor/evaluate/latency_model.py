@@ -15,7 +15,6 @@ pruning reaches (SmolLM2's 49k-word head alone caps it well below depth ratios).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -179,13 +178,10 @@ def spread_blocks(num_blocks: int, k: int) -> list[int]:
 
 
 def shallow_copy_without(model: torch.nn.Module, drop: list[int]) -> torch.nn.Module:
-    """A copy of `model` with blocks removed that shares the weights (no extra memory)."""
-    from compressor.surgery import drop_blocks_
+    """A copy of `model` with blocks removed that shares the weights (surgery.copy_without_blocks)."""
+    from compressor.surgery import copy_without_blocks
 
-    clone = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
-    if drop:
-        drop_blocks_(clone, drop)
-    return clone
+    return copy_without_blocks(model, drop)
 
 
 def measure_latency_model(model: torch.nn.Module, workload: Workload | None = None,

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from compressor.adapters import get_adapter
 from compressor.errors import InvalidPlanError
 from compressor.evaluate import LatencyModel, Workload, fit_latency_model
-from compressor.evaluate.latency_model import parameter_guess, search_depth, shallow_copy_without, spread_blocks
+from compressor.evaluate.latency_model import parameter_guess, search_depth, spread_blocks
 from compressor.pipeline.measure import backend_for, bench_pair, workload_ms
 from compressor.pipeline.runner import inputs_of
 from compressor.progress import status
+from compressor.surgery import copy_without_blocks
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def _search(run) -> dict:
 
     def measure(k: int) -> float:
         if k not in pairs:
-            probe = backend_for(run, shallow_copy_without(run.model, spread_blocks(n, k)), f"probe-{k}")
+            probe = backend_for(run, copy_without_blocks(run.model, spread_blocks(n, k)), f"probe-{k}")
             pairs[k] = bench_pair(run, original, probe)
         ra, rb = pairs[k]
         measured = workload_ms(ra) / workload_ms(rb)

@@ -4,7 +4,6 @@ the original in alternation, on the workload's shapes."""
 from __future__ import annotations
 
 import logging
-
 from pathlib import Path
 
 from compressor.evaluate import BenchConfig, TimingConfig, benchmark, get_backend, workload_latency_ms

@@ -85,7 +85,7 @@ def _choose_plan(run, data, k: int | None, profile):
 def deepest_within_budget(run, data, profile):
     """(plan, perplexities) of the most blocks removed, up to half the depth, within the budget on every
     evaluation text: counts are tried from 1 up until one exceeds it."""
-    from compressor.plan import apply_plan_
+    from compressor.plan import applied_copy
     from compressor.select import plan_blocks
 
     cfg = run.cfg
@@ -98,7 +98,7 @@ def deepest_within_budget(run, data, profile):
     best, best_ppl = None, None
     for count in range(1, deepest + 1):
         plan = found[count]
-        candidate = _applied(run.model, plan, apply_plan_)
+        candidate = applied_copy(run.model, plan)  # measured only: shares the weights
         ppl = perplexities(candidate, data.evaluation)
         status(f"{count} blocks removed: perplexity " + ", ".join(f"{v:.2f} (budget {budget[name]:.2f})"
                                                                for name, v in ppl.items()))
@@ -112,14 +112,6 @@ def deepest_within_budget(run, data, profile):
     return best, best_ppl
 
 
-def _applied(model, plan, apply_plan_):
-    import copy
-
-    candidate = copy.deepcopy(model)
-    apply_plan_(candidate, plan)
-    return candidate
-
-
 def sweep_stage(run, data, profile) -> list[dict] | None:
     if not run.cfg.sweep:
         return None
@@ -129,7 +121,7 @@ def sweep_stage(run, data, profile) -> list[dict] | None:
 
 def _sweep(run, data, profile) -> list[dict]:
     """Training-free points at several depths: plan (one search), perplexity, measured latency."""
-    from compressor.plan import apply_plan_
+    from compressor.plan import applied_copy
     from compressor.select import plan_blocks
 
     cfg = run.cfg
@@ -146,7 +138,7 @@ def _sweep(run, data, profile) -> list[dict]:
             model, drop = run.model, []
         else:
             plan = found[k]
-            model, drop = _applied(run.model, plan, apply_plan_), plan.drop
+            model, drop = applied_copy(run.model, plan), plan.drop
         ra, rb = bench_pair(run, original, backend_for(run, model, "probe-original" if k == 0 else f"probe-sweep-{k}"))
         points.append({"blocks_removed": k, "fraction": k / n, "drop": drop,
                        "latency_ms": workload_ms(rb), "original_latency_ms": workload_ms(ra),

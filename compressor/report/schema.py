@@ -2,7 +2,8 @@
 
 report.md, report.html and `compress report` read these objects, never raw dictionaries. `Report.from_dict`
 reads the current schema and, tolerantly, the unversioned report.json files written before it (every key
-they lack gets its empty default); one that lacks what a comparison needs is refused with a DataError.
+they lack gets its empty default, and the Report it gives is in this schema); one that lacks what a
+comparison needs, or comes from a newer schema, is refused with a DataError.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ class Attempt:
     """One depth measured while searching for the target speedup."""
 
     blocks_removed: int
+    predicted: float | None = None                          # by the latency model
     measured: float
-    predicted: float | None = None
     latency_ms: list[float] = field(default_factory=list)  # [original, with blocks removed]
 
 
@@ -57,12 +58,12 @@ class SweepPoint:
     """A training-free point of `--sweep`: blocks removed, its measured latency and perplexity."""
 
     blocks_removed: int
-    latency_ms: float
-    perplexity: dict[str, float]
     fraction: float | None = None
     drop: list[int] = field(default_factory=list)
+    latency_ms: float
     original_latency_ms: float | None = None
     speedup: float | None = None
+    perplexity: dict[str, float]
     healed: bool = False
 
 
@@ -183,7 +184,7 @@ def _blocks(data, where: str) -> list[int]:
 
 
 def _sweep(data) -> list[SweepPoint] | None:
-    """Sweep points; entries without a usable latency or perplexity are kept as None-free points only."""
+    """Sweep points (entries without blocks_removed are skipped; a missing latency reads as None)."""
     if data is None:
         return None
     points = []
