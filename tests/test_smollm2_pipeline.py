@@ -39,3 +39,8 @@ def test_smollm2_meets_a_modest_target_and_reports(tmp_path):
     assert "perplexity" in (out / "report.md").read_text()
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.num_hidden_layers == 30 - len(report["blocks_removed"])
+    # the run directory's report reads back as the typed Report, in this schema
+    from compressor.report import SCHEMA_VERSION, read_run_report
+
+    typed = read_run_report(out)
+    assert report["schema_version"] == SCHEMA_VERSION and typed.to_dict() == json.loads((out / "report.json").read_text())
