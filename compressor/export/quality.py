@@ -73,7 +73,7 @@ class QualityReport:
         return (f"perplexity {self.perplexity:.3f} vs PyTorch fp32 {self.perplexity_reference:.3f} "
                 f"({100 * self.perplexity_increase:+.2f}%, bound +{100 * self.bounds['max_ppl_increase']:.1f}%), "
                 f"top-1 agreement {self.top1_agreement:.3f} (bound >= {self.bounds['min_top1']:.2f}), "
-                f"mean KL {self.mean_kl:.4f} nats (bound <= {self.bounds['max_kl']:.3f})")
+                f"mean KL {self.mean_kl:.2e} nats (bound <= {self.bounds['max_kl']:.3g})")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "kind": "quantized", "summary": self.summary()}
