@@ -276,3 +276,21 @@ def test_depth_search_counts_and_respects_known_measurements():
     assert search_depth(28, lambda k: 1.0 + 0.001 * k, 1.5, 30, 4) is None
     # both neighbours known: nothing left to measure
     assert search_depth(5, lambda k: 1 / 0, 1.3, 30, 4, known={7: speedup(7), 8: speedup(8)}) == 8
+
+
+def test_one_split_rule_for_calibration_healing_and_evaluation():
+    """hold_out cuts the joined text at the last space before the held-out fraction: nothing is lost or
+    shared, no word is split, and `compress heal` holds out its tenth by the same rule."""
+    from compressor.calibrate.data import hold_out
+    from compressor.heal.run import HOLD_OUT
+
+    texts = ["alpha beta gamma delta", "epsilon zeta eta theta iota kappa"]
+    joined = "\n\n".join(texts)
+    for fraction in (0.1, 0.15, 0.5):
+        kept, held = hold_out(texts, fraction)
+        boundary = int(len(joined) * (1 - fraction))
+        assert kept + held == joined and held.startswith(" ") and len(held) >= fraction * len(joined)
+        assert " " not in joined[len(kept) + 1:boundary]  # the last space before the boundary
+    assert HOLD_OUT == 0.1
+    with pytest.raises(Exception, match="between 0 and 1"):
+        hold_out(texts, 1.5)
