@@ -92,12 +92,7 @@ def heal(student: torch.nn.Module, teacher: TeacherArg, train_windows: torch.Ten
     if isinstance(targets, CachedTeacher) and not targets.complete:
         train_windows = train_windows[targets.window_ids]  # the windows the time budget gave the teacher
 
-    ppl_before, eval_seconds = None, 0.0
-    if eval_windows is not None:
-        t0 = time.monotonic()
-        ppl_before = window_perplexity(student, eval_windows, runtime, config)
-        eval_seconds = time.monotonic() - t0
-        log.info("perplexity before healing: %.3f", ppl_before)
+    ppl_before, eval_seconds = _perplexity_before(student, eval_windows, runtime, config)
 
     loop = _Loop(config, runtime, *_optimize(model, config, runtime, lora), targets, points, train_windows)
     loop.resume()
@@ -122,6 +117,17 @@ def heal(student: torch.nn.Module, teacher: TeacherArg, train_windows: torch.Ten
         precision=str(autocast_dtype(runtime.device, config) or torch.float32).removeprefix("torch."),
         history=history, model=healed, full_state_dict=full_state, is_main=runtime.is_main,
     )
+
+
+def _perplexity_before(student, eval_windows, runtime: Runtime, config: HealConfig) -> tuple[float | None, float]:
+    """Held-out perplexity before healing, and the seconds it took (the time budget counts them twice:
+    the same evaluation runs after training)."""
+    if eval_windows is None:
+        return None, 0.0
+    start = time.monotonic()
+    ppl = window_perplexity(student, eval_windows, runtime, config)
+    log.info("perplexity before healing: %.3f", ppl)
+    return ppl, time.monotonic() - start
 
 
 def _optimize(model, config: HealConfig, runtime: Runtime, lora: bool):
