@@ -157,3 +157,32 @@ def test_precisions_the_cpu_cannot_run_are_refused(kwargs, message, tmp_path):
     with pytest.raises(CompressorError, match=message):
         export_model(wide("llama"), None, tmp_path, **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compress_bench_runs_builder_and_quantized_folders(tmp_path):
+    """`compress bench` on a builder fp32 folder scores PyTorch's perplexity; int4 and dynamo folders run too."""
+    import subprocess
+    import sys
+
+    from compressor.evaluate.perplexity import load_eval_tokens, perplexity
+
+    model = wide("llama")
+    folders = {"builder": export(model, tmp_path, "b")[1],
+               "int4": export(model, tmp_path, "q", precision="int4", validate=False)[1],
+               "dynamo": export(model, tmp_path, "d", route="dynamo", validate=False)[1]}
+    ids = load_eval_tokens(make_tokenizer(), None, max_tokens=300)
+    reference = perplexity(model, ids, max_length=64, stride=32).perplexity
+    for name, folder in folders.items():
+        done = subprocess.run(
+            [sys.executable, "-m", "compressor", "bench", str(folder), "--backend", "onnxruntime", "--prefill", "2x16",
+             "--decode", "2x8+4", "--max-eval-tokens", "300", "--max-length", "64", "--stride", "32",
+             "--min-runs", "1", "--min-seconds", "0", "--warmup", "0", "--json"],
+            capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        data = json.loads(done.stdout)
+        assert data["blocks"] == 3 and data["prefill"][0]["p50_ms"] > 0 and data["decode"][0]["p50_ms"] > 0
+        got = data["perplexity"]["perplexity"]
+        if name == "int4":
+            assert got == pytest.approx(reference, rel=0.25)
+        else:
+            assert got == pytest.approx(reference, rel=1e-4), name
