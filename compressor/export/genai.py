@@ -45,12 +45,14 @@ def genai_available() -> bool:
     return importlib.util.find_spec("onnxruntime_genai") is not None
 
 
-def builder_refusal(model) -> str | None:
+def builder_refusal(model, has_tokenizer: bool = True) -> str | None:
     """Why the builder route cannot export `model`, or None when it can."""
     config = model.config
     adapter = get_adapter(model)
     if not adapter.genai_builder:
         return f"onnxruntime-genai's builder does not export '{adapter.name}' models"
+    if not has_tokenizer:
+        return "onnxruntime-genai's builder needs the model's tokenizer (the model came without one)"
     if not genai_available():
         return "onnxruntime-genai is not installed (pip install 'compressor[genai]')"
     heads = config.num_attention_heads

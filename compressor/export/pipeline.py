@@ -119,13 +119,14 @@ def _check_tensorrt(precision: str, route: str) -> None:
     require_cuda("building a TensorRT engine")
 
 
-def choose_route(model, route: str, precision: str, format: str = "onnx") -> tuple[str, str]:
+def choose_route(model, route: str, precision: str, format: str = "onnx",
+                 has_tokenizer: bool = True) -> tuple[str, str]:
     """("builder" | "dynamo", why) for this model, precision and format."""
     from compressor.export.genai import builder_refusal
 
     if format == "tensorrt":
         return "dynamo", "TensorRT builds engines from torch.onnx graphs (the builder's fused ops are ORT-only)"
-    refusal = builder_refusal(model)
+    refusal = builder_refusal(model, has_tokenizer)
     if precision == "bf16" and (route == "dynamo" or refusal):
         raise CompressorError(f"bf16 graphs come from onnxruntime-genai's builder only, which cannot export this "
                               f"model ({refusal or 'route dynamo requested'}): export fp16 instead")
@@ -169,7 +170,7 @@ def export_model(
     precision = check_export_options(format, precision, opset, route)
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    chosen, reason = choose_route(model, route, precision, format)
+    chosen, reason = choose_route(model, route, precision, format, has_tokenizer=tokenizer is not None)
     log.info("export route: %s (%s)", chosen, reason)
     quantized = precision in ("int8", "int4")
     graph_dir = out_dir / _STAGE if quantized else out_dir

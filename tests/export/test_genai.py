@@ -94,6 +94,7 @@ def test_auto_falls_back_to_dynamo_and_says_why(tmp_path):
     assert json.loads((folder / SUMMARY_FILE).read_text())["route_reason"] == summary.route_reason
     with pytest.raises(CompressorError, match="--route builder cannot export"):
         choose_route(narrow, "builder", "fp32")
+    assert "tokenizer" in choose_route(wide("llama"), "auto", "fp32", has_tokenizer=False)[1]
     assert "sliding-window" in builder_refusal(tiny_model("mistral", **WIDE, sliding_window=16))
     assert "does not export 'gemma2'" in builder_refusal(tiny_model("gemma2", **WIDE))
 
