@@ -105,8 +105,9 @@ _OVERRIDES = {
 
 # Families the builder exports and whose exports equal PyTorch (tests/export/test_genai.py). Its
 # phi3, smollm3 and gemma3_text paths fail on current transformers configs; gemma2's sliding
-# layers need genai's fixed-size cache buffers (see compressor.export.genai.builder_refusal).
-_GENAI_BUILDER = {"llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "granite"}
+# layers need genai's fixed-size cache buffers (see compressor.export.genai.builder_refusal); its
+# olmo graph exports but differs from PyTorch (logits off by 0.17 on a tiny model).
+_GENAI_BUILDER = {"llama", "mistral", "qwen2", "qwen3", "gemma", "granite"}
 
 ADAPTERS: dict[str, Adapter] = {}
 for _row in _ROWS:
