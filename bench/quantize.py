@@ -35,6 +35,11 @@ CANDIDATES = {
     "gptq4-head8": dict(bits=4, algorithm="gptq", keep_int8="lm_head"),
     "gptq4-asym-head8": dict(bits=4, algorithm="gptq", keep_int8="lm_head", symmetric=False),
     "gptq8": dict(bits=8, algorithm="gptq"),
+    "mse4": dict(bits=4, algorithm="mse", keep_int8="none"),
+    "mse4-head8": dict(bits=4, algorithm="mse", keep_int8="lm_head"),
+    "mse8": dict(bits=8, algorithm="mse"),
+    "auto4": dict(bits=4),
+    "auto8": dict(bits=8),
 }
 
 
@@ -116,10 +121,10 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--work", type=Path, default=Path("/tmp/compressor-bench-quantize"))
     p.add_argument("--builder", default="fp32,int8,int4", help="builder precisions to include")
-    p.add_argument("--candidates", default="rtn8,rtn4,gptq4-head8")
+    p.add_argument("--candidates", default="rtn8,rtn4,auto4")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq", type=int, default=256)
-    p.add_argument("--skip-first", type=int, default=1, help="window positions left out of the Hessians")
+    p.add_argument("--skip-first", type=int, default=0, help="window positions left out of the Hessians")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--latency", action="store_true", help="also time the workload (run under flock -x)")
     p.add_argument("--repeats", type=int, default=2)
@@ -137,7 +142,8 @@ def main() -> None:
     fp32 = build(ckpt, args.work / "builder-fp32", "fp32")
     windows = make_windows(tok, load_texts(None), args.calib_samples, args.calib_seq, seed=0)
     t0 = time.perf_counter()
-    hessians = measure_hessians(fp32 / "model.onnx", windows, skip_first=args.skip_first)
+    full = any(CANDIDATES[c].get("algorithm") == "gptq" for c in args.candidates.split(",") if c)
+    hessians = measure_hessians(fp32 / "model.onnx", windows, skip_first=args.skip_first, full=full)
     print(f"calibration: {hessians.tokens} tokens in {time.perf_counter() - t0:.1f} s", flush=True)
     for name in [s for s in args.candidates.split(",") if s]:
         folders[name], info[name] = candidate(name, fp32, args.work, hessians)

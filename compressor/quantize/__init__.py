@@ -3,8 +3,8 @@
 (The measured decision is filled in below once bench/quantize.py has run.)
 """
 
-from compressor.quantize.config import QuantConfig, QuantConfigError, QuantSummary
 from compressor.quantize.calibration import Hessians, input_hessians
+from compressor.quantize.config import QuantConfig, QuantConfigError, QuantSummary
 from compressor.quantize.graph import measure_hessians, quantize_onnx
 
 

@@ -22,6 +22,9 @@ import numpy as np
 import torch
 
 
+DAMP = 0.01  # GPTQ's default dampening (fraction of the mean Hessian diagonal)
+
+
 @dataclass
 class BlockQuant:
     """Integer codes of one weight in MatMulNBits order (before packing)."""
@@ -80,6 +83,32 @@ def rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> BlockQuan
     return _result(codes, scale, zp, bits, block_size, w.shape[0], symmetric)
 
 
+def rtn_search(
+    w: np.ndarray, importance: np.ndarray | None, bits: int, block_size: int, symmetric: bool,
+    shrink: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7),
+) -> BlockQuant:
+    """Round to nearest on a per-block clipped grid: each block's range is shrunk by the factor in
+    `shrink` that minimises sum_k importance_k (w_k - dq_k)^2, the expected squared output error
+    when input k has mean square importance_k (uniform when None). Clipping a rare large weight
+    buys finer steps for the other 31."""
+    t = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+    blocks = to_blocks(t, block_size)
+    imp = torch.ones(w.shape[0]) if importance is None else torch.from_numpy(np.array(importance, np.float32))
+    imp = to_blocks(imp[:, None], block_size)[0]  # [n_blocks, block_size]
+    best_err = best = None
+    for f in shrink:
+        scale, zp = grid(blocks * f, bits, symmetric)
+        codes = quantize_codes(blocks, scale[..., None], zp[..., None], bits)
+        err = (imp * (blocks - (codes - zp[..., None]) * scale[..., None]) ** 2).sum(-1)
+        if best is None:
+            best_err, best = err, (codes, scale, zp)
+            continue
+        take = err < best_err
+        best_err = torch.where(take, err, best_err)
+        best = tuple(torch.where(take[..., None] if x.dim() == 3 else take, x, y) for x, y in zip((codes, scale, zp), best))
+    return _result(*best, bits, block_size, w.shape[0], symmetric)
+
+
 def _result(codes, scale, zp, bits, block_size, k, symmetric) -> BlockQuant:
     return BlockQuant(
         codes=codes.to(torch.uint8).numpy(),
@@ -92,7 +121,7 @@ def _result(codes, scale, zp, bits, block_size, k, symmetric) -> BlockQuant:
 
 
 def gptq(
-    w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetric: bool, damp: float = 0.01
+    w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetric: bool, damp: float | None = None
 ) -> BlockQuant:
     """GPTQ of one [K, N] weight with the [K, K] Hessian of its inputs (see gptq_many)."""
     return gptq_many([w], [hessian], bits, block_size, symmetric, damp)[0]
@@ -100,7 +129,7 @@ def gptq(
 
 def gptq_many(
     ws: list[np.ndarray], hessians: list[np.ndarray], bits: int, block_size: int, symmetric: bool,
-    damp: float = 0.01,
+    damp: float | None = None,
 ) -> list[BlockQuant]:
     """GPTQ (Frantar et al. 2022) on the ORT block grid: quantize input rows one at a time and push
     each row's error onto the rows not yet quantized, weighted by the inverse Hessian of the
@@ -112,6 +141,7 @@ def gptq_many(
     the grid and the error feedback agree. `damp` times the mean diagonal is added to H so a
     nearly singular H (dead inputs, few tokens) stays invertible.
     """
+    damp = DAMP if damp is None else damp
     k, n = ws[0].shape
     pad = (-k) % block_size
     # Kept in the MatMul's own [K, N] orientation so that one input row is contiguous in memory.

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Hessians:
-    """X^T X (float64 [K, K]) per MatMul input tensor name, and how many tokens were summed.
+    """X^T X (float64 [K, K], or its diagonal [K]) per MatMul input tensor name, and how many
+    tokens were summed.
 
     Measured once, they can be handed to several quantize_onnx calls on the same graph."""
 
@@ -92,8 +93,11 @@ def _feeds(session, ids: np.ndarray, head: int | None = None) -> dict:
     return feeds
 
 
-def input_hessians(model, inputs: list[str], windows, skip_first: int = 1, batch: int = 4) -> Hessians:
-    """X^T X (float64, [K, K]) of each tensor in `inputs` over the calibration windows.
+def input_hessians(model, inputs: list[str], windows, skip_first: int = 0, batch: int = 4,
+                   full: bool = True) -> Hessians:
+    """X^T X (float64, [K, K]) of each tensor in `inputs` over the calibration windows; with
+    full=False only its diagonal (sum of squares per input channel, [K]), which costs tokens x K
+    instead of tokens x K^2.
 
     model: an onnx.ModelProto (weights loaded); windows: LongTensor or array [n, seq].
     """
@@ -125,7 +129,7 @@ def input_hessians(model, inputs: list[str], windows, skip_first: int = 1, batch
             # summed across batches in float64.
             x = torch.from_numpy(np.asarray(x, dtype=np.float32).reshape(chunk.shape[0], chunk.shape[1], -1))
             x = x[:, skip_first:].reshape(-1, x.shape[-1])
-            xtx = (x.T @ x).double().numpy()
+            xtx = (x.T @ x if full else (x * x).sum(0)).double().numpy()
             sums[name] = xtx if name not in sums else sums[name] + xtx
         tokens += chunk.shape[0] * (ids.shape[1] - skip_first)
     log.info("calibration: %d tokens through %d MatMul inputs", tokens, len(inputs))

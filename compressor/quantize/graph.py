@@ -112,7 +112,7 @@ def _nbits_node(node, q: blockwise.BlockQuant, weight, config: QuantConfig, grap
     return new, packed.nbytes + scales.nbytes + (zp.nbytes if zp is not None else 0)
 
 
-def _quantize_all(candidates, weights, bits, hessians, config) -> dict[str, blockwise.BlockQuant]:
+def _quantize_all(candidates, weights, bits, hessians, config, algorithm) -> dict[str, blockwise.BlockQuant]:
     """Each MatMul's quantization: RTN one by one, GPTQ in batches.
 
     GPTQ treats output columns independently given the input Hessian, so MatMuls reading the same
@@ -122,7 +122,11 @@ def _quantize_all(candidates, weights, bits, hessians, config) -> dict[str, bloc
     out = {}
     groups: dict[tuple, list[str]] = {}
     for name, node in candidates.items():
-        if node.input[0] in hessians:
+        h = hessians.get(node.input[0])
+        if h is not None and algorithm == "mse":
+            out[name] = blockwise.rtn_search(weights[name], np.diagonal(h) if h.ndim == 2 else h, bits[name],
+                                             config.block_size, config.symmetric)
+        elif h is not None and h.ndim == 2:
             groups.setdefault((node.input[0], bits[name]), []).append(name)
         else:
             out[name] = blockwise.rtn(weights[name].astype(np.float32), bits[name], config.block_size, config.symmetric)
@@ -169,11 +173,12 @@ def _save(model, dst: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def measure_hessians(src: Path, windows, skip_first: int = 1) -> Hessians:
-    """The input Hessians of every weight MatMul of `src`, for one or more quantize_onnx calls."""
+def measure_hessians(src: Path, windows, skip_first: int = 0, full: bool = True) -> Hessians:
+    """The input Hessians (full=False: their diagonals) of every weight MatMul of `src`, for one or
+    more quantize_onnx calls."""
     model = _load(Path(src))
     inputs = sorted({node.input[0] for node in _weight_matmuls(model.graph).values()})
-    return input_hessians(model, inputs, windows, skip_first=skip_first)
+    return input_hessians(model, inputs, windows, skip_first=skip_first, full=full)
 
 
 def quantize_onnx(src: Path, dst: Path, config: QuantConfig, calibration=None) -> QuantSummary:
@@ -200,11 +205,11 @@ def quantize_onnx(src: Path, dst: Path, config: QuantConfig, calibration=None) -
     bits, notes = plan_bits(config, graph, candidates)
     summary = QuantSummary(config=config.to_dict(), algorithm=algorithm, notes=notes)
     hessians = {}
-    if algorithm == "gptq":
+    if algorithm in ("gptq", "mse"):
         t0 = time.perf_counter()
         if not isinstance(calibration, Hessians):
             inputs = sorted({node.input[0] for node in candidates.values()})
-            calibration = input_hessians(model, inputs, calibration)
+            calibration = input_hessians(model, inputs, calibration, full=algorithm == "gptq")
         hessians, summary.calibration_tokens = calibration.sums, calibration.tokens
         summary.calibration_seconds = time.perf_counter() - t0
     inits = {t.name: t for t in graph.initializer}
@@ -213,7 +218,7 @@ def quantize_onnx(src: Path, dst: Path, config: QuantConfig, calibration=None) -
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
     weights = {name: numpy_helper.to_array(inits[node.input[1]]) for name, node in candidates.items()}
-    quants = _quantize_all(candidates, weights, bits, hessians, config)
+    quants = _quantize_all(candidates, weights, bits, hessians, config, algorithm)
     replaced: dict[str, object] = {}
     for name, node in candidates.items():
         replaced[name], size = _nbits_node(node, quants[name], weights[name], config, graph)

@@ -85,3 +85,19 @@ def test_gptq_handles_dead_inputs():
     h[5, :] = h[:, 5] = 0  # an input that is always zero
     q = blockwise.gptq(w, h, 4, 32, True)
     assert np.all(np.isfinite(q.dequantize()))
+
+
+def test_clip_search_never_worse_than_rtn_on_its_objective():
+    rng = np.random.default_rng(2)
+    w = rng.standard_t(3, (128, 24)).astype(np.float32)  # heavy tails: clipping pays off
+    importance = rng.random(128) ** 4
+    def cost(q):
+        return float((((q.dequantize() - w) ** 2) * importance[:, None]).sum())
+    for symmetric in (True, False):
+        plain, searched = blockwise.rtn(w, 4, 32, symmetric), blockwise.rtn_search(w, importance, 4, 32, symmetric)
+        assert cost(searched) < 0.95 * cost(plain)
+        if not symmetric:
+            continue
+        step = np.repeat(np.abs(searched.scales).T, 32, axis=0)[:128]
+        inside = np.abs(w) <= 7 * step  # unclipped weights still round to the nearest step
+        assert np.all(np.abs(searched.dequantize() - w)[inside] <= step[inside] * (0.5 + 1e-4))

@@ -63,7 +63,7 @@ def test_gptq_closer_to_fp32_than_rtn_on_fresh_tokens(built, tmp_path):
 def test_auto_keeps_the_lm_head_int8(built, tmp_path):
     _, path = built
     summary = quantize_onnx(path, tmp_path / "q" / "model.onnx", QuantConfig(), calibration=torch.randint(4, 128, (2, 16)))
-    assert summary.algorithm == "gptq"
+    assert summary.algorithm == "mse"
     assert summary.int8_nodes == ["/lm_head/MatMul"]
     written = onnx.load(str(tmp_path / "q" / "model.onnx"))
     bits = {n.name: a.i for n in written.graph.node for a in n.attribute if a.name == "bits"}
