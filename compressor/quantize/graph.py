@@ -173,6 +173,34 @@ def _save(model, dst: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _rewrite(model, candidates, weights, quants, config: QuantConfig, summary: QuantSummary) -> None:
+    """Swap each candidate MatMul for its MatMulNBits node, in place, and drop dead weights."""
+    from onnx import helper
+
+    graph = model.graph
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    replaced: dict[str, object] = {}
+    for name, node in candidates.items():
+        replaced[name], size = _nbits_node(node, quants[name], weights[name], config, graph)
+        summary.nodes[name] = quants[name].bits
+        summary.bytes_before += weights[name].nbytes
+        summary.bytes_after += size
+        uses[node.input[1]] -= 1
+    new_nodes = [replaced.get(n.name, n) for n in graph.node]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    # A weight another node still reads (a tied embedding's Transpose) stays as it is.
+    dead = {c.input[1] for c in candidates.values() if uses[c.input[1]] == 0}
+    kept = [t for t in graph.initializer if t.name not in dead]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
 def measure_hessians(src: Path, windows, skip_first: int = 0, full: bool = True) -> Hessians:
     """The input Hessians (full=False: their diagonals) of every weight MatMul of `src`, for one or
     more quantize_onnx calls."""
@@ -184,9 +212,9 @@ def measure_hessians(src: Path, windows, skip_first: int = 0, full: bool = True)
 def quantize_onnx(src: Path, dst: Path, config: QuantConfig, calibration=None) -> QuantSummary:
     """Quantize the weights of every constant-weight MatMul in `src` to MatMulNBits and write `dst`.
 
-    calibration: token windows (LongTensor [n, seq]) used by "gptq"/"auto" to weight each MatMul's
-    rounding error by its real inputs, or `Hessians` measured before on the same graph
-    (`calibration.input_hessians`). Embeddings (Gather) and other ops stay as they are.
+    calibration: token windows (LongTensor [n, seq]) used by "mse", "gptq" and "auto" to weight
+    each MatMul's rounding error by its real inputs, or `Hessians` measured before on the same
+    graph (`measure_hessians`; full matrices for "gptq", diagonals suffice for "mse"). Embeddings (Gather) and other ops stay as they are.
     """
     from onnx import numpy_helper
 
@@ -213,31 +241,9 @@ def quantize_onnx(src: Path, dst: Path, config: QuantConfig, calibration=None) -
         hessians, summary.calibration_tokens = calibration.sums, calibration.tokens
         summary.calibration_seconds = time.perf_counter() - t0
     inits = {t.name: t for t in graph.initializer}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
     weights = {name: numpy_helper.to_array(inits[node.input[1]]) for name, node in candidates.items()}
     quants = _quantize_all(candidates, weights, bits, hessians, config, algorithm)
-    replaced: dict[str, object] = {}
-    for name, node in candidates.items():
-        replaced[name], size = _nbits_node(node, quants[name], weights[name], config, graph)
-        summary.nodes[name] = bits[name]
-        summary.bytes_before += weights[name].nbytes
-        summary.bytes_after += size
-        uses[node.input[1]] -= 1
-    new_nodes = [replaced.get(n.name, n) for n in graph.node]
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    # A weight another node still reads (a tied embedding's Transpose) stays as it is.
-    dead = {inits[c.input[1]].name for c in candidates.values() if uses[c.input[1]] == 0}
-    kept = [t for t in graph.initializer if t.name not in dead]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        from onnx import helper
-
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _rewrite(model, candidates, weights, quants, config, summary)
     _save(model, dst)
     summary.seconds = time.perf_counter() - start
     log.info("quantized %d MatMuls (%s) in %.1f s", len(summary.nodes), algorithm, summary.seconds)

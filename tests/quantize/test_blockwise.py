@@ -101,3 +101,14 @@ def test_clip_search_never_worse_than_rtn_on_its_objective():
         step = np.repeat(np.abs(searched.scales).T, 32, axis=0)[:128]
         inside = np.abs(w) <= 7 * step  # unclipped weights still round to the nearest step
         assert np.all(np.abs(searched.dequantize() - w)[inside] <= step[inside] * (0.5 + 1e-4))
+
+
+def test_gptq_of_concatenated_weights_is_gptq_of_each():
+    """Output columns are independent given H: batching and concatenation change nothing."""
+    a, b = _weight(64, 10, seed=3), _weight(64, 6, seed=4)
+    _, h = _hessian(64)
+    joint = blockwise.split(blockwise.gptq(np.concatenate([a, b], axis=1), h, 4, 32, True), [10, 6])
+    batched = blockwise.gptq_many([a, a], [h, h], 4, 32, True)
+    for part, w in zip(joint, (a, b)):
+        np.testing.assert_allclose(part.dequantize(), blockwise.gptq(w, h, 4, 32, True).dequantize(), atol=1e-6)
+    np.testing.assert_array_equal(batched[0].codes, batched[1].codes)
