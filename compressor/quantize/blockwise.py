@@ -91,7 +91,7 @@ def rtn_search(
     `shrink` that minimises sum_k importance_k (w_k - dq_k)^2, the expected squared output error
     when input k has mean square importance_k (uniform when None). Clipping a rare large weight
     buys finer steps for the other 31."""
-    t = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+    t = torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: the source may be read-only
     blocks = to_blocks(t, block_size)
     imp = torch.ones(w.shape[0]) if importance is None else torch.from_numpy(np.array(importance, np.float32))
     imp = to_blocks(imp[:, None], block_size)[0]  # [n_blocks, block_size]
