@@ -28,8 +28,8 @@ def export(
     symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help=_Q + "zero points or not.")] = True,
     accuracy_level: Annotated[int, typer.Option("--accuracy-level", help=_Q + "MatMulNBits compute type "
                                                 "(1 fp32, 2 fp16, 3 bf16, 4 int8).")] = 4,
-    quant_algorithm: Annotated[str, typer.Option("--quant-algorithm", help=_Q + "rtn, gptq, or auto "
-                                                 "(gptq on the calibration text for int4).")] = "auto",
+    quant_algorithm: Annotated[str, typer.Option("--quant-algorithm", help=_Q + "rtn, gptq, mse, or auto "
+                                                 "(compressor.quantize's measured default).")] = "auto",
     keep_int8: Annotated[str, typer.Option("--keep-int8", help="int4: MatMuls kept at int8: none, lm_head, "
                                            "auto, or node names (comma-separated).")] = "auto",
     max_ppl_increase: Annotated[float | None, typer.Option("--max-ppl-increase", help=_Q + "allowed perplexity "

@@ -241,8 +241,8 @@ def _quantize(model, tokenizer, graph_dir: Path, out_dir: Path, precision: str, 
 
 
 def _calibration(tokenizer, config):
-    """Calibration windows from the bundled text for the algorithms that use them (GPTQ), else None."""
-    wants = config.algorithm == "gptq" or (config.algorithm == "auto" and config.bits == 4)
+    """Calibration windows from the bundled text for the algorithms that use them, else None."""
+    wants = config.algorithm not in ("rtn", "auto") or (config.algorithm == "auto" and config.bits == 4)
     if not wants or tokenizer is None:
         return None
     from compressor.calibrate.data import load_texts, make_windows
