@@ -236,7 +236,7 @@ def export_onnx(
     status(f"writing {path.name}")
     program.save(str(path))
     del program
-    _write_metadata(model, tokenizer, out_dir)
+    write_metadata(model, tokenizer, out_dir)
     result = OnnxExport(path=path, num_layers=layers, dtype=export_dtype, opset=opset,
                         size_bytes=onnx_size(path), seconds=0.0)
     if optimize:
@@ -287,7 +287,7 @@ def _quiet_exporter():
         log.debug("torch.onnx: %s", sink.getvalue())
 
 
-def _write_metadata(model, tokenizer, out_dir: Path) -> None:
+def write_metadata(model, tokenizer, out_dir: Path) -> None:
     """config.json, generation_config.json and tokenizer files: the folder describes itself."""
     model.config.save_pretrained(out_dir)
     generation = getattr(model, "generation_config", None)

@@ -211,11 +211,11 @@ def _float_graph(model, tokenizer, out_dir: Path, route: str, precision: str, op
                  optimize: bool) -> tuple[float, int | None]:
     """The fp32/fp16/bf16 graph, genai_config.json and the model's metadata in `out_dir`."""
     from compressor.export.genai import run_builder, write_genai_config
-    from compressor.export.onnx import _write_metadata, empty_cache_like
+    from compressor.export.onnx import empty_cache_like, write_metadata
 
     if route == "builder":
         seconds = run_builder(model, tokenizer, out_dir, precision)
-        _write_metadata(model, tokenizer, out_dir)  # config.json: runners and `compress bench` read it
+        write_metadata(model, tokenizer, out_dir)  # config.json: runners and `compress bench` read it
         return seconds, None
     exported = export_onnx(model, tokenizer, out_dir, dtype=_TORCH_DTYPE[precision], opset=opset, optimize=optimize)
     cache = empty_cache_like(model, 1)[0]

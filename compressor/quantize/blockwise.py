@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
 DAMP = 0.01  # GPTQ's default dampening (fraction of the mean Hessian diagonal)
 
 

@@ -37,7 +37,11 @@ def test_smollm2_full_and_pruned_export_validate_and_shrink(tmp_path):
 
 
 def test_smollm2_pruned_int8_export_validates_and_genai_generates(tmp_path):
-    """Through the default route (the builder for SmolLM2), 24 of 30 blocks, int8 weights."""
+    """Through the default route (the builder for SmolLM2), 27 of 30 blocks, int8 weights.
+
+    Three of the most linear blocks go (13-15): a model that still works, so top-1 agreement means something
+    (removing 20-25 gives perplexity ~1,850 on the bundled text, where agreement between two near-random
+    distributions says nothing about the quantization)."""
     pytest.importorskip("onnxruntime_genai", reason="needs onnxruntime-genai: pip install 'compressor[genai]'")
     from compressor.export.genai import genai_generate
     from compressor.export.pipeline import export_model
@@ -46,11 +50,11 @@ def test_smollm2_pruned_int8_export_validates_and_genai_generates(tmp_path):
         model, tokenizer = load_model("smollm2-135m")
     except ModelLoadError as exc:
         pytest.skip(str(exc))
-    drop_blocks_(model, parse_blocks("20-25", 30))
+    drop_blocks_(model, parse_blocks("13-15", 30))
     out = tmp_path / "int8"
     out.mkdir()
     summary = export_model(model, tokenizer, out, precision="int8", threads=2)
-    assert summary.route == "builder" and summary.num_layers == 24
+    assert summary.route == "builder" and summary.num_layers == 27
     report = summary.validation
     assert report["passed"] and report["perplexity_increase"] <= 0.02, report["summary"]
     assert report["top1_agreement"] >= 0.9, report["summary"]

@@ -11,10 +11,10 @@ pytest.importorskip("onnxruntime_genai")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from conftest import make_tokenizer, tiny_model  # noqa: E402
+from conftest import make_tokenizer, tiny_model
 
-from compressor.quantize import QuantConfig, measure_hessians, quantize_onnx  # noqa: E402
-from compressor.quantize.calibration import _feeds, head_size  # noqa: E402
+from compressor.quantize import QuantConfig, measure_hessians, quantize_onnx
+from compressor.quantize.calibration import _feeds, head_size
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,15 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper
 
-from compressor.errors import CompressorError  # noqa: E402
-from compressor.quantize import Hessians, QuantConfig, quantize_onnx  # noqa: E402
-from compressor.quantize import blockwise  # noqa: E402
+from compressor.errors import CompressorError
+from compressor.quantize import (
+    Hessians,
+    QuantConfig,
+    blockwise,
+    quantize_onnx,
+)
 
 K, H, V = 64, 96, 80
 
@@ -71,7 +75,10 @@ def test_single_matmul_output_within_formula_bound(tmp_path, bits):
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_rtn_matches_onnxruntime_quantizer(tmp_path, bits, symmetric):
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
     path, _, _ = _graph(tmp_path)
     ours = tmp_path / "ours.onnx"
