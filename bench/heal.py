@@ -45,7 +45,7 @@ def main() -> None:
     from compressor.calibrate import load_texts, make_windows
     from compressor.evaluate import load_eval_tokens, perplexity
     from compressor.loading import load_model, resolve
-    from compressor.surgery import save_checkpoint
+    from compressor.surgery.edit import save_checkpoint
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,7 @@ def main() -> None:
     calib = make_windows(tokenizer, load_texts(args.data), args.calib_samples, 256, seed=1)
     plan, how = make_or_read_plan(original, calib, args, work)
     pruned = copy.deepcopy(original)
-    from compressor.plan import apply_plan_
+    from compressor.surgery.plan import apply_plan_
 
     apply_plan_(pruned, plan)
     save_checkpoint(pruned, tokenizer, work / "pruned")
@@ -113,7 +113,7 @@ def parse_args():
 
 def make_or_read_plan(model, windows, args, work: Path):
     """The default plan (compressor.select.plan_blocks, strategy auto), cached in the work directory."""
-    from compressor.plan import read_plan, write_plan
+    from compressor.surgery.plan import read_plan, write_plan
 
     path = work / f"plan-{args.strategy}-{args.drop}.json"
     if path.is_file():

@@ -30,8 +30,9 @@ from compressor.adapters import get_adapter
 from compressor.evaluate import TimingConfig, Workload, measure_latency_model, workload_latency_ms
 from compressor.evaluate.backends import TorchBackend
 from compressor.evaluate.latency import DecodeSpec, PrefillSpec, decode_trial, measure, prefill_trial
-from compressor.evaluate.latency_model import median, shallow_copy_without
+from compressor.evaluate.latency_model import median
 from compressor.loading import load_model
+from compressor.surgery.edit import copy_without_blocks
 
 
 def late_span(num_blocks: int, k: int) -> list[int]:
@@ -45,7 +46,7 @@ def measure_pruned(model, removed: list[int], workload: Workload, timing: Timing
     """Median prefill and per-token decode of the full model and each pruned copy, in alternation."""
     n = get_adapter(model).num_blocks(model)
     variants = [0, *removed]
-    backends = [TorchBackend(shallow_copy_without(model, late_span(n, k)), threads=threads) for k in variants]
+    backends = [TorchBackend(copy_without_blocks(model, late_span(n, k)), threads=threads) for k in variants]
     prefill = measure([prefill_trial(b, PrefillSpec(workload.batch, workload.prefill_tokens)) for b in backends],
                       timing)
     spec = DecodeSpec(workload.batch, workload.prefill_tokens, workload.new_tokens)

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from compressor.calibrate import load_texts, make_windows
-from compressor.compare import DEFAULT_STRATEGIES, compare_strategies
 from compressor.evaluate import load_eval_tokens
 from compressor.loading import load_model
+from compressor.select.compare import DEFAULT_STRATEGIES, compare_strategies
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -21,25 +21,25 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.calibrate.data import load_texts, make_windows
+from compressor.data import load_texts, make_windows
 from compressor.loading import resolve
 from compressor.quantize import QuantConfig, measure_hessians, quantize_onnx
 from compressor.quantize.calibration import _feeds
 
 # name -> QuantConfig fields
 CANDIDATES = {
-    "rtn8": dict(bits=8, algorithm="rtn"),
-    "rtn4": dict(bits=4, algorithm="rtn", keep_int8="none"),
-    "rtn4-head8": dict(bits=4, algorithm="rtn", keep_int8="lm_head"),
-    "gptq4": dict(bits=4, algorithm="gptq", keep_int8="none"),
-    "gptq4-head8": dict(bits=4, algorithm="gptq", keep_int8="lm_head"),
-    "gptq4-asym-head8": dict(bits=4, algorithm="gptq", keep_int8="lm_head", symmetric=False),
-    "gptq8": dict(bits=8, algorithm="gptq"),
-    "mse4": dict(bits=4, algorithm="mse", keep_int8="none"),
-    "mse4-head8": dict(bits=4, algorithm="mse", keep_int8="lm_head"),
-    "mse8": dict(bits=8, algorithm="mse"),
-    "auto4": dict(bits=4),
-    "auto8": dict(bits=8),
+    "rtn8": {"bits": 8, "algorithm": "rtn"},
+    "rtn4": {"bits": 4, "algorithm": "rtn", "keep_int8": "none"},
+    "rtn4-head8": {"bits": 4, "algorithm": "rtn", "keep_int8": "lm_head"},
+    "gptq4": {"bits": 4, "algorithm": "gptq", "keep_int8": "none"},
+    "gptq4-head8": {"bits": 4, "algorithm": "gptq", "keep_int8": "lm_head"},
+    "gptq4-asym-head8": {"bits": 4, "algorithm": "gptq", "keep_int8": "lm_head", "symmetric": False},
+    "gptq8": {"bits": 8, "algorithm": "gptq"},
+    "mse4": {"bits": 4, "algorithm": "mse", "keep_int8": "none"},
+    "mse4-head8": {"bits": 4, "algorithm": "mse", "keep_int8": "lm_head"},
+    "mse8": {"bits": 8, "algorithm": "mse"},
+    "auto4": {"bits": 4},
+    "auto8": {"bits": 8},
 }
 
 

@@ -39,6 +39,13 @@ class MissingDependencyError(CompressorError):
         )
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): long messages from
+    other libraries (exporters, protobuf, transformers) become one readable line."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def require(module: str, extra: str, purpose: str = ""):
     """Import an optional dependency lazily, or raise a MissingDependencyError naming the extra."""
     import importlib

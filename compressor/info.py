@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from compressor.adapters import get_adapter
-from compressor.io import dir_size
+from compressor.util.io import dir_size
 
 
 def count_parameters(model) -> int:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from compressor.adapters import get_adapter
-from compressor.errors import ModelLoadError, require
-from compressor.io import atomic_dir, cache_dir, file_sha256
+from compressor.errors import ModelLoadError, first_line, require
+from compressor.util.io import atomic_dir, cache_dir, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,9 @@ def load_model(
     except OSError as exc:
         if isinstance(source, str):
             raise ModelLoadError(f"cannot fetch '{source}' from the hub (offline?): {_HINT}") from exc
-        raise ModelLoadError(f"cannot read the model in {source}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot read the model in {source}: {first_line(exc)}") from exc
     except Exception as exc:  # corrupt weights, bad config: one line for the user
-        raise ModelLoadError(f"cannot load {source}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load {source}: {first_line(exc)}") from exc
     get_adapter(model)
     if device_map is None and device:
         model.to(device)
@@ -104,7 +104,7 @@ def _read_config(path: Path):
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:
-        raise ModelLoadError(f"cannot read {path / 'config.json'}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {first_line(exc)}") from exc
 
 
 def load_tokenizer(source: str | Path):
@@ -113,7 +113,7 @@ def load_tokenizer(source: str | Path):
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load a tokenizer from {source}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load a tokenizer from {source}: {first_line(exc)}") from exc
 
 
 def _check_weights(path: Path, allow_pickle: bool) -> None:
@@ -155,7 +155,7 @@ def _gguf_to_checkpoint(path: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as exc:
-        raise ModelLoadError(f"cannot read {path} as GGUF (corrupt or truncated?): {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot read {path} as GGUF (corrupt or truncated?): {first_line(exc)}") from exc
     # The weights are dequantized fp32 now; drop the quantizer so the model saves as a plain checkpoint.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -165,8 +165,3 @@ def _gguf_to_checkpoint(path: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

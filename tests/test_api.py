@@ -28,7 +28,7 @@ def test_import_is_light_and_verbs_resolve():
     assert result.stdout.strip() == "[]", result.stdout
     import compressor
 
-    assert compressor.prune_ is __import__("compressor.surgery", fromlist=["x"]).drop_blocks_
+    assert compressor.prune_ is __import__("compressor.surgery.edit", fromlist=["x"]).drop_blocks_
     with pytest.raises(AttributeError):
         _ = compressor.no_such_verb
 
@@ -45,7 +45,7 @@ def test_compress_a_model_in_memory_writes_nothing(tmp_path, monkeypatch):
     # the user's model is left as it was
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # the original's perplexity is that of the model on the held-out end of the text, computed here
-    from compressor.calibrate.data import hold_out, load_texts
+    from compressor.data import hold_out, load_texts
 
     (name, reported), = report.perplexity.original.items()
     ids = tokenizer(hold_out(load_texts(None), 0.15)[1], return_tensors="pt").input_ids[0][:8192]

@@ -54,7 +54,7 @@ def test_end_to_end_tiny_model(tiny_dir, tmp_path):
     assert all(p["latency_ms"] > 0 and p["perplexity"] for p in report["sweep"])
     assert "| 2 |" in (out / "report.md").read_text().split("Sweep")[1]
     # the plan that was applied is in the run directory, and applies to the original again
-    from compressor.plan import read_plan
+    from compressor.surgery.plan import read_plan
 
     assert read_plan(out / "plan.json").drop == report["blocks_removed"]
 
@@ -70,8 +70,8 @@ def test_perplexity_budget_picks_the_deepest_plan_within_it():
     from compressor.calibrate import profile_for
     from compressor.pipeline import PipelineConfig
     from compressor.pipeline.data import load_data
-    from compressor.plan import apply_plan_
     from compressor.select import SelectSettings, plan_blocks
+    from compressor.surgery.plan import apply_plan_
 
     model, tokenizer = tiny_model("llama", num_hidden_layers=8, initializer_range=0.3), make_tokenizer()
     data = load_data(PipelineConfig(max_ppl_increase=0.1, heal_steps=0, **API_FAST), tokenizer)
@@ -99,7 +99,7 @@ def test_interrupted_run_resumes_from_its_stages(tiny_dir, tmp_path, caplog):
     """Interrupted at a known point (Ctrl-C as the latency model is about to be measured): the work
     directory keeps the profile, and the rerun reuses it instead of calibrating again."""
     import compressor
-    from compressor.progress import use_tracker
+    from compressor.util.progress import use_tracker
 
     out, work = tmp_path / "run", tmp_path / ".run.work"
     settings = dict(target_speedup=1.05, out=out, heal_steps=2, **API_FAST)
@@ -286,7 +286,7 @@ def test_depth_search_counts_and_respects_known_measurements():
 def test_one_split_rule_for_calibration_healing_and_evaluation():
     """hold_out cuts the joined text at the last space before the held-out fraction: nothing is lost or
     shared, no word is split, and `compress heal` holds out its tenth by the same rule."""
-    from compressor.calibrate.data import hold_out
+    from compressor.data import hold_out
     from compressor.heal.run import HOLD_OUT
 
     texts = ["alpha beta gamma delta", "epsilon zeta eta theta iota kappa"]

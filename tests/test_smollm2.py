@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from compressor.errors import ModelLoadError
 from compressor.loading import load_model, resolve
-from compressor.surgery import drop_blocks_, save_checkpoint
+from compressor.surgery.edit import drop_blocks_, save_checkpoint
 
 pytestmark = pytest.mark.smollm2
 

@@ -44,7 +44,7 @@ def test_no_private_names_are_imported_across_modules():
 
 
 def _top(module: str) -> str | None:
-    """compressor.calibrate.cache -> compressor.calibrate; compressor.plan -> compressor.plan."""
+    """compressor.calibrate.cache -> compressor.calibrate; compressor.surgery.plan -> compressor.surgery.plan."""
     parts = module.split(".")
     return ".".join(parts[:2]) if parts[0] == "compressor" and len(parts) > 1 else None
 

@@ -8,8 +8,9 @@ from conftest import TINY_CONFIGS, tiny_gemma3_multimodal, tiny_model
 from transformers import AutoModelForCausalLM
 
 from compressor.adapters import ADAPTERS, get_adapter
+from compressor.blocks import parse_blocks
 from compressor.errors import InvalidPlanError, UnsupportedArchitectureError
-from compressor.surgery import drop_blocks_, fold_linear_, parse_blocks, save_checkpoint
+from compressor.surgery.edit import drop_blocks_, fold_linear_, save_checkpoint
 
 
 def greedy_without_cache(model, ids, steps):
@@ -117,7 +118,7 @@ def test_unsupported_architecture_lists_supported():
 def test_copy_without_blocks_shares_weights_and_equals_a_deep_copy_with_the_drop():
     import copy
 
-    from compressor.surgery import copy_without_blocks
+    from compressor.surgery.edit import copy_without_blocks
 
     model = tiny_model("llama")
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))

@@ -8,9 +8,9 @@
 """
 
 from compressor.calibrate.cache import profile_for, read_profile, write_profile
-from compressor.calibrate.data import load_texts, make_windows
 from compressor.calibrate.profile import BlockMetrics, Profile, SpanMetrics, calibrate
 from compressor.calibrate.stats import PairStats, Stats
+from compressor.data import load_texts, make_windows
 
 __all__ = ["BlockMetrics", "PairStats", "Profile", "SpanMetrics", "Stats", "calibrate", "load_texts",
            "make_windows", "profile_for", "read_profile", "write_profile"]

@@ -3,7 +3,7 @@ the result (model fingerprint, the exact tokens, and the settings that change th
 
 A profile directory holds profile.json, profile.csv, profile.png and, when asked for,
 stats.safetensors (the raw float64 statistics). The cache keeps such directories under
-`compressor.io.cache_dir("profiles")`.
+`compressor.util.io.cache_dir("profiles")`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-from compressor.calibrate.data import load_texts, make_windows, windows_fingerprint
 from compressor.calibrate.profile import DEFAULT_OUTLIER_FACTOR, Profile, calibrate
 from compressor.calibrate.stats import Stats
+from compressor.data import load_texts, make_windows
 from compressor.errors import CompressorError, DataError
-from compressor.io import atomic_dir, cache_dir, write_json
-from compressor.parallel import rank_world
-from compressor.progress import status
+from compressor.util.fingerprint import model_fingerprint, windows_fingerprint
+from compressor.util.io import atomic_dir, cache_dir, write_json
+from compressor.util.parallel import rank_world
+from compressor.util.progress import status
 
 log = logging.getLogger(__name__)
 
@@ -52,31 +53,6 @@ def read_profile(path: Path | str) -> Profile:
         raise DataError(f"cannot read a profile from {file}: run `compress calibrate` to make one") from exc
     stats_file = file.parent / STATS_FILE
     return Profile.from_dict(data, Stats.load(stats_file) if stats_file.is_file() else None)
-
-
-def model_fingerprint(model) -> str:
-    """A short hash that changes when the model's config or weights change.
-
-    A checkpoint directory: its config.json plus name, size and mtime of each weight file.
-    A loaded model: its config plus, per parameter, name, shape, dtype, sum and sum of squares.
-    """
-    digest = hashlib.sha256()
-    if isinstance(model, (str, Path)) and Path(model).is_dir():
-        path = Path(model)
-        digest.update((path / "config.json").read_bytes())
-        for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-            stat = file.stat()
-            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    elif isinstance(model, (str, Path)):
-        digest.update(str(model).encode())
-    else:
-        digest.update(model.config.to_json_string(use_diff=False).encode())
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                q = p.detach().to(torch.float64)
-                digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{q.sum().item():.17g}:"
-                              f"{q.square().sum().item():.17g}".encode())
-    return digest.hexdigest()[:20]
 
 
 def profile_for(

@@ -19,7 +19,6 @@ without outliers are the difference, and metrics are reported both ways.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from typing import NamedTuple, Self
 
@@ -29,8 +28,9 @@ from compressor.adapters import get_adapter
 from compressor.calibrate.metrics import angular_distance
 from compressor.calibrate.stats import F64, Stats
 from compressor.errors import UnsupportedArchitectureError
-from compressor.hooks import StopForward
-from compressor.progress import track
+from compressor.util.gram import Gram
+from compressor.util.hooks import StopForward, hidden_of
+from compressor.util.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Collector:
         self.stop_early = stop_early
         self.points = points
         self.samples: torch.Tensor | None = None  # [L+1, points, d] float32 token vectors for TwoNN
-        self.grams: dict[int, torch.Tensor] = {}
+        self.grams: dict[int, Gram] = {}
         self.sums: dict[int, torch.Tensor] = {}
         self.cross: dict[tuple[int, int], torch.Tensor] = {}
         self.outliers: dict[tuple[int, int], torch.Tensor] = {}
@@ -82,7 +82,7 @@ class Collector:
     def _hook(self, index: int):
         def hook(module, args, kwargs, output):
             x = args[0] if args else kwargs["hidden_states"]
-            y = output[0] if isinstance(output, (tuple, list)) else output
+            y = hidden_of(output)
             if index == 0:
                 self._state(0, x)
             elif not self._checked:
@@ -147,9 +147,9 @@ class Collector:
         flat = self._flat(h)
         x = flat.to(F64)
         if i not in self.grams:
-            self.grams[i] = torch.zeros(x.shape[1], x.shape[1], dtype=F64, device=x.device)
+            self.grams[i] = Gram(x.shape[1], device=x.device)
             self.sums[i] = torch.zeros(x.shape[1], dtype=F64, device=x.device)
-        _add_gram_(self.grams[i], x)
+        self.grams[i].add(x)
         self.sums[i].add_(x.sum(0))
         self._kept[i] = _Kept(x, flat.float(), self._flat(norms.unsqueeze(-1)).squeeze(1), self._flags(norms))
         if self._last_pos is None:
@@ -233,10 +233,10 @@ class Collector:
         if not self.grams:
             raise ValueError("no batches were run")
         cpu = {"dtype": F64, "device": "cpu"}
-        d = self.grams[0].shape[0]
+        d = self.grams[0].xtx.shape[0]
         grams = torch.empty(self.L + 1, d, d, **cpu)
         for i in range(self.L + 1):
-            grams[i].copy_(_symmetric_(self.grams.pop(i)))
+            grams[i].copy_(self.grams.pop(i).xtx)
         return Stats(
             count=torch.tensor(float(self.count), **cpu),
             sums=torch.stack([self.sums[i].to(**cpu) for i in range(self.L + 1)]),
@@ -263,29 +263,6 @@ class _Kept(NamedTuple):
         if self.x64.device == device:
             return self
         return _Kept(*(None if t is None else t.to(device) for t in self))
-
-
-def _add_gram_(gram: torch.Tensor, x: torch.Tensor, panels: int = 4) -> None:
-    """gram += x'x, computing only the upper block triangle (about 30% fewer flops than a full
-    product; `_symmetric_` restores the lower part once at the end)."""
-    d = x.shape[1]
-    if d < 256:
-        gram.addmm_(x.T, x)
-        return
-    edges = [round(k * d / panels) for k in range(panels + 1)]
-    for a, b in itertools.pairwise(edges):
-        gram[a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
-
-
-def _symmetric_(gram: torch.Tensor, panels: int = 4) -> torch.Tensor:
-    """Fill in, in place, the lower part of what `_add_gram_` accumulated; returns `gram`."""
-    d = gram.shape[0]
-    if d < 256:
-        return gram
-    edges = [round(k * d / panels) for k in range(panels + 1)]
-    for a, b in itertools.pairwise(edges):
-        gram[b:, a:b] = gram[a:b, b:].T
-    return gram
 
 
 def _input_device(model) -> torch.device:

@@ -11,7 +11,7 @@ from compressor.calibrate.profile import Profile
 
 def plot_profile(profile: Profile, path: Path | str) -> None:
     """Write a PNG of the profile, atomically (no display needed)."""
-    from compressor.io import atomic_file
+    from compressor.util.io import atomic_file
 
     with atomic_file(path) as tmp:
         profile_figure(profile).savefig(tmp, dpi=120, format="png")

@@ -21,8 +21,8 @@ from compressor.calibrate.metrics import anisotropy, linearities, one_thread
 from compressor.calibrate.stats import Stats
 from compressor.calibrate.twonn import twonn
 from compressor.errors import DataError
-from compressor.parallel import all_reduce_, rank_world
-from compressor.progress import status
+from compressor.util.parallel import all_reduce_, rank_world
+from compressor.util.progress import status
 
 log = logging.getLogger(__name__)
 

@@ -82,8 +82,8 @@ _mount()
 
 def main() -> None:
     """Run a command; library errors become one line and exit 2, anything unexpected one line and exit 3."""
-    from compressor.errors import CompressorError
-    from compressor.progress import use_tracker
+    from compressor.errors import CompressorError, first_line
+    from compressor.util.progress import use_tracker
 
     debug = bool(os.environ.get("COMPRESSOR_DEBUG"))
     try:
@@ -100,8 +100,7 @@ def main() -> None:
     except Exception as exc:  # a bug, not the user's doing: say so in one line, not with a traceback
         if debug:
             raise
-        first = (str(exc).strip().splitlines() or [""])[0]
-        err.print(f"[bold red]internal error:[/bold red] {escape(type(exc).__name__)}: {escape(first)} "
+        err.print(f"[bold red]internal error:[/bold red] {escape(type(exc).__name__)}: {escape(first_line(exc))} "
                   "(set COMPRESSOR_DEBUG=1 to see the traceback)", highlight=False, soft_wrap=True)
         sys.exit(EXIT_INTERNAL)
 

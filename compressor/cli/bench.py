@@ -57,8 +57,8 @@ def bench(
     so a second run in the same folder works like the first.
     """
     from compressor.evaluate import BenchConfig, TimingConfig, run_bench
-    from compressor.io import check_output, write_json
     from compressor.loading import load_tokenizer, resolve
+    from compressor.util.io import check_output, write_json
 
     if out_file is not None:
         check_output(out_file, overwrite)

@@ -62,7 +62,7 @@ def calibrate(
     all-reduced (the result equals one process's), and rank 0 writes.
     """
     from compressor.calibrate import profile_for, write_profile
-    from compressor.io import atomic_dir, check_output
+    from compressor.util.io import atomic_dir, check_output
 
     check_output(out, overwrite)
     if batch_size <= 0:

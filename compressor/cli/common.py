@@ -75,7 +75,7 @@ def emit_json(data) -> None:
 
 
 def rich_tracker(items, total, description):
-    """A progress bar on stderr for compressor.progress.track."""
+    """A progress bar on stderr for compressor.util.progress.track."""
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),

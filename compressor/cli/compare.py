@@ -29,11 +29,11 @@ def compare(
 ) -> None:
     """Perplexity of every strategy's plan, with and without linear maps, next to the unpruned model."""
     from compressor.calibrate import load_texts, make_windows
-    from compressor.compare import compare_strategies
     from compressor.errors import InvalidPlanError
     from compressor.evaluate import load_eval_tokens
     from compressor.loading import load_model
     from compressor.select import check_k, get_strategy
+    from compressor.select.compare import compare_strategies
 
     names = [s.strip() for s in strategies.split(",") if s.strip()]
     for name in names:

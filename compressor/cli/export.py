@@ -53,9 +53,9 @@ def export(
     json: JsonOpt = False,
 ) -> None:
     """Export to ONNX (with KV cache, an onnxruntime-genai folder) or a TensorRT engine, validated."""
-    from compressor.export.pipeline import check_export_options, export_model, quant_options
-    from compressor.io import atomic_dir, check_output
+    from compressor.export.run import check_export_options, export_model, quant_options
     from compressor.loading import load_model
+    from compressor.util.io import atomic_dir, check_output
 
     precision = check_export_options(format, dtype or precision, opset, route)
     quant, bounds = quant_options(precision, block_size, symmetric, accuracy_level, quant_algorithm, keep_int8,
@@ -66,7 +66,6 @@ def export(
 
         profile = TrtProfile.parse(trt_batch, trt_seq, trt_past)
     check_output(out_dir, overwrite)
-    _check_writable(out_dir)
     loaded, tokenizer = load_model(model, dtype="float32", allow_pickle=allow_pickle)
     with atomic_dir(out_dir, overwrite) as tmp:
         summary = export_model(loaded, tokenizer, tmp, format=format, precision=precision, route=route,
@@ -77,20 +76,6 @@ def export(
         emit_json(data)
         return
     _print_summary(data)
-
-
-def _check_writable(out_dir) -> None:
-    """Refuse an output that cannot be created before spending minutes on the export."""
-    import os
-    from pathlib import Path
-
-    from compressor.errors import CompressorError
-
-    ancestor = Path(out_dir).resolve().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise CompressorError(f"cannot write {out_dir}: {ancestor} is not a writable folder; choose another --out")
 
 
 def _print_summary(data: dict) -> None:

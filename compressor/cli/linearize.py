@@ -37,11 +37,11 @@ def linearize(
     """Replace spans of blocks by linear maps fitted on calibration text, folded into existing weights."""
     from compressor.calibrate import load_texts, make_windows
     from compressor.errors import InvalidPlanError
-    from compressor.io import atomic_dir, check_output
-    from compressor.linearize import FORMS, FitSettings
     from compressor.loading import load_model
-    from compressor.plan import apply_plan_, linear_plan, linear_spans
-    from compressor.surgery import save_checkpoint
+    from compressor.select.linear import linear_spans, linearize_
+    from compressor.select.maps import FORMS, FitSettings
+    from compressor.surgery.edit import save_checkpoint
+    from compressor.util.io import atomic_dir, check_output
 
     if form not in FORMS:
         raise InvalidPlanError(f"unknown --form '{form}': choose one of {', '.join(FORMS)}")
@@ -49,8 +49,7 @@ def linearize(
     loaded, tokenizer = load_model(model, dtype="auto", allow_pickle=allow_pickle)
     linear_spans(loaded, blocks)  # refuse before reading any data
     windows = make_windows(tokenizer, load_texts(data, field), samples, seq_len, seed)
-    plan = linear_plan(loaded, blocks, windows, FitSettings(form=form))
-    apply_plan_(loaded, plan)
+    plan = linearize_(loaded, blocks, windows, FitSettings(form=form))
     with atomic_dir(out, overwrite) as tmp:
         save_checkpoint(loaded, tokenizer, tmp)
     record = loaded.config.compressor

@@ -51,10 +51,10 @@ def plan(
     windows; every rank makes the same choices) and rank 0 writes the plan.
     """
     from compressor.calibrate import load_texts, make_windows
-    from compressor.io import check_output
     from compressor.loading import load_model
-    from compressor.plan import write_plan
     from compressor.select import check_k, get_strategy
+    from compressor.surgery.plan import write_plan
+    from compressor.util.io import check_output
 
     get_strategy(strategy)
     check_output(out, overwrite)

@@ -19,20 +19,21 @@ def prune(
     json: JsonOpt = False,
 ) -> None:
     """Remove decoder blocks (or apply a plan) and write a standard checkpoint."""
-    from compressor.io import atomic_dir, check_output
+    from compressor.blocks import num_blocks, parse_blocks
     from compressor.loading import load_model
-    from compressor.surgery import drop_blocks_, parse_blocks, save_checkpoint
+    from compressor.surgery.edit import drop_blocks_, save_checkpoint
+    from compressor.util.io import atomic_dir, check_output
 
     if (blocks is None) == (plan is None):
         raise InvalidPlanError("pass exactly one of --blocks or --plan")
     check_output(out, overwrite)
     loaded, tokenizer = load_model(model, dtype="auto", allow_pickle=allow_pickle)
     if plan is not None:
-        from compressor.plan import apply_plan_, read_plan
+        from compressor.surgery.plan import apply_plan_, read_plan
 
         apply_plan_(loaded, read_plan(plan))
     else:
-        drop_blocks_(loaded, parse_blocks(blocks, len_blocks(loaded)))
+        drop_blocks_(loaded, parse_blocks(blocks, num_blocks(loaded)))
     with atomic_dir(out, overwrite) as tmp:
         save_checkpoint(loaded, tokenizer, tmp)
     record = loaded.config.compressor
@@ -42,9 +43,3 @@ def prune(
         linear = "".join(f", {s['start']}-{s['end'] - 1} replaced by a linear map" for s in record["linearized"])
         err.print(f"wrote {out}: {len(record['kept'])} of {record['blocks_original']} blocks "
                   f"(removed {record['removed']}{linear})")
-
-
-def len_blocks(model) -> int:
-    from compressor.adapters import get_adapter
-
-    return get_adapter(model).num_blocks(model)

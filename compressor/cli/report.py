@@ -22,8 +22,8 @@ def report(
     Reads every report.json as a typed compressor.report.Report (older, unversioned files included).
     """
     from compressor.errors import DataError
-    from compressor.io import atomic_dir, check_output
     from compressor.report import default_labels, merge_reports, read_run_report, write_merged_reports
+    from compressor.util.io import atomic_dir, check_output
 
     runs = list(runs or [])
     if not runs:

@@ -13,7 +13,6 @@ never separated from what produced them.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -27,7 +26,8 @@ import numpy as np
 import torch
 
 from compressor.errors import CompressorError, ModelLoadError, require
-from compressor.io import dir_size
+from compressor.util.io import dir_size
+from compressor.util.kvcache import cache_kwarg, new_cache
 
 log = logging.getLogger(__name__)
 
@@ -120,25 +120,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def cache_kwarg(model) -> str:
-    """The keyword this transformers version's forward takes the KV cache under.
-
-    transformers 5.24 renamed `past_key_values` to `cache` (the old name warns); 5.17 knows only
-    `past_key_values`. Reading the signature picks the right one without a warning.
-    """
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def new_cache(config):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=config)
-    except TypeError:  # older signature without config
-        return DynamicCache()
 
 
 def check_device(device: str | None) -> None:

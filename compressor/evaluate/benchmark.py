@@ -29,7 +29,7 @@ from compressor.evaluate.latency import (
     prefill_trial,
 )
 from compressor.evaluate.perplexity import load_eval_tokens, perplexity
-from compressor.progress import status
+from compressor.util.progress import status
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ from compressor.evaluate.latency import (
     prefill_trial,
 )
 from compressor.evaluate.stats import percentile
-from compressor.progress import status
+from compressor.surgery.edit import copy_without_blocks
+from compressor.util.progress import status
 
 log = logging.getLogger(__name__)
 
@@ -177,13 +178,6 @@ def spread_blocks(num_blocks: int, k: int) -> list[int]:
     return [int((i + 0.5) * num_blocks / k) for i in range(k)]
 
 
-def shallow_copy_without(model: torch.nn.Module, drop: list[int]) -> torch.nn.Module:
-    """A copy of `model` with blocks removed that shares the weights (surgery.copy_without_blocks)."""
-    from compressor.surgery import copy_without_blocks
-
-    return copy_without_blocks(model, drop)
-
-
 def measure_latency_model(model: torch.nn.Module, workload: Workload | None = None,
                           removals: tuple[int, ...] | None = None, device: str | None = None,
                           threads: int | None = None, timing: TimingConfig | None = None) -> LatencyModel:
@@ -198,7 +192,7 @@ def measure_latency_model(model: torch.nn.Module, workload: Workload | None = No
     removals = tuple(sorted(set(removals or (0, n // 4, n // 2))))
     if len(removals) < 2 or removals[-1] >= n:
         raise CompressorError(f"measure at two depths or more, removing fewer than {n} blocks: {removals}")
-    variants = [shallow_copy_without(model, spread_blocks(n, k)) for k in removals]
+    variants = [copy_without_blocks(model, spread_blocks(n, k)) for k in removals]
     backends = [TorchBackend(v, device=device, threads=threads) for v in variants]
     kept = [n - k for k in removals]
     prefill_spec = PrefillSpec(workload.batch, workload.prefill_tokens)

@@ -1,7 +1,7 @@
 """Next-token loss: the one definition every score in compressor uses.
 
 Position t - 1 predicts token t. Perplexity (`compressor.evaluate.perplexity`), the selection
-scorer (`compressor.scoring`), healing's language-model loss and held-out perplexity all call
+scorer (`compressor.select.scoring`), healing's language-model loss and held-out perplexity all call
 `next_token_nll`, so a loss measured while planning, one minimized while healing and one reported
 are the same quantity. Logits are upcast to float32 first: half-precision log-softmax over a
 vocabulary of 50k loses the small differences between candidate plans.

@@ -23,7 +23,7 @@ import torch
 
 from compressor.errors import DataError
 from compressor.evaluate.loss import next_token_nll
-from compressor.progress import track
+from compressor.util.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,6 @@ def _tokenize(tokenizer, text: str, max_tokens: int | None) -> list[int]:
 
 def read_texts(path: Path | str | None, field: str = "text") -> list[str]:
     """Documents of a .txt / .jsonl file or a directory of .txt (None: the bundled text)."""
-    from compressor.calibrate.data import load_texts
+    from compressor.data import load_texts
 
     return load_texts(Path(path) if path is not None else None, field=field)

@@ -10,8 +10,8 @@ tensorrt are imported only when a step needs them.
 
 from compressor.export.genai import builder_refusal, genai_generate, run_builder, write_genai_config
 from compressor.export.onnx import OnnxExport, export_onnx
-from compressor.export.pipeline import ExportSummary, choose_route, export_model
 from compressor.export.quality import QualityBounds, QualityReport, validate_quantized
+from compressor.export.run import ExportSummary, choose_route, export_model
 from compressor.export.runtime import OrtCausalLM
 from compressor.export.validate import ExportMismatchError, ValidationReport, validate_onnx
 

@@ -26,8 +26,8 @@ import numpy as np
 
 from compressor.adapters import get_adapter
 from compressor.errors import CompressorError
-from compressor.io import write_json
-from compressor.progress import status
+from compressor.util.io import write_json
+from compressor.util.progress import status
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def builder_refusal(model, has_tokenizer: bool = True) -> str | None:
 
 def run_builder(model, tokenizer, out_dir: Path, precision: str = "fp32") -> float:
     """Build `model` with onnxruntime-genai's builder into `out_dir`; returns the seconds it took."""
-    from compressor.surgery import save_checkpoint
+    from compressor.surgery.edit import save_checkpoint
 
     builder_precision, provider = BUILDER_TARGETS[precision]
     start = time.perf_counter()

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from compressor.adapters import get_adapter
-from compressor.errors import CompressorError, require
-from compressor.progress import status
+from compressor.errors import CompressorError, first_line, require
+from compressor.util.kvcache import cache_kwarg, cache_of
+from compressor.util.progress import status
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +80,6 @@ def parse_export_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ExportError(f"unsupported export dtype '{dtype}': choose float32 or float16") from None
 
 
-def cache_keyword(model) -> str:
-    """transformers 5.24 renamed `past_key_values=` to `cache=`; use whichever this model takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def cache_of(outputs):
-    cache = getattr(outputs, "cache", None)
-    return cache if cache is not None else outputs.past_key_values
-
-
 def flat_cache(cache) -> list[torch.Tensor]:
     """[key0, value0, key1, value1, ...] from a transformers Cache."""
     return [t for layer in cache.layers for t in (layer.keys, layer.values)]
@@ -112,7 +103,7 @@ class CausalLMWithFlatCache(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
-        self._cache_kw = cache_keyword(model)
+        self._cache_kw = cache_kwarg(model)
         self._takes_positions = "position_ids" in inspect.signature(model.forward).parameters
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values: list[torch.Tensor]):
@@ -260,9 +251,8 @@ def _trace(model, layers: int, opset: int):
                     opset_version=opset, optimize=True, verbose=False,
                 )
         except Exception as exc:  # the exporter's own errors are long; keep the first line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(
-                f"torch.onnx could not export {type(model).__name__}: {first} "
+                f"torch.onnx could not export {type(model).__name__}: {first_line(exc)} "
                 "(COMPRESSOR_DEBUG=1 shows the full traceback)"
             ) from exc
 

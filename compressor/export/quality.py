@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from compressor.errors import CompressorError
-from compressor.progress import status
+from compressor.util.progress import status
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def validate_quantized(model, folder: Path, tokenizer, precision: str, bounds: Q
     """compare_quality on the export in `folder`; writes validation.json; raises QualityError on a failure."""
     from compressor.export.runtime import OrtCausalLM
     from compressor.export.validate import VALIDATION_FILE
-    from compressor.io import write_json
+    from compressor.util.io import write_json
 
     bounds = bounds or DEFAULT_BOUNDS[precision]
     runner = OrtCausalLM(folder, threads=threads)

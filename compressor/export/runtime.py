@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import CompressorError, require
+from compressor.errors import CompressorError, first_line, require
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class OrtCausalLM(CausalRunner):
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as exc:
-            raise CompressorError(f"ONNX Runtime cannot load {self.path}: {str(exc).splitlines()[0]}") from exc
+            raise CompressorError(f"ONNX Runtime cannot load {self.path}: {first_line(exc)}") from exc
         self.providers = self.session.get_providers()
         self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
         self._inputs = [i.name for i in self.session.get_inputs()]

@@ -19,8 +19,8 @@ import numpy as np
 
 from compressor.errors import CompressorError, MissingDependencyError, require
 from compressor.export.runtime import CausalRunner, load_config
-from compressor.io import file_sha256, write_json
-from compressor.progress import status
+from compressor.util.io import file_sha256, write_json
+from compressor.util.progress import status
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,12 @@ from compressor.errors import CompressorError
 from compressor.export.onnx import (
     OPTIMIZED_FILE,
     CausalLMWithFlatCache,
-    cache_keyword,
-    cache_of,
     empty_cache_like,
 )
 from compressor.export.runtime import positions_from_mask
-from compressor.io import write_json
-from compressor.progress import status, track
+from compressor.util.io import write_json
+from compressor.util.kvcache import cache_kwarg, cache_of
+from compressor.util.progress import status, track
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +198,7 @@ def _t(array: np.ndarray, device) -> torch.Tensor:
 @torch.no_grad()
 def torch_greedy(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], list[tuple[float, float]]]:
     """Greedy tokens through transformers' own cache, and (top-2 margin, top logit) at each step."""
-    kw = cache_keyword(model)
+    kw = cache_kwarg(model)
     out = model(input_ids=prompt, use_cache=True)
     tokens, margins = [], []
     for _ in range(new_tokens):

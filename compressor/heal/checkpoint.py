@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from compressor.errors import CompressorError
-from compressor.io import atomic_file
+from compressor.util.io import atomic_file
 
 log = logging.getLogger(__name__)
 

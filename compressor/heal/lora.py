@@ -9,7 +9,7 @@ import warnings
 import torch
 
 from compressor.errors import require
-from compressor.heal.select import lora_targets
+from compressor.heal.trainable import lora_targets
 
 log = logging.getLogger(__name__)
 

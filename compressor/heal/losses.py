@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from compressor.adapters import get_adapter
 from compressor.evaluate.loss import next_token_nll
+from compressor.util.hooks import hidden_of
 
 _NEG = -1e4  # a finite "log 0": keeps 0 * log(0) terms at 0 with finite gradients
 
@@ -124,10 +125,6 @@ class LinearityRegularizer(torch.nn.Module):
         return f"weight={self.weight}"
 
 
-def _output_tensor(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 @contextlib.contextmanager
 def capture_block_outputs(model: torch.nn.Module, indices: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
     """Record the outputs of some blocks during forward passes: yields {block index: output}.
@@ -139,7 +136,7 @@ def capture_block_outputs(model: torch.nn.Module, indices: Sequence[int]) -> Ite
 
     def save(i):
         def hook(module, args, output):
-            captured[i] = _output_tensor(output)
+            captured[i] = hidden_of(output)
         return hook
 
     handles = []
@@ -165,7 +162,7 @@ def capture_hidden_states(model: torch.nn.Module) -> Iterator[list[torch.Tensor]
         states.append(args[0] if args else kwargs["hidden_states"])
 
     def append(module, args, output):
-        states.append(_output_tensor(output))
+        states.append(hidden_of(output))
 
     handles = [blocks[0].register_forward_pre_hook(start, with_kwargs=True)]
     try:

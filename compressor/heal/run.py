@@ -6,13 +6,13 @@ import logging
 import shutil
 from pathlib import Path
 
-from compressor.calibrate.data import hold_out
+from compressor.data import hold_out
 from compressor.errors import CompressorError, DataError
 from compressor.heal.config import HealConfig, HealResult
 from compressor.heal.distributed import launched_world_size
 from compressor.heal.pair import check_teacher
 from compressor.heal.train import heal
-from compressor.io import atomic_dir, cache_dir, check_output
+from compressor.util.io import atomic_dir, cache_dir, check_output
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def heal_checkpoint(student: str | Path, teacher: str | Path, out: str | Path, *
     hidden sibling of `out` (`.<name>.heal-state`), which `resume=True` continues from and which is
     removed once the healed model is written.
     """
-    from compressor.calibrate.data import load_texts
+    from compressor.data import load_texts
     from compressor.loading import load_model, resolve
 
     out = Path(out)
@@ -72,7 +72,7 @@ def heal_checkpoint(student: str | Path, teacher: str | Path, out: str | Path, *
                 result.model.save_pretrained(tmp, state_dict=result.full_state_dict, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
             else:
-                from compressor.surgery import save_checkpoint
+                from compressor.surgery.edit import save_checkpoint
 
                 save_checkpoint(result.model, tokenizer, tmp)
         shutil.rmtree(config.checkpoint_dir, ignore_errors=True)
@@ -99,7 +99,7 @@ def _check_teacher_config(student_src, teacher_src) -> None:
 
 
 def _windows(tokenizer, train_texts, eval_texts, samples, eval_samples, seq_len, seed):
-    from compressor.calibrate.data import make_windows, token_stream, windows_of
+    from compressor.data import make_windows, token_stream, windows_of
 
     train = make_windows(tokenizer, train_texts, samples, seq_len, seed)
     if eval_samples <= 0:

@@ -21,8 +21,9 @@ import torch
 
 from compressor.errors import DataError
 from compressor.heal.losses import capture_block_outputs, kd_loss, topk_kd_loss
-from compressor.io import atomic_file
-from compressor.progress import track
+from compressor.util.fingerprint import model_fingerprint, windows_fingerprint
+from compressor.util.io import atomic_file
+from compressor.util.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -98,27 +99,6 @@ class CachedTeacher:
         )
 
 
-def teacher_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap identity for a model's weights: config, every tensor's name/shape/dtype, sum and a sample.
-
-    Hashing every byte of a 70B teacher would take minutes; a changed fine-tune changes the sums.
-    """
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            flat = p.detach().flatten()
-            sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
-            digest.update(f"{name}{tuple(p.shape)}{p.dtype}{flat.double().sum().item():.10e}".encode())
-            digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def windows_hash(windows: torch.Tensor) -> str:
-    digest = hashlib.sha256(str(tuple(windows.shape)).encode())
-    digest.update(windows.to(torch.int64).cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def cache_key(fingerprint: str, windows_digest: str, topk: int, temperature: float, hidden_blocks,
               dtype: torch.dtype | None = None) -> str:
     spec = [CACHE_VERSION, fingerprint, windows_digest, int(topk), float(temperature), sorted(hidden_blocks)]
@@ -129,7 +109,7 @@ def cache_key(fingerprint: str, windows_digest: str, topk: int, temperature: flo
 
 def cache_path(directory: Path, teacher: torch.nn.Module, windows: torch.Tensor, topk: int, temperature: float,
                hidden_blocks=(), dtype: torch.dtype | None = None) -> Path:
-    key = cache_key(teacher_fingerprint(teacher), windows_hash(windows), topk, temperature, hidden_blocks, dtype)
+    key = cache_key(model_fingerprint(teacher), windows_fingerprint(windows), topk, temperature, hidden_blocks, dtype)
     return Path(directory) / f"teacher-{key}.safetensors"
 
 

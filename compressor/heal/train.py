@@ -41,17 +41,17 @@ from compressor.heal.schedule import (
     set_lr,
     training_budget,
 )
-from compressor.heal.select import CutPoint, cut_points, select_trainable_
 from compressor.heal.teacher_cache import (
     CachedTeacher,
     LiveTeacher,
     build_cache,
     cache_path,
     check_cache,
-    windows_hash,
 )
-from compressor.progress import status, track
-from compressor.surgery import compressor_record
+from compressor.heal.trainable import CutPoint, cut_points, select_trainable_
+from compressor.surgery.edit import compressor_record
+from compressor.util.fingerprint import windows_fingerprint
+from compressor.util.progress import status, track
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class _Loop:
         self.regularizer = LinearityRegularizer(config.regularize_linearity) if config.regularize_linearity else None
         self.per_step = config.batch_size * config.grad_accum * runtime.world_size
         self.tokens_per_step = self.per_step * windows.shape[1]
-        self.digest = windows_hash(windows)
+        self.digest = windows_fingerprint(windows)
         self.stopped_by, self.train_seconds = "steps", 0.0
 
     def resume(self) -> None:

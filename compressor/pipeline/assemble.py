@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 
 from compressor.info import count_parameters
-from compressor.io import dir_size
 from compressor.pipeline.config import EXPORT_FOR_BACKEND
 from compressor.pipeline.data import perplexities
 from compressor.pipeline.deliver import CHECKPOINT
 from compressor.pipeline.measure import backend_for, bench_pair, open_backend, workload_ms
-from compressor.progress import status
 from compressor.report import Attempt, BackendInfo, Pair, Perplexities, Report, SweepPoint, TradeoffPoint
+from compressor.util.io import dir_size
+from compressor.util.progress import status
 
 
 def final_bench(run, compressed):

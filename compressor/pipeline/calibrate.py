@@ -7,7 +7,7 @@ from pathlib import Path
 
 from compressor.calibrate import Profile, profile_for
 from compressor.pipeline.runner import inputs_of
-from compressor.progress import status
+from compressor.util.progress import status
 
 
 @dataclass(frozen=True)

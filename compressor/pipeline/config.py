@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compressor.errors import CompressorError
+from compressor.export.run import FORMATS
 
-FORMATS = ("onnx", "tensorrt", "none")
 # What a model is exported to before a backend can time it.
 EXPORT_FOR_BACKEND = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}
 
@@ -77,8 +77,8 @@ def _problems(cfg: PipelineConfig) -> list[str]:
                         f"got {', '.join(f'{level:.0%}' for level in cfg.sweep)}")
     if cfg.backend not in backend_names():
         problems.append(f"unknown backend '{cfg.backend}': choose one of {', '.join(backend_names())}")
-    if cfg.format not in FORMATS:
-        problems.append(f"unknown format '{cfg.format}': choose one of {', '.join(FORMATS)}")
+    if cfg.format not in (*FORMATS, "none"):
+        problems.append(f"unknown format '{cfg.format}': choose one of {', '.join(FORMATS)}, none")
     if cfg.heal_train not in TRAIN_CHOICES:
         problems.append(f"--heal-train must be one of {', '.join(TRAIN_CHOICES)} (got '{cfg.heal_train}')")
     if cfg.heal_lr is not None and not cfg.heal_lr > 0:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from compressor.calibrate.data import hold_out, load_texts, token_stream, windows_of
+from compressor.data import hold_out, load_texts, token_stream, windows_of
 from compressor.errors import DataError
 from compressor.evaluate import load_eval_tokens, perplexity
 

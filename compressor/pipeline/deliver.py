@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from compressor.io import atomic_dir
 from compressor.pipeline.measure import export_to
+from compressor.util.io import atomic_dir
 
 CHECKPOINT = "model"
 
 
 def save_stage(run, model) -> None:
-    from compressor.surgery import save_checkpoint
+    from compressor.surgery.edit import save_checkpoint
 
     with atomic_dir(run.work / CHECKPOINT, overwrite=True) as tmp:
         save_checkpoint(model, run.tokenizer, tmp)

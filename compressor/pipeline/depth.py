@@ -19,8 +19,8 @@ from compressor.evaluate import LatencyModel, Workload, fit_latency_model
 from compressor.evaluate.latency_model import parameter_guess, search_depth, spread_blocks
 from compressor.pipeline.measure import backend_for, bench_pair, workload_ms
 from compressor.pipeline.runner import inputs_of
-from compressor.progress import status
-from compressor.surgery import copy_without_blocks
+from compressor.surgery.edit import copy_without_blocks
+from compressor.util.progress import status
 
 log = logging.getLogger(__name__)
 

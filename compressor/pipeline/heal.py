@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from compressor.pipeline.plan import PlanInputs, plan_inputs
 from compressor.pipeline.runner import inputs_of, key_of
-from compressor.progress import status
+from compressor.util.progress import status
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,16 @@ import logging
 from pathlib import Path
 
 from compressor.evaluate import BenchConfig, TimingConfig, benchmark, get_backend, workload_latency_ms
-from compressor.io import atomic_dir
 from compressor.pipeline.config import EXPORT_FOR_BACKEND
-from compressor.progress import status
+from compressor.util.io import atomic_dir
+from compressor.util.progress import status
 
 log = logging.getLogger(__name__)
 
 
 def export_to(run, model, path: Path, fmt: str, validate: bool = True):
     """Export `model` into `path` (replaced atomically) as `fmt`; returns the ExportSummary."""
-    from compressor.export.pipeline import export_model
+    from compressor.export.run import export_model
 
     status(f"exporting to {path.name} ({fmt})")
     with atomic_dir(path, overwrite=True) as tmp:

@@ -13,7 +13,7 @@ from compressor.pipeline.data import perplexities
 from compressor.pipeline.depth import DepthInputs, TimingInputs, depth_inputs, timing_inputs
 from compressor.pipeline.measure import backend_for, bench_pair, workload_ms
 from compressor.pipeline.runner import inputs_of
-from compressor.progress import status
+from compressor.util.progress import status
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def plan_inputs(cfg) -> PlanInputs:
 
 def plan_stage(run, data, k: int | None, profile):
     """The plan (work/plan.json, with its maps) and, under a budget, its perplexities; cached."""
-    from compressor.plan import read_plan, write_plan
+    from compressor.surgery.plan import read_plan, write_plan
 
     def compute():
         plan, ppl = _choose_plan(run, data, k, profile)
@@ -85,8 +85,8 @@ def _choose_plan(run, data, k: int | None, profile):
 def deepest_within_budget(run, data, profile):
     """(plan, perplexities) of the most blocks removed, up to half the depth, within the budget on every
     evaluation text: counts are tried from 1 up until one exceeds it."""
-    from compressor.plan import applied_copy
     from compressor.select import plan_blocks
+    from compressor.surgery.plan import applied_copy
 
     cfg = run.cfg
     baseline = perplexities(run.model, data.evaluation)
@@ -121,8 +121,8 @@ def sweep_stage(run, data, profile) -> list[dict] | None:
 
 def _sweep(run, data, profile) -> list[dict]:
     """Training-free points at several depths: plan (one search), perplexity, measured latency."""
-    from compressor.plan import applied_copy
     from compressor.select import plan_blocks
+    from compressor.surgery.plan import applied_copy
 
     cfg = run.cfg
     n = get_adapter(run.model).num_blocks(run.model)

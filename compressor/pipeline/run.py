@@ -19,7 +19,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from compressor.errors import CompressorError
-from compressor.io import check_output, write_json
 from compressor.pipeline.assemble import build_report, final_bench
 from compressor.pipeline.calibrate import calibrate_stage
 from compressor.pipeline.config import PipelineConfig, validate
@@ -29,7 +28,8 @@ from compressor.pipeline.depth import blocks_for_target
 from compressor.pipeline.heal import heal_stage
 from compressor.pipeline.plan import plan_stage, sweep_stage
 from compressor.pipeline.runner import Run, Runner
-from compressor.progress import status
+from compressor.util.io import check_output, write_json
+from compressor.util.progress import status
 
 
 def work_dir(out: Path | str) -> Path:
@@ -81,7 +81,7 @@ def _load(cfg: PipelineConfig, runner: Runner, model, tokenizer) -> Run:
 
 
 def _stages(run: Run, dest: Path | None):
-    from compressor.plan import apply_plan_
+    from compressor.surgery.plan import apply_plan_
 
     data = load_data(run.cfg, run.tokenizer)
     profile = calibrate_stage(run, data.calibration)

@@ -16,8 +16,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from compressor.io import write_json
 from compressor.pipeline.config import PipelineConfig
+from compressor.util.io import write_json
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from compressor.errors import DataError
-from compressor.progress import track
+from compressor.util.gram import Gram
+from compressor.util.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def input_hessians(model, inputs: list[str], windows, skip_first: int = 0, batch
     session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     del probe
     head = head_size(model.graph)
-    sums: dict[str, np.ndarray] = {}
+    grams: dict[str, Gram] = {}
     tokens = 0
     rows = list(range(0, ids.shape[0], batch))
     for row in track(rows, description="calibrating"):
@@ -131,8 +132,10 @@ def input_hessians(model, inputs: list[str], windows, skip_first: int = 0, batch
             # summed across batches in float64.
             x = torch.from_numpy(np.asarray(x, dtype=np.float32).reshape(chunk.shape[0], chunk.shape[1], -1))
             x = x[:, skip_first:].reshape(-1, x.shape[-1])
-            xtx = (x.T @ x if full else (x * x).sum(0)).double().numpy()
-            sums[name] = xtx if name not in sums else sums[name] + xtx
+            if name not in grams:
+                grams[name] = Gram(x.shape[1], diagonal=not full, product_dtype=torch.float32)
+            grams[name].add(x)
         tokens += chunk.shape[0] * (ids.shape[1] - skip_first)
+    sums = {name: g.xtx.numpy() for name, g in grams.items()}
     log.info("calibration: %d tokens through %d MatMul inputs", tokens, len(inputs))
     return Hessians(sums, tokens)

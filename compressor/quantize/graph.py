@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import CompressorError, require
-from compressor.progress import status, track
 from compressor.quantize import blockwise
 from compressor.quantize.calibration import Hessians, input_hessians
 from compressor.quantize.config import QuantConfig, QuantConfigError, QuantSummary
+from compressor.util.progress import status, track
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def _load(src: Path):
         raise CompressorError(f"{src} is not an ONNX file: pass the model.onnx of an fp32 export")
     try:
         return onnx.load(str(src))
-    except Exception as exc:  # onnx raises DecodeError / ValidationError / OSError here
+    except Exception as exc:  # noqa: BLE001 (onnx raises DecodeError / ValidationError / OSError here)
         raise CompressorError(f"cannot read {src} as ONNX ({exc}): export it again") from None
 
 

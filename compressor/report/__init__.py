@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor.io import atomic_file, write_json
 from compressor.report.figures import pareto_front, profile_figure, tradeoff_figure
 from compressor.report.html import to_html
 from compressor.report.markdown import headline, summary_rows, to_markdown
@@ -29,6 +28,7 @@ from compressor.report.schema import (
     SweepPoint,
     TradeoffPoint,
 )
+from compressor.util.io import atomic_file, write_json
 
 __all__ = [
     "MERGED_KIND", "SCHEMA_VERSION", "Attempt", "BackendInfo", "Pair", "Perplexities", "Report", "SweepPoint",

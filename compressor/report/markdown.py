@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compressor.plan import ranges_text
+from compressor.blocks import ranges_text
 from compressor.report.figures import pareto_front, sweep_points
 from compressor.report.schema import Report
 

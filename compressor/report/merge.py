@@ -6,11 +6,11 @@ import json
 import logging
 from pathlib import Path
 
-from compressor.errors import DataError
-from compressor.io import atomic_file, write_json
+from compressor.errors import DataError, first_line
 from compressor.report.figures import merged_figure, pareto_front
 from compressor.report.html import figures_html, page, table_html
 from compressor.report.schema import Report, is_finite, is_number
+from compressor.util.io import atomic_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def read_run_report(run_dir: Path | str) -> Report:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
         raise DataError(f"cannot read {path}: {reason}") from None
     return Report.from_dict(data, str(path))
 

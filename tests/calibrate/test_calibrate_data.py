@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_tokenizer
 
-from compressor.calibrate.data import load_texts, make_windows
+from compressor.data import load_texts, make_windows
 from compressor.errors import DataError
 
 WORDS = "the of and to a in is that for it as with was on be by this are or from at an "

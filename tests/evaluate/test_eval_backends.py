@@ -115,7 +115,7 @@ def test_bad_devices_are_clear():
 
 def test_compare_loaded_models():
     from compressor.evaluate import BenchConfig, TimingConfig, run_bench
-    from compressor.surgery import copy_without_blocks
+    from compressor.surgery.edit import copy_without_blocks
 
     full = tiny_model("llama")
     config = BenchConfig(prefill="1x8", decode="4+2", perplexity=False,

@@ -12,10 +12,10 @@ from compressor.errors import InvalidPlanError
 from compressor.evaluate import LatencyModel, TimingConfig, Workload, fit_latency_model, measure_latency_model
 from compressor.evaluate.latency_model import (
     fit_line,
-    shallow_copy_without,
     spread_blocks,
     workload_latency_ms,
 )
+from compressor.surgery.edit import copy_without_blocks
 
 
 def planted(fixed_prefill=120.0, per_block_prefill=18.0, fixed_decode=9.0, per_block_decode=0.9, noise=0.0):
@@ -73,7 +73,7 @@ def test_spread_blocks_and_weight_sharing_copies():
             picked = spread_blocks(n, k)
             assert len(set(picked)) == k and all(0 <= i < n for i in picked)
     model = tiny_model("llama")
-    copy = shallow_copy_without(model, [1, 2])
+    copy = copy_without_blocks(model, [1, 2])
     assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4
     assert copy.config.num_hidden_layers == 2 and len(copy.model.layers) == 2
     assert copy.model.embed_tokens.weight is model.model.embed_tokens.weight

@@ -100,7 +100,7 @@ class NumpyRunner:
         return []
 
     def forward(self, input_ids, attention_mask, position_ids, past):
-        from compressor.evaluate.backends import cache_kwarg, new_cache
+        from compressor.util.kvcache import cache_kwarg, new_cache
 
         assert input_ids.dtype == attention_mask.dtype == position_ids.dtype == np.int64
         cache = past[0] if past else new_cache(self.model.config)

@@ -30,7 +30,7 @@ from compressor.export.validate import (
     torch_greedy,
     validate_onnx,
 )
-from compressor.surgery import drop_blocks_
+from compressor.surgery.edit import drop_blocks_
 
 pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install 'compressor[onnx]'")
 pytest.importorskip("onnxscript", reason="needs the onnx extra: pip install 'compressor[onnx]'")

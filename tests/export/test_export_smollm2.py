@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from compressor.blocks import parse_blocks
 from compressor.errors import ModelLoadError
 from compressor.export.onnx import export_onnx
 from compressor.export.validate import validate_onnx
 from compressor.info import count_parameters
 from compressor.loading import load_model
-from compressor.surgery import drop_blocks_, parse_blocks
+from compressor.surgery.edit import drop_blocks_
 
 pytestmark = pytest.mark.smollm2
 pytest.importorskip("onnxscript", reason="needs the onnx extra: pip install 'compressor[onnx]'")
@@ -44,7 +45,7 @@ def test_smollm2_pruned_int8_export_validates_and_genai_generates(tmp_path):
     distributions says nothing about the quantization)."""
     pytest.importorskip("onnxruntime_genai", reason="needs onnxruntime-genai: pip install 'compressor[genai]'")
     from compressor.export.genai import genai_generate
-    from compressor.export.pipeline import export_model
+    from compressor.export.run import export_model
 
     try:
         model, tokenizer = load_model("smollm2-135m")

@@ -15,10 +15,10 @@ from conftest import make_tokenizer, tiny_model
 
 from compressor.errors import CompressorError
 from compressor.export.genai import GENAI_CONFIG, builder_refusal, genai_generate
-from compressor.export.pipeline import SUMMARY_FILE, choose_route, export_model, quant_options
+from compressor.export.run import SUMMARY_FILE, choose_route, export_model, quant_options
 from compressor.export.runtime import OrtCausalLM
 from compressor.export.validate import torch_greedy
-from compressor.surgery import drop_blocks_
+from compressor.surgery.edit import drop_blocks_
 
 pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install 'compressor[onnx]'")
 pytest.importorskip("onnxruntime_genai", reason="needs onnxruntime-genai: pip install 'compressor[genai]'")

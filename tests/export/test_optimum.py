@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_tokenizer, tiny_model
 
-from compressor.export.pipeline import export_model
+from compressor.export.run import export_model
 from compressor.export.validate import torch_greedy
 
 pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install 'compressor[onnx]'")

@@ -12,7 +12,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-import compressor.surgery
+import compressor.surgery.edit
 from compressor.heal.run import heal_checkpoint
 
 
@@ -21,7 +21,7 @@ def main(student: str, teacher: str, out: str, cache: str, batch_size: int) -> N
     out = Path(out)
     record_dir = out.parent
     writes: list[str] = []
-    torch_save, save_file, save_checkpoint = torch.save, safetensors.torch.save_file, compressor.surgery.save_checkpoint
+    torch_save, save_file, save_checkpoint = torch.save, safetensors.torch.save_file, compressor.surgery.edit.save_checkpoint
 
     def recording_torch_save(obj, path, *args, **kwargs):
         writes.append(f"state {Path(path).parent.name}")
@@ -37,7 +37,7 @@ def main(student: str, teacher: str, out: str, cache: str, batch_size: int) -> N
         save_checkpoint(model, tokenizer, path)
 
     torch.save, safetensors.torch.save_file = recording_torch_save, recording_save_file
-    compressor.surgery.save_checkpoint = recording_save_checkpoint
+    compressor.surgery.edit.save_checkpoint = recording_save_checkpoint
     heal_checkpoint(student, teacher, out, seq_len=16, samples=16, eval_samples=4, teacher_cache=cache,
                     steps=4, checkpoint_every=2, batch_size=batch_size, lr=3e-3, warmup=1, alpha=0.7,
                     hidden_weight=0.5, train="all", autocast=False, overwrite=True)  # fp32: compared exactly

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from compressor.surgery import drop_blocks_
+from compressor.surgery.edit import drop_blocks_
 
 VOCAB = 128
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from compressor.cli.heal import heal
 from compressor.heal import HealConfig
-from compressor.surgery import save_checkpoint
+from compressor.surgery.edit import save_checkpoint
 
 # Mount `heal` the way compressor.cli mounts every command, whether or not it is registered yet.
 LAUNCH = (

@@ -16,7 +16,7 @@ from heal_fixtures import pair
 from safetensors.torch import load_file
 
 from compressor.heal.run import heal_checkpoint
-from compressor.surgery import save_checkpoint
+from compressor.surgery.edit import save_checkpoint
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 

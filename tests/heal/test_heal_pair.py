@@ -7,7 +7,7 @@ from conftest import tiny_model
 
 from compressor.errors import CompressorError
 from compressor.heal.pair import check_teacher
-from compressor.surgery import drop_blocks_
+from compressor.surgery.edit import drop_blocks_
 
 
 def test_a_teacher_of_another_vocabulary_width_or_depth_is_refused_with_each_problem():

@@ -15,10 +15,10 @@ from heal_fixtures import pair, params, windows
 from compressor.errors import CompressorError
 from compressor.heal import HealConfig, heal, kd_loss
 from compressor.heal import teacher_cache as tc
-from compressor.heal.select import cut_points, touched_blocks
 from compressor.heal.train import cpu_computes_bf16, window_perplexity
-from compressor.progress import use_tracker
-from compressor.surgery import compressor_record, save_checkpoint
+from compressor.heal.trainable import cut_points, touched_blocks
+from compressor.surgery.edit import compressor_record, save_checkpoint
+from compressor.util.progress import use_tracker
 
 # fp32 throughout: the exactness tests below compare runs with each other to 1e-5 or better.
 FAST = {"lr": 3e-3, "warmup": 2, "batch_size": 4, "log_every": 1, "alpha": 1.0, "autocast": False}

@@ -81,7 +81,7 @@ def test_gptq_with_uncorrelated_inputs_is_rtn():
 
 def test_gptq_handles_dead_inputs():
     w = _weight(64, 8)
-    x, h = _hessian(64)
+    _x, h = _hessian(64)
     h[5, :] = h[:, 5] = 0  # an input that is always zero
     q = blockwise.gptq(w, h, 4, 32, True)
     assert np.all(np.isfinite(q.dequantize()))

@@ -55,7 +55,7 @@ def _nodes(path):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_single_matmul_output_within_formula_bound(tmp_path, bits):
-    path, w1, w2 = _graph(tmp_path)
+    path, w1, _w2 = _graph(tmp_path)
     out = tmp_path / "q.onnx"
     quantize_onnx(path, out, QuantConfig(bits=bits, algorithm="rtn", keep_int8="none", accuracy_level=1))
     x = np.random.default_rng(3).standard_normal((5, K)).astype(np.float32)
@@ -126,7 +126,7 @@ def test_tied_weight_kept_for_its_other_reader(tmp_path):
 
 def test_gptq_beats_rtn_on_calibrated_inputs(tmp_path):
     """GPTQ weights rounding by the inputs the graph really sees; measured on held-out inputs."""
-    path, w1, w2 = _graph(tmp_path)
+    path, w1, _w2 = _graph(tmp_path)
     rng = np.random.default_rng(6)
     mix = rng.standard_normal((K, K)).astype(np.float32) / 4
     calib = (rng.standard_normal((256, K)).astype(np.float32) @ mix)

@@ -17,8 +17,8 @@ from compressor.cli.linearize import linearize
 from compressor.cli.plan import plan
 from compressor.cli.prune import prune
 from compressor.errors import InvalidPlanError
-from compressor.plan import Plan, write_plan
 from compressor.select import STRATEGIES
+from compressor.surgery.plan import Plan, write_plan
 
 # Mounts this issue's commands when compressor.cli does not list them yet, then runs `compress`.
 _RUN = """

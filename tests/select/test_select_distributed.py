@@ -20,10 +20,10 @@ from typer.testing import CliRunner
 
 from compressor.calibrate import calibrate
 from compressor.cli.plan import plan as plan_command
-from compressor.linearize import FitSettings, fit_spans
-from compressor.plan import read_plan
-from compressor.scoring import Scorer
 from compressor.select import SelectSettings, plan_blocks
+from compressor.select.maps import FitSettings, fit_spans
+from compressor.select.scoring import Scorer
+from compressor.surgery.plan import read_plan
 
 # 20 windows: 5 held out (3 + 2 per rank), 15 to fit on (8 + 7); batches of one window, so every
 # window's forward is the same computation in one process and in two.

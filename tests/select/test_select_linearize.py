@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 from compressor.adapters import get_adapter
 from compressor.errors import InvalidPlanError
 from compressor.info import count_parameters
-from compressor.linearize import (
+from compressor.select.linear import linear_plan
+from compressor.select.maps import (
     FitSettings,
     NormalEquations,
     Projection,
@@ -20,8 +21,8 @@ from compressor.linearize import (
     folded_outputs,
     token_mask,
 )
-from compressor.plan import apply_plan_, linear_plan
-from compressor.surgery import drop_blocks_, fold_linear_, save_checkpoint, set_projection_
+from compressor.surgery.edit import drop_blocks_, fold_linear_, save_checkpoint, set_projection_
+from compressor.surgery.plan import apply_plan_
 
 F64 = torch.float64
 

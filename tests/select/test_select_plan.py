@@ -8,9 +8,11 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from compressor.blocks import runs
 from compressor.errors import InvalidPlanError
-from compressor.linearize import FitSettings
-from compressor.plan import Plan, apply_plan_, linear_plan, read_plan, runs, write_plan
+from compressor.select.linear import linear_plan
+from compressor.select.maps import FitSettings
+from compressor.surgery.plan import Plan, apply_plan_, read_plan, write_plan
 
 
 def windows(n=8, t=16, seed=0):
@@ -106,7 +108,7 @@ def test_applied_copy_equals_a_deep_copy_with_the_plan_applied_and_leaves_the_mo
     import copy
 
     from compressor.adapters import get_adapter
-    from compressor.plan import applied_copy
+    from compressor.surgery.plan import applied_copy
 
     model = tiny_model("llama", num_hidden_layers=6)
     plan = mixed_plan(model)

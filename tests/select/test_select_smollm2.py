@@ -12,8 +12,9 @@ from compressor.calibrate import load_texts, make_windows
 from compressor.errors import ModelLoadError
 from compressor.info import count_parameters
 from compressor.loading import load_model
-from compressor.plan import apply_plan_, linear_plan
-from compressor.surgery import drop_blocks_, save_checkpoint
+from compressor.select.linear import linear_plan
+from compressor.surgery.edit import drop_blocks_, save_checkpoint
+from compressor.surgery.plan import apply_plan_
 
 pytestmark = pytest.mark.smollm2
 

@@ -13,11 +13,11 @@ from conftest import tiny_model
 from compressor.adapters import get_adapter
 from compressor.calibrate import calibrate
 from compressor.errors import InvalidPlanError
-from compressor.linearize import accumulate, apply_map
-from compressor.plan import apply_plan_
-from compressor.scoring import Scorer
 from compressor.select import STRATEGIES, SelectContext, SelectSettings, get_strategy, plan_blocks
-from compressor.surgery import drop_blocks_, fold_linear_
+from compressor.select.maps import accumulate, apply_map
+from compressor.select.scoring import Scorer
+from compressor.surgery.edit import drop_blocks_, fold_linear_
+from compressor.surgery.plan import apply_plan_
 
 F64 = torch.float64
 

@@ -15,13 +15,16 @@ from compressor.errors import CompressorError, OutputExistsError
 
 
 def check_output(out: Path | str, overwrite: bool) -> Path:
-    """Refuse an existing output unless overwriting; refuse an unwritable parent. Returns the path."""
+    """Refuse an existing output unless overwriting, and an output that cannot be created (its nearest
+    existing ancestor is not a writable folder), before any work is spent on it. Returns the path."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists: pass --overwrite to replace it")
-    parent = out.resolve().parent
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise CompressorError(f"cannot write to {parent}: choose another --out")
+    ancestor = out.resolve().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CompressorError(f"cannot write {out}: {ancestor} is not a writable folder; choose another --out")
     return out
 
 

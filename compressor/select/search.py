@@ -7,8 +7,8 @@ One entry point:
     plans = plan_blocks(model, windows, [2, 4], "auto", profile=calibrate(model, windows))
     plans[4]   # the Plan removing 4 blocks; its maps are fitted the first time it is asked for
 
-Strategies are registered by name in `STRATEGIES` (see `compressor.strategy` for the extension
-signature, `compressor.strategies` for the baselines and `compressor.auto` for ours). Strategies
+Strategies are registered by name in `STRATEGIES` (see `compressor.select.registry` for the extension
+signature, `compressor.select.strategies` for the baselines and `compressor.select.auto` for ours). Strategies
 that read the calibration profile refuse to run without one: calibrating is a separate,
 cacheable step (`compressor.calibrate.calibrate` or `profile_for`), never done behind the caller's back.
 """
@@ -22,14 +22,16 @@ from dataclasses import replace
 
 import torch
 
-import compressor.auto
-import compressor.strategies  # noqa: F401  (registers the baselines)
+import compressor.select.auto
+import compressor.select.strategies  # noqa: F401  (registers the baselines)
 from compressor.adapters import get_adapter
+from compressor.blocks import ranges_text, runs
 from compressor.errors import InvalidPlanError
-from compressor.linearize import fit_provenance, fit_spans
-from compressor.plan import Plan, ranges_text, runs
-from compressor.progress import status
-from compressor.strategy import STRATEGIES, Choice, SelectContext, SelectSettings, Strategy, register
+from compressor.select.maps import fit_provenance, fit_spans
+from compressor.select.registry import STRATEGIES, Choice, SelectContext, SelectSettings, Strategy, register
+from compressor.surgery.plan import Plan
+from compressor.util.fingerprint import windows_fingerprint
+from compressor.util.progress import status
 
 __all__ = ["STRATEGIES", "Choice", "PlanSearch", "SelectContext", "SelectSettings", "Strategy", "check_k",
            "get_strategy", "plan_blocks", "register"]
@@ -142,7 +144,7 @@ def _fit_plan(context: SelectContext, strategy: Strategy, choice: Choice) -> Pla
     provenance = {
         "model_type": model.config.model_type,
         "windows": {"samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
-                    "fingerprint": _fingerprint(windows, context.attention_mask)},
+                    "fingerprint": windows_fingerprint(windows, context.attention_mask)},
         "fit": fit_provenance(fit, fits),
         **({"note": " ".join(notes)} if notes else {}),
         **({"search": choice.details} if choice.details else {}),
@@ -152,7 +154,3 @@ def _fit_plan(context: SelectContext, strategy: Strategy, choice: Choice) -> Pla
     return Plan.from_fits(strategy.name, context.num_blocks, choice.drop, fits, provenance, cost)
 
 
-def _fingerprint(windows, mask) -> str:
-    from compressor.calibrate.data import windows_fingerprint
-
-    return windows_fingerprint(windows, mask)

@@ -8,7 +8,6 @@ is a seeded permutation: the same text, tokenizer, sizes and seed give the same 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -140,15 +139,6 @@ def windows_of(stream: torch.Tensor, samples: int, seq_len: int, seed: int = 0,
     windows = stream[: available * seq_len].view(available, seq_len)[chosen].clone()
     log.info("%d windows of %d tokens from %d available", samples, seq_len, available)
     return windows
-
-
-def windows_fingerprint(windows: torch.Tensor, attention_mask: torch.Tensor | None = None) -> str:
-    """A hash of exactly the tokens that calibration sees."""
-    digest = hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes())
-    digest.update(str(tuple(windows.shape)).encode())
-    if attention_mask is not None:
-        digest.update(attention_mask.to(torch.int8).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:20]
 
 
 def hold_out(texts: list[str], fraction: float) -> tuple[str, str]:

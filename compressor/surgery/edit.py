@@ -15,39 +15,10 @@ from collections.abc import Iterable
 import torch
 
 from compressor.adapters import check_foldable, get_adapter
+from compressor.blocks import parse_blocks
 from compressor.errors import InvalidPlanError
 
 log = logging.getLogger(__name__)
-
-
-def parse_blocks(spec: str | Iterable[int], num_blocks: int) -> list[int]:
-    """Parse "3,5-7" (ranges inclusive) into sorted indices, validating them against the depth."""
-    if isinstance(spec, str):
-        indices: list[int] = []
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            try:
-                if "-" in part:
-                    lo, hi = (int(x) for x in part.split("-", 1))
-                    if hi < lo:
-                        raise InvalidPlanError(f"block range '{part}' is empty: write it low-high")
-                    indices.extend(range(lo, hi + 1))
-                else:
-                    indices.append(int(part))
-            except ValueError:
-                raise InvalidPlanError(f"cannot read block '{part}': use indices like 3,5-7") from None
-    else:
-        indices = [int(i) for i in spec]
-    if not indices:
-        raise InvalidPlanError("no blocks given: use indices like 3,5-7")
-    dupes = sorted({i for i in indices if indices.count(i) > 1})
-    if dupes:
-        raise InvalidPlanError(f"block indices repeat: {dupes}")
-    bad = [i for i in indices if not 0 <= i < num_blocks]
-    if bad:
-        raise InvalidPlanError(f"block indices {bad} are out of range: the model has blocks 0-{num_blocks - 1}")
-    if len(indices) >= num_blocks:
-        raise InvalidPlanError(f"cannot remove all {num_blocks} blocks: keep at least one")
-    return sorted(indices)
 
 
 def compressor_record(model) -> dict:

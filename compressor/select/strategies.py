@@ -6,14 +6,15 @@
 - greedy:    K rounds, each removing the block whose removal raises held-out loss least (SLEB).
 
 They choose blocks only; with `linear` on, `compressor.select` fits linear replacements afterwards
-(every run of removed blocks that does not start at block 0). `auto` (ours) is in compressor.auto.
+(every run of removed blocks that does not start at block 0). `auto` (ours) is in compressor.select.auto.
 """
 
 from __future__ import annotations
 
 import logging
 
-from compressor.strategy import Choice, SelectContext, angular_spans, finite, next_kept, register
+from compressor.blocks import next_kept
+from compressor.select.registry import Choice, SelectContext, angular_spans, finite, register
 
 log = logging.getLogger(__name__)
 

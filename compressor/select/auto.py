@@ -12,8 +12,9 @@ from dataclasses import replace
 
 import torch
 
-from compressor.linearize import FORMS, accumulate, apply_map, fit_spans
-from compressor.strategy import Choice, SelectContext, angular_spans, finite, next_kept, register
+from compressor.blocks import next_kept
+from compressor.select.maps import FORMS, accumulate, apply_map, fit_spans
+from compressor.select.registry import Choice, SelectContext, angular_spans, finite, register
 
 log = logging.getLogger(__name__)
 

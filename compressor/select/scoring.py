@@ -1,7 +1,7 @@
 """Measured calibration loss of a model as a plan would leave it, without copying or editing it.
 
 `Scorer` holds a few held-out calibration windows. `loss(drop, maps)` runs the model with blocks
-removed and maps applied (`compressor.linearize.modified`). Searches ask the same question for
+removed and maps applied (`compressor.select.maps.modified`). Searches ask the same question for
 many candidates that differ only from some block on, so `capture` records hidden states once per
 round and `loss_from` restarts the forward at a block from a given state: the blocks before it
 are not run again. Every call counts as one loss evaluation, reported in the plan's cost.
@@ -23,9 +23,9 @@ import torch
 
 from compressor.adapters import get_adapter
 from compressor.evaluate.loss import next_token_nll, real_targets
-from compressor.hooks import StopForward, forward_until_stop
-from compressor.linearize import modified
-from compressor.parallel import all_reduce_sum, shard
+from compressor.select.maps import modified
+from compressor.util.hooks import StopForward, forward_until_stop
+from compressor.util.parallel import all_reduce_sum, shard
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What healing trains: the parts of the model the surgery touched, everything, or LoRA adapters.
 
-The surgery record (`model.config.compressor`, see compressor/surgery.py) says which original blocks
+The surgery record (`model.config.compressor`, see compressor.surgery.edit) says which original blocks
 were kept and which removed or linearized. A cut is a run of removed original blocks; the kept
 blocks on either side of it now see inputs (or feed successors) they were never trained for.
 """
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from compressor.adapters import get_adapter
+from compressor.blocks import runs
 from compressor.errors import CompressorError
-from compressor.plan import runs
-from compressor.surgery import compressor_record
+from compressor.surgery.edit import compressor_record
 
 log = logging.getLogger(__name__)
 

@@ -42,10 +42,12 @@ import torch
 
 from compressor.adapters import get_adapter
 from compressor.errors import InvalidPlanError
-from compressor.hooks import block_recorder, forward_until_stop, injector, projection_recorder
-from compressor.parallel import all_reduce_, all_reduce_sum, rank_world, shard
-from compressor.progress import track
-from compressor.surgery import blocks_removed
+from compressor.surgery.edit import blocks_removed
+from compressor.surgery.plan import Projection, Replacement
+from compressor.util.gram import Gram
+from compressor.util.hooks import block_recorder, forward_until_stop, injector, projection_recorder
+from compressor.util.parallel import all_reduce_, all_reduce_sum, rank_world, shard
+from compressor.util.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -65,22 +67,12 @@ class FitSettings:
     batch_size: int = 8
 
 
-class NormalEquations:
-    """Streaming sums for the least-squares fit Y ~ X B (float64, constant memory)."""
+class NormalEquations(Gram):
+    """Streaming sums for the least-squares fit Y ~ X B (float64, constant memory), and its solution."""
 
     def __init__(self, d_in: int, d_out: int | None = None, device=None):
-        self.xtx = torch.zeros(d_in, d_in, dtype=F64, device=device)
-        self.xty = torch.zeros(d_in, d_out or d_in, dtype=F64, device=device)
-        self.yy = 0.0
-        self.tokens = 0
+        super().__init__(d_in, d_out or d_in, device=device)
         self.excluded = 0
-
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = x.to(F64), y.to(F64)
-        self.xtx += x.T @ x
-        self.xty += x.T @ y
-        self.yy += float((y * y).sum())
-        self.tokens += x.shape[0]
 
     def all_reduce_(self) -> NormalEquations:
         """Sum the statistics over ranks under torch.distributed (in place; alone, nothing changes)."""
@@ -106,21 +98,6 @@ class NormalEquations:
         """||Y - X B||^2 / ||Y||^2 over the fitted tokens, from the sums alone."""
         sse = self.yy - 2 * float((B * self.xty).sum()) + float((B * (self.xtx @ B)).sum())
         return max(sse, 0.0) / max(self.yy, 1e-300)
-
-
-@dataclass
-class Projection:
-    """A refitted MLP output projection: output = input @ weight + bias (weight [d_in, d_out])."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.to(F64) @ self.weight.to(x.device, F64)
-        return y if self.bias is None else y + self.bias.to(x.device, F64)
-
-
-Replacement = torch.Tensor | Projection  # a map T applied after the projection, or a new projection
 
 
 def token_mask(shape, attention_mask: torch.Tensor | None, tensors: Iterable[torch.Tensor],

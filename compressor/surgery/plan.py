@@ -27,14 +27,29 @@ from pathlib import Path
 import torch
 
 from compressor.adapters import check_foldable, get_adapter
+from compressor.blocks import ranges_text
 from compressor.errors import InvalidPlanError
-from compressor.io import atomic_file, write_json
-from compressor.linearize import FitSettings, Projection, fit_provenance, fit_spans
-from compressor.surgery import copy_without_blocks, drop_blocks_, fold_linear_, parse_blocks, set_projection_
+from compressor.surgery.edit import copy_without_blocks, drop_blocks_, fold_linear_, set_projection_
+from compressor.util.io import atomic_file, write_json
 
 log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
+
+
+@dataclass
+class Projection:
+    """A refitted MLP output projection: output = input @ weight + bias (weight [d_in, d_out])."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.to(torch.float64) @ self.weight.to(x.device, torch.float64)
+        return y if self.bias is None else y + self.bias.to(x.device, torch.float64)
+
+
+Replacement = torch.Tensor | Projection  # a map T applied after the projection, or a new projection
 
 
 @dataclass
@@ -55,7 +70,7 @@ class Plan:
 
     @classmethod
     def from_fits(cls, strategy: str, blocks_original: int, drop, fits, provenance=None, cost=None) -> Plan:
-        """A plan from `compressor.linearize.SpanFit`s (their replacements become the maps)."""
+        """A plan from `compressor.select.maps.SpanFit`s (their replacements become the maps)."""
         maps: dict[str, torch.Tensor] = {}
         for f in fits:
             if isinstance(f.replacement, Projection):
@@ -72,7 +87,7 @@ class Plan:
         return [(s["start"], s["end"]) for s in self.linearize]
 
     def replacement(self, start: int, end: int):
-        """The span's map T (a tensor) or refitted projection (`compressor.linearize.Projection`)."""
+        """The span's map T (a tensor) or refitted projection (`compressor.select.maps.Projection`)."""
         form = next(s["form"] for s in self.linearize if (s["start"], s["end"]) == (start, end))
         if form == "projection":
             return Projection(self.maps[f"proj.{start}-{end}.weight"], self.maps.get(f"proj.{start}-{end}.bias"))
@@ -157,22 +172,6 @@ def span_key(start: int, end: int) -> str:
     return f"span.{start}-{end}"
 
 
-def ranges_text(indices) -> str:
-    """[3, 4, 5, 9] -> '3-5, 9'."""
-    return ", ".join(f"{s}" if e == s + 1 else f"{s}-{e - 1}" for s, e in runs(indices))
-
-
-def runs(indices) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive indices as [start, end) pairs."""
-    spans: list[list[int]] = []
-    for i in sorted(indices):
-        if spans and i == spans[-1][1]:
-            spans[-1][1] = i + 1
-        else:
-            spans.append([i, i + 1])
-    return [(s, e) for s, e in spans]
-
-
 def write_plan(plan: Plan, path: Path | str, maps: dict[str, torch.Tensor] | None = None) -> Path:
     """Write plan.json, and the maps beside it (`<stem>.maps.safetensors`) when there are any."""
     from safetensors.torch import save_file
@@ -251,24 +250,3 @@ def apply_plan_(model: torch.nn.Module, plan: Plan) -> None:
     log.info("applied plan: %s", plan.summary().splitlines()[0])
 
 
-# --- a plan from blocks the user names (compress linearize) -----------------------------------
-
-def linear_spans(model, blocks) -> tuple[list[int], list[tuple[int, int]]]:
-    """Validate blocks to replace ("12-15" or indices): (sorted blocks, runs as [s, e)) or a refusal."""
-    drop = parse_blocks(blocks, get_adapter(model).num_blocks(model))
-    check_foldable(model, "replace blocks by a linear map", "use `compress prune --blocks` to drop them instead")
-    spans = runs(drop)
-    if spans[0][0] == 0:
-        raise InvalidPlanError(f"blocks {spans[0][0]}-{spans[0][1] - 1} start at block 0: there is no earlier MLP "
-                               "projection to fold a map into; use `compress prune --blocks` for them")
-    return drop, spans
-
-
-def linear_plan(model, blocks, windows: torch.Tensor, settings: FitSettings | None = None,
-                attention_mask: torch.Tensor | None = None):
-    """A plan replacing the given blocks ("12-15", or indices) by fitted maps, one per run."""
-    drop, spans = linear_spans(model, blocks)
-    settings = settings or FitSettings()
-    fits = fit_spans(model, windows, drop, spans, settings, attention_mask)
-    return Plan.from_fits("manual", get_adapter(model).num_blocks(model), drop, fits,
-                          provenance={"fit": fit_provenance(settings, fits)})

@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from compressor.plan import Plan, applied_copy, ranges_text
-from compressor.progress import status
-from compressor.select import SelectSettings, get_strategy, plan_blocks
+from compressor.blocks import ranges_text
+from compressor.select.search import SelectSettings, get_strategy, plan_blocks
+from compressor.surgery.plan import Plan, applied_copy
+from compressor.util.progress import status
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from compressor.errors import CompressorError, require
 from compressor.export.onnx import DEFAULT_OPSET, ONNX_FILE, export_onnx
-from compressor.io import write_json
+from compressor.util.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def export_model(
     set from the precision) and are validated against `bounds` (a QualityBounds) instead of exactly.
     route: auto | builder | dynamo (see `choose_route`). A failed validation raises unless allow_mismatch.
     """
-    from compressor.surgery import compressor_record
+    from compressor.surgery.edit import compressor_record
 
     precision = check_export_options(format, precision, opset, route)
     start = time.perf_counter()
@@ -245,7 +245,7 @@ def _calibration(tokenizer, config):
     wants = config.algorithm not in ("rtn", "auto") or (config.algorithm == "auto" and config.bits == 4)
     if not wants or tokenizer is None:
         return None
-    from compressor.calibrate.data import load_texts, make_windows
+    from compressor.data import load_texts, make_windows
 
     return make_windows(tokenizer, load_texts(None), 64, 256, seed=0, at_most=True)
 

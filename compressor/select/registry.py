@@ -24,8 +24,8 @@ import torch
 
 from compressor.adapters import Adapter, get_adapter
 from compressor.errors import InvalidPlanError
-from compressor.linearize import FitSettings
-from compressor.scoring import Scorer
+from compressor.select.maps import FitSettings
+from compressor.select.scoring import Scorer
 
 
 @dataclass
@@ -147,11 +147,6 @@ def register(name: str, description: str, measured: bool = False, needs_profile:
 def finite(value, default: float = -1e9) -> float:
     """A metric as a float for sorting, `default` where it is missing or NaN."""
     return default if value is None or math.isnan(value) else float(value)
-
-
-def next_kept(block: int, removed: set[int], n: int) -> int | None:
-    """The first kept block after `block` (None: it was the last)."""
-    return next((i for i in range(block + 1, n) if i not in removed), None)
 
 
 def angular_spans(context: SelectContext, k: int, count: int, allow_zero: bool) -> list[int]:
