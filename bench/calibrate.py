@@ -40,7 +40,8 @@ def _peak_mb() -> float:
 def child(variant: str, tokens: int, seq_len: int, batch_size: int) -> dict:
     import torch
 
-    from compressor.calibrate import calibrate, load_texts, make_windows
+    from compressor.calibrate import calibrate
+    from compressor.data import load_texts, make_windows
     from compressor.loading import load_model
 
     model, tokenizer = load_model("smollm2-135m")

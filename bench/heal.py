@@ -42,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.child:
         return child(args)
-    from compressor.calibrate import load_texts, make_windows
+    from compressor.data import load_texts, make_windows
     from compressor.evaluate import load_eval_tokens, perplexity
     from compressor.loading import load_model, resolve
     from compressor.surgery.edit import save_checkpoint

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from compressor.calibrate import load_texts, make_windows
+from compressor.data import load_texts, make_windows
 from compressor.evaluate import load_eval_tokens
 from compressor.loading import load_model
 from compressor.select.compare import DEFAULT_STRATEGIES, compare_strategies

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from compressor.calibrate import calibrate, load_texts, make_windows
+from compressor.calibrate import calibrate
+from compressor.data import load_texts, make_windows
 from compressor.evaluate import load_eval_tokens, perplexity
 from compressor.heal import LinearityRegularizer, capture_hidden_states, consecutive_cosine, lm_loss
 from compressor.loading import load_tokenizer, resolve

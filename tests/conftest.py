@@ -1,8 +1,22 @@
-"""Shared fixtures: tiny random models of every architecture in the adapter table (no downloads)."""
+"""Shared fixtures: tiny random models of every architecture in the adapter table (no downloads), the
+packaged SmolLM2 loaded once per session, and the real `compress` entry point run in this process.
+
+Every test session gets its own empty COMPRESSOR_CACHE (subprocesses inherit it): tests never read or
+write the user's cache, and a warm cache cannot hide a cold-start bug. Set COMPRESSOR_TEST_CACHE to a
+directory to reuse one across sessions on purpose.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import io
+import logging
 import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,6 +24,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+if os.environ.get("COMPRESSOR_TEST_CACHE"):
+    os.environ["COMPRESSOR_CACHE"] = os.environ["COMPRESSOR_TEST_CACHE"]
+else:
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="compressor-test-cache-")
+    os.environ["COMPRESSOR_CACHE"] = _SESSION_CACHE
+    atexit.register(shutil.rmtree, _SESSION_CACHE, True)
 
 _DEC = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 64,
             "vocab_size": 128, "max_position_embeddings": 256, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
@@ -110,3 +131,62 @@ def make_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>", unk_token="<unk>")
+
+
+# --- the packaged SmolLM2, once per session ------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def smollm2_pair():
+    """(model, tokenizer) of the packaged SmolLM2-135M in float32, loaded once for the whole session.
+    Shared: a test that changes the model must work on `copy.deepcopy(model)` (see `smollm2`)."""
+    pytest.importorskip("gguf")
+    from compressor.loading import load_model
+
+    try:
+        return load_model("smollm2-135m")
+    except Exception as exc:  # noqa: BLE001 (the package is an install step; say which)
+        pytest.skip(f"the packaged SmolLM2 is not available: {exc}")
+
+
+@pytest.fixture
+def smollm2(smollm2_pair):
+    """A private copy of the session's SmolLM2 (model, tokenizer): change it freely."""
+    import copy
+
+    model, tokenizer = smollm2_pair
+    return copy.deepcopy(model), tokenizer
+
+
+# --- the CLI in this process ---------------------------------------------------------------------
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args, env: dict | None = None) -> CliResult:
+    """`compress ARGS` through the real entry point (`compressor.cli.main`) in this process: its exit
+    code, stdout and stderr, as a subprocess would see them, without the few seconds a new Python
+    spends importing torch. Logging and the environment are restored afterwards. Signals and the
+    console script itself are tested in subprocesses."""
+    from compressor import cli
+
+    root, pkg = logging.getLogger(), logging.getLogger("compressor")
+    saved = (root.handlers[:], root.level, pkg.level)
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in (env or {}).items():
+            mp.setenv(key, str(value))
+        mp.setattr(sys, "argv", ["compress", *map(str, args)])
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    root.handlers[:], _, _ = saved
+    root.setLevel(saved[1])
+    pkg.setLevel(saved[2])
+    return CliResult(code, out.getvalue(), err.getvalue())

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_model
+from conftest import make_tokenizer, run_cli, tiny_model
 from transformers import AutoModelForCausalLM
 
 from compressor.errors import ModelLoadError
 from compressor.loading import load_model
-
-
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "compressor", *map(str, args)], capture_output=True, check=False,
-                          text=True, timeout=300, env=env)
 
 
 def assert_one_line_error(result, fragment):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from compressor.errors import DataError
 from compressor.report import default_labels, merge_reports, pareto_front, write_merged_reports
@@ -47,9 +48,15 @@ def make_run(path: Path, report: dict) -> Path:
     return path
 
 
-def compress(*args, **kw):
+def compress(*args):
+    """`compress report ARGS` through the real entry point, in this process (see conftest.run_cli)."""
+    return run_cli("report", *args)
+
+
+def compress_script(*args):
+    """The installed `compress` console script itself, in a subprocess."""
     return subprocess.run([str(COMPRESS), "report", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, check=False, **kw)
+                          timeout=120, check=False)
 
 
 def brute_force_front(points):
@@ -145,7 +152,7 @@ def test_cli_merges_runs(tmp_path):
     a = make_run(tmp_path / "a", run_report())
     b = make_run(tmp_path / "b", run_report(strategy="linearity", lat=(100.0, 60.0), ppl=(10.0, 15.0)))
     out = tmp_path / "m"
-    result = compress(a, b, "--out", out, "--json")
+    result = compress_script(a, b, "--out", out, "--json")
     assert result.returncode == 0, result.stderr
     merged = json.loads(result.stdout)
     assert [r["label"] for r in merged["runs"]] == ["a", "b"]

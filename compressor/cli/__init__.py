@@ -16,6 +16,7 @@ from compressor.cli.common import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     err,
+    interrupt_note,
     interrupted_message,
     rich_tracker,
     setup_logging,
@@ -86,6 +87,7 @@ def main() -> None:
     from compressor.util.progress import use_tracker
 
     debug = bool(os.environ.get("COMPRESSOR_DEBUG"))
+    interrupt_note("nothing was written")  # until a command says otherwise
     try:
         with use_tracker(rich_tracker):  # stage messages arrive through logging
             app()

@@ -28,7 +28,7 @@ def compare(
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Perplexity of every strategy's plan, with and without linear maps, next to the unpruned model."""
-    from compressor.calibrate import load_texts, make_windows
+    from compressor.data import load_texts, make_windows
     from compressor.errors import InvalidPlanError
     from compressor.evaluate import load_eval_tokens
     from compressor.loading import load_model

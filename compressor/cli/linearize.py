@@ -35,7 +35,7 @@ def linearize(
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Replace spans of blocks by linear maps fitted on calibration text, folded into existing weights."""
-    from compressor.calibrate import load_texts, make_windows
+    from compressor.data import load_texts, make_windows
     from compressor.errors import InvalidPlanError
     from compressor.loading import load_model
     from compressor.select.linear import linear_spans, linearize_

@@ -50,7 +50,7 @@ def plan(
     Under torchrun the search runs data-parallel (each rank scores and fits on its share of the
     windows; every rank makes the same choices) and rank 0 writes the plan.
     """
-    from compressor.calibrate import load_texts, make_windows
+    from compressor.data import load_texts, make_windows
     from compressor.loading import load_model
     from compressor.select import check_k, get_strategy
     from compressor.surgery.plan import write_plan

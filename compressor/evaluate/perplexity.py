@@ -152,7 +152,9 @@ def load_eval_tokens(tokenizer, path: Path | str | None = None, field: str = "te
     defaults (special tokens included), as in Hugging Face's perplexity recipe; `max_tokens`
     keeps the first tokens of the result.
     """
-    texts = read_texts(path, field)
+    from compressor.data import load_texts
+
+    texts = load_texts(Path(path) if path is not None else None, field=field)
     text = "\n\n".join(t for t in texts if t.strip())
     ids = _tokenize(tokenizer, text, max_tokens)
     if max_tokens is not None:
@@ -174,8 +176,3 @@ def _tokenize(tokenizer, text: str, max_tokens: int | None) -> list[int]:
     return list(tokenizer(text, verbose=False)["input_ids"]) if text else []
 
 
-def read_texts(path: Path | str | None, field: str = "text") -> list[str]:
-    """Documents of a .txt / .jsonl file or a directory of .txt (None: the bundled text)."""
-    from compressor.data import load_texts
-
-    return load_texts(Path(path) if path is not None else None, field=field)

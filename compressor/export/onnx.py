@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from compressor.adapters import get_adapter
+from compressor.blocks import num_blocks
 from compressor.errors import CompressorError, first_line, require
 from compressor.util.kvcache import cache_kwarg, cache_of
 from compressor.util.progress import status
@@ -112,10 +112,6 @@ class CausalLMWithFlatCache(torch.nn.Module):
             kwargs["position_ids"] = position_ids
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
         return (out.logits, *flat_cache(cache_of(out)))
-
-
-def num_layers_of(model) -> int:
-    return get_adapter(model).num_blocks(model)
 
 
 @torch.no_grad()
@@ -218,7 +214,7 @@ def export_onnx(
     export_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     if export_dtype not in ("float32", "float16"):
         raise ExportError(f"the model is {export_dtype}: pass dtype='float32' or 'float16' to export it")
-    layers = num_layers_of(model)
+    layers = num_blocks(model)
 
     start = time.perf_counter()
     status(f"tracing {type(model).__name__} ({layers} blocks, {export_dtype}) for ONNX")

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from compressor.blocks import num_blocks
 from compressor.errors import CompressorError, require
 from compressor.export.onnx import DEFAULT_OPSET, ONNX_FILE, export_onnx
 from compressor.util.io import write_json
@@ -180,7 +181,7 @@ def export_model(
                                             optimize and not quantized)
     summary = ExportSummary(
         format=format, precision=precision, dtype=_TORCH_DTYPE.get(precision, "float32"), route=chosen,
-        route_reason=reason, opset=opset, num_layers=_num_layers(model), record=compressor_record(model),
+        route_reason=reason, opset=opset, num_layers=num_blocks(model), record=compressor_record(model),
         files={}, onnx_size_bytes=0, optimized_size_bytes=optimized, seconds=0.0, graph_seconds=graph_seconds,
     )
     if optimize and (quantized or chosen == "builder"):
@@ -199,12 +200,6 @@ def export_model(
     summary.seconds = round(time.perf_counter() - start, 2)
     write_json(out_dir / SUMMARY_FILE, summary.to_dict())
     return summary
-
-
-def _num_layers(model) -> int:
-    from compressor.export.onnx import num_layers_of
-
-    return num_layers_of(model)
 
 
 def _float_graph(model, tokenizer, out_dir: Path, route: str, precision: str, opset: int,

@@ -131,7 +131,7 @@ def build_cache(teacher: torch.nn.Module, windows: torch.Tensor, path: Path, top
     n, t = windows.shape
     vocab = teacher.get_output_embeddings().weight.shape[0]
     k = min(int(topk), vocab)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if deadline else torch.arange(n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if deadline is not None else torch.arange(n)
     logprobs = torch.empty(n, t, k, dtype=torch.float32)
     indices = torch.empty(n, t, k, dtype=torch.int32)
     hidden: dict[int, torch.Tensor] = {}

@@ -42,7 +42,7 @@ class Row:
 
 
 @dataclass
-class Comparison:
+class StrategyComparison:
     baseline: float
     eval_tokens: int
     max_length: int
@@ -83,7 +83,7 @@ class Comparison:
 def compare_strategies(model, windows: torch.Tensor, eval_ids: torch.Tensor, ks: list[int],
                        strategies=DEFAULT_STRATEGIES, variants: tuple[bool, ...] = (False, True),
                        settings: SelectSettings | None = None, max_length: int = 512, stride: int = 256,
-                       profile=None, on_row=None, batch_size: int = 4) -> Comparison:
+                       profile=None, on_row=None, batch_size: int = 4) -> StrategyComparison:
     """Perplexity on `eval_ids` of every (K, strategy, with/without linear maps) plan."""
     from compressor.calibrate import profile_for
     from compressor.evaluate import perplexity
@@ -92,7 +92,7 @@ def compare_strategies(model, windows: torch.Tensor, eval_ids: torch.Tensor, ks:
         get_strategy(name)
     status("perplexity of the unpruned model")
     base = perplexity(model, eval_ids, max_length, stride, batch_size)
-    result = Comparison(base.perplexity, base.tokens, max_length, stride)
+    result = StrategyComparison(base.perplexity, base.tokens, max_length, stride)
     if profile is None and any(get_strategy(s).needs_profile for s in strategies):
         start = time.perf_counter()
         profile = profile_for(model, windows)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from calibrate_refs import direct
 
-from compressor.calibrate import calibrate, load_texts, make_windows
+from compressor.calibrate import calibrate
+from compressor.data import load_texts, make_windows
 
 pytestmark = pytest.mark.smollm2
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 
 import pytest
 import typer
+from conftest import run_cli
 from typer.testing import CliRunner
 
 from compressor.cli.bench import bench
@@ -74,8 +73,7 @@ def test_bench_compare_reports_speedups(tiny_dir, tmp_path):
 
 
 def compress(*args):
-    command = [sys.executable, "-m", "compressor", "bench", *args]
-    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    return run_cli("bench", *args)
 
 
 def test_errors_are_one_line_with_exit_code_2(tiny_dir, tmp_path):

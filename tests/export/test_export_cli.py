@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import make_tokenizer, tiny_model
+from conftest import make_tokenizer, run_cli, tiny_model
 
 from compressor.cli import COMMANDS
 
@@ -19,10 +16,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def compress(*args, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    return subprocess.run([sys.executable, "-m", "compressor", "export", *map(str, args)],
-                          check=False, capture_output=True, text=True, timeout=timeout, env=env)
+def compress(*args):
+    """`compress export ARGS` through the real entry point, in this process (see conftest.run_cli)."""
+    return run_cli("export", *args)
 
 
 def assert_one_line_error(result, *fragments):

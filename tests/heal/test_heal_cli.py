@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import typer
-from conftest import make_tokenizer, tiny_model
+from conftest import make_tokenizer, run_cli, tiny_model
 from heal_fixtures import one_thread, pair  # noqa: F401 (autouse fixture)
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -18,19 +16,14 @@ from compressor.cli.heal import heal
 from compressor.heal import HealConfig
 from compressor.surgery.edit import save_checkpoint
 
-# Mount `heal` the way compressor.cli mounts every command, whether or not it is registered yet.
-LAUNCH = (
-    "import sys; from compressor.cli import app, main\n"
-    "if not any(c.name == 'heal' for c in app.registered_commands):\n"
-    "    from compressor.cli.heal import heal; app.command(name='heal')(heal)\n"
-    "sys.argv[0] = 'compress'; main()\n"
-)
 FAST = ["--steps", "3", "--seq-len", "16", "--samples", "8", "--eval-samples", "2", "--batch-size", "2"]
 
 
 def compress(*args, cwd):
-    return subprocess.run([sys.executable, "-c", LAUNCH, *map(str, args)], check=False, capture_output=True, text=True,
-                          timeout=180, cwd=cwd)
+    """`compress ARGS` through the real entry point, in this process, from the folder `cwd`."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        return run_cli(*args)
 
 
 @pytest.fixture

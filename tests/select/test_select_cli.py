@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import typer
-from conftest import make_tokenizer, tiny_model
+from conftest import make_tokenizer, run_cli, tiny_model
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -20,26 +18,12 @@ from compressor.errors import InvalidPlanError
 from compressor.select import STRATEGIES
 from compressor.surgery.plan import Plan, write_plan
 
-# Mounts this issue's commands when compressor.cli does not list them yet, then runs `compress`.
-_RUN = """
-import sys
-import compressor.cli as cli
-names = {name for _, _, name in cli.COMMANDS}
-for module, func in [("plan", "plan"), ("linearize", "linearize"), ("compare", "compare")]:
-    if func not in names:
-        mod = __import__(f"compressor.cli.{module}", fromlist=[func])
-        cli.app.command(name=func)(getattr(mod, func))
-sys.argv = ["compress", *sys.argv[1:]]
-cli.main()
-"""
 FAST = ["--samples", "8", "--seq-len", "16"]
 
 
 def compress_process(*args, cache):
-    """The real entry point in a subprocess: exit codes and the one-line error."""
-    env = {"COMPRESSOR_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-c", _RUN, *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env, check=False)
+    """The real entry point (`compressor.cli.main`): exit codes and the one-line error."""
+    return run_cli(*args, env={"COMPRESSOR_CACHE": cache})
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compressor.calibrate import load_texts, make_windows
+from compressor.data import load_texts, make_windows
 from compressor.errors import ModelLoadError
 from compressor.info import count_parameters
 from compressor.loading import load_model
