@@ -27,7 +27,7 @@ CI_MARKERS ?= not slow and not gpu and not tensorrt
 test: setup
 	$(PY) -m pytest -q -x -m "$(CI_MARKERS)" --durations=15
 
-test-all: setup
+test-all: setup optimum-env
 	$(PY) -m pytest -q --durations=15
 
 demo: setup
@@ -37,10 +37,10 @@ lint: setup
 	$(VENV)/bin/ruff check compressor tests bench examples
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) .venv-optimum demo-out .pytest_cache
 
-# Hugging Face Optimum's client in its own cached environment (optimum-onnx 0.1 needs transformers < 4.58);
-# tests/export/test_optimum.py builds it on first use too.
+# Hugging Face Optimum's client in its own environment, .venv-optimum (optimum-onnx 0.1 needs transformers < 4.58).
+# `make test` runs the Optimum test where it is built and skips it elsewhere; `make test-all` builds it first.
 .PHONY: optimum-env
 optimum-env: setup
 	$(PY) tests/export/optimum_env.py

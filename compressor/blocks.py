@@ -69,3 +69,9 @@ def ranges_text(indices) -> str:
 def next_kept(block: int, removed: set[int], n: int) -> int | None:
     """The first kept block after `block` (None: it was the last)."""
     return next((i for i in range(block + 1, n) if i not in removed), None)
+
+
+def spread_blocks(num_blocks: int, k: int) -> list[int]:
+    """k block indices spread evenly over the depth (which ones is irrelevant to cost in a
+    uniform stack; spreading them keeps mixed stacks, e.g. sliding/global attention, in proportion)."""
+    return [int((i + 0.5) * num_blocks / k) for i in range(k)]

@@ -8,19 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compressor.errors import ModelLoadError
-from compressor.loading import load_model, resolve
+from compressor.loading import resolve
 from compressor.surgery.edit import drop_blocks_, save_checkpoint
 
 pytestmark = pytest.mark.smollm2
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        return load_model("smollm2-135m")
-    except ModelLoadError as exc:
-        pytest.skip(str(exc))
 
 
 def fixed_text_ids(tokenizer, n=256):

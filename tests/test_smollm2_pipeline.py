@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+from conftest import run_cli
 from transformers import AutoModelForCausalLM
 
 from compressor.errors import ModelLoadError
@@ -21,11 +20,10 @@ def test_smollm2_meets_a_modest_target_and_reports(tmp_path):
     except ModelLoadError as exc:
         pytest.skip(str(exc))
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "compressor", "model", "smollm2-135m", "--target-speedup", "1.15", "--out", str(out),
-         "--backend", "torch", "--threads", "2", "--workload", "1x128+16", "--samples", "12", "--seq-len", "128",
-         "--heal-steps", "3", "--min-seconds", "0.3", "--eval-tokens", "1024", "--json"],
-        capture_output=True, text=True, timeout=1800, check=False)
+    result = run_cli(
+        "model", "smollm2-135m", "--target-speedup", "1.15", "--out", str(out),
+        "--backend", "torch", "--threads", "2", "--workload", "1x128+16", "--samples", "12", "--seq-len", "128",
+        "--heal-steps", "3", "--min-seconds", "0.3", "--eval-tokens", "1024", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["target_met"] and report["speedup_measured"] >= 1.15

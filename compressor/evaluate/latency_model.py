@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from compressor.adapters import get_adapter
+from compressor.blocks import spread_blocks
 from compressor.errors import CompressorError, InvalidPlanError
 from compressor.evaluate.backends import TorchBackend
 from compressor.evaluate.latency import (
@@ -171,12 +172,6 @@ def fit_latency_model(prefill_points, decode_points, blocks: int, workload: Work
 
 
 # --- measuring ---------------------------------------------------------------------------------
-
-def spread_blocks(num_blocks: int, k: int) -> list[int]:
-    """k block indices spread evenly over the depth (which ones is irrelevant to cost in a
-    uniform stack; spreading them keeps mixed stacks, e.g. sliding/global attention, in proportion)."""
-    return [int((i + 0.5) * num_blocks / k) for i in range(k)]
-
 
 def measure_latency_model(model: torch.nn.Module, workload: Workload | None = None,
                           removals: tuple[int, ...] | None = None, device: str | None = None,

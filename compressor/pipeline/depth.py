@@ -14,9 +14,10 @@ import logging
 from dataclasses import dataclass
 
 from compressor.adapters import get_adapter
+from compressor.blocks import spread_blocks
 from compressor.errors import InvalidPlanError
 from compressor.evaluate import LatencyModel, Workload, fit_latency_model
-from compressor.evaluate.latency_model import parameter_guess, search_depth, spread_blocks
+from compressor.evaluate.latency_model import parameter_guess, search_depth
 from compressor.pipeline.measure import backend_for, bench_pair, workload_ms
 from compressor.pipeline.runner import inputs_of
 from compressor.surgery.edit import copy_without_blocks

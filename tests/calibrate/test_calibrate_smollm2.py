@@ -13,15 +13,8 @@ from compressor.data import load_texts, make_windows
 pytestmark = pytest.mark.smollm2
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from compressor.loading import load_model
-
-    return load_model("smollm2-135m")
-
-
-def test_profile_shape_and_agreement(smollm2):
-    model, tokenizer = smollm2
+def test_profile_shape_and_agreement(smollm2_pair):
+    model, tokenizer = smollm2_pair
     windows = make_windows(tokenizer, load_texts(None), samples=8, seq_len=128, seed=0)
     profile = calibrate(model, windows, batch_size=8, spans_max=4)
     blocks = profile.blocks

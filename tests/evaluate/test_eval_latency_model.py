@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from compressor.blocks import spread_blocks
 from compressor.errors import InvalidPlanError
 from compressor.evaluate import LatencyModel, TimingConfig, Workload, fit_latency_model, measure_latency_model
 from compressor.evaluate.latency_model import (
     fit_line,
-    spread_blocks,
     workload_latency_ms,
 )
 from compressor.surgery.edit import copy_without_blocks

@@ -11,8 +11,6 @@ import typer
 from typer.testing import CliRunner
 
 from compressor.cli.bench import bench
-from compressor.errors import ModelLoadError
-from compressor.loading import load_model
 
 pytestmark = pytest.mark.smollm2
 
@@ -35,13 +33,10 @@ def hf_recipe_nll(model, ids: torch.Tensor, max_length: int, stride: int) -> flo
     return total / count
 
 
-def test_bench_perplexity_equals_the_recipe(tmp_path):
+def test_bench_perplexity_equals_the_recipe(tmp_path, smollm2_pair):
     from pydoc_data.topics import topics
 
-    try:
-        model, tokenizer = load_model("smollm2-135m")
-    except ModelLoadError as exc:
-        pytest.skip(str(exc))
+    model, tokenizer = smollm2_pair
     text = "\n\n".join(topics[k] for k in sorted(topics)[:8])
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :768]
     text = tokenizer.decode(ids[0])

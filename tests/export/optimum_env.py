@@ -6,6 +6,10 @@ it reuses torch, numpy and onnxruntime instead of downloading them, while its ow
 shadows the main one. pip never removes packages outside the environment it installs into.
 
     python tests/export/optimum_env.py [FOLDER]    # (`make optimum-env`) prints the env's python
+
+It lives in the clone, beside .venv (`.venv-optimum`, or COMPRESSOR_OPTIMUM_ENV): `make test` uses it
+where it was built and skips the Optimum test otherwise (building it costs a minute or two of pip);
+`make test-all` builds it first.
 """
 
 from __future__ import annotations
@@ -22,7 +26,17 @@ _STAMP = ".compressor-optimum"
 
 
 def default_folder() -> Path:
-    return Path(os.environ.get("COMPRESSOR_CACHE", "~/.cache/compressor")).expanduser() / "venv-optimum"
+    default = Path(__file__).resolve().parents[2] / ".venv-optimum"
+    return Path(os.environ.get("COMPRESSOR_OPTIMUM_ENV", default)).expanduser()
+
+
+def built(folder: Path | None = None) -> Path | None:
+    """The environment's python if it has been built with the current requirements, else None."""
+    folder = Path(folder or default_folder())
+    stamp = folder / _STAMP
+    if stamp.is_file() and stamp.read_text() == repr(REQUIREMENTS) and python_of(folder).exists():
+        return python_of(folder)
+    return None
 
 
 def python_of(folder: Path) -> Path:
@@ -33,7 +47,7 @@ def ensure(folder: Path | None = None, timeout: int = 900) -> Path:
     """The environment's python, building it first when needed; raises RuntimeError when it cannot be built."""
     folder = Path(folder or default_folder())
     stamp = folder / _STAMP
-    if stamp.is_file() and stamp.read_text() == repr(REQUIREMENTS) and python_of(folder).exists():
+    if built(folder) is not None:
         return python_of(folder)
     venv.EnvBuilder(with_pip=True, clear=True).create(folder)
     py = python_of(folder)

@@ -5,22 +5,17 @@ from __future__ import annotations
 import pytest
 
 from compressor.blocks import parse_blocks
-from compressor.errors import ModelLoadError
 from compressor.export.onnx import export_onnx
 from compressor.export.validate import validate_onnx
 from compressor.info import count_parameters
-from compressor.loading import load_model
 from compressor.surgery.edit import drop_blocks_
 
 pytestmark = pytest.mark.smollm2
 pytest.importorskip("onnxscript", reason="needs the onnx extra: pip install 'compressor[onnx]'")
 
 
-def test_smollm2_full_and_pruned_export_validate_and_shrink(tmp_path):
-    try:
-        model, tokenizer = load_model("smollm2-135m")
-    except ModelLoadError as exc:
-        pytest.skip(str(exc))
+def test_smollm2_full_and_pruned_export_validate_and_shrink(tmp_path, smollm2):
+    model, tokenizer = smollm2
     sizes, params = [], []
     for name, drop in (("full", None), ("pruned", "20-25")):
         if drop:
@@ -37,7 +32,7 @@ def test_smollm2_full_and_pruned_export_validate_and_shrink(tmp_path):
     assert sizes[1] / sizes[0] == pytest.approx(params[1] / params[0], abs=0.01)
 
 
-def test_smollm2_pruned_int8_export_validates_and_genai_generates(tmp_path):
+def test_smollm2_pruned_int8_export_validates_and_genai_generates(tmp_path, smollm2):
     """Through the default route (the builder for SmolLM2), 27 of 30 blocks, int8 weights.
 
     Three of the most linear blocks go (13-15): a model that still works, so top-1 agreement means something
@@ -47,10 +42,7 @@ def test_smollm2_pruned_int8_export_validates_and_genai_generates(tmp_path):
     from compressor.export.genai import genai_generate
     from compressor.export.run import export_model
 
-    try:
-        model, tokenizer = load_model("smollm2-135m")
-    except ModelLoadError as exc:
-        pytest.skip(str(exc))
+    model, tokenizer = smollm2
     drop_blocks_(model, parse_blocks("13-15", 30))
     out = tmp_path / "int8"
     out.mkdir()

@@ -9,9 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from compressor.data import load_texts, make_windows
-from compressor.errors import ModelLoadError
 from compressor.info import count_parameters
-from compressor.loading import load_model
 from compressor.select.linear import linear_plan
 from compressor.surgery.edit import drop_blocks_, save_checkpoint
 from compressor.surgery.plan import apply_plan_
@@ -19,11 +17,8 @@ from compressor.surgery.plan import apply_plan_
 pytestmark = pytest.mark.smollm2
 
 
-def test_folded_span_beats_the_plain_drop_and_reloads(tmp_path):
-    try:
-        model, tokenizer = load_model("smollm2-135m")
-    except ModelLoadError as exc:
-        pytest.skip(str(exc))
+def test_folded_span_beats_the_plain_drop_and_reloads(tmp_path, smollm2):
+    model, tokenizer = smollm2
     windows = make_windows(tokenizer, load_texts(None), 9, 128, seed=0)
     calib, held_out = windows[:8], windows[8:]
     plan = linear_plan(model, "13-15", calib)
