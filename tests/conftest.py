@@ -1,9 +1,10 @@
 """Shared fixtures: tiny random models of every architecture in the adapter table (no downloads), the
 packaged SmolLM2 loaded once per session, and the real `compress` entry point run in this process.
 
-Every test session gets its own empty COMPRESSOR_CACHE (subprocesses inherit it): tests never read or
-write the user's cache, and a warm cache cannot hide a cold-start bug. Set COMPRESSOR_TEST_CACHE to a
-directory to reuse one across sessions on purpose.
+Every test session gets its own empty COMPRESSOR_CACHE (subprocesses and pytest-xdist workers inherit
+it): tests never read or write the user's cache, and a warm cache cannot hide a cold-start bug. Set
+COMPRESSOR_TEST_CACHE to a directory to share one between sessions on purpose (`make test` does, for
+its two pytest runs).
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (`make test` runs two workers on two cores) each worker computes on one thread.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 if os.environ.get("COMPRESSOR_TEST_CACHE"):
     os.environ["COMPRESSOR_CACHE"] = os.environ["COMPRESSOR_TEST_CACHE"]
+elif os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("COMPRESSOR_SESSION_CACHE"):
+    os.environ["COMPRESSOR_CACHE"] = os.environ["COMPRESSOR_SESSION_CACHE"]  # the controller's, inherited
 else:
     _SESSION_CACHE = tempfile.mkdtemp(prefix="compressor-test-cache-")
-    os.environ["COMPRESSOR_CACHE"] = _SESSION_CACHE
+    os.environ["COMPRESSOR_CACHE"] = os.environ["COMPRESSOR_SESSION_CACHE"] = _SESSION_CACHE
     atexit.register(shutil.rmtree, _SESSION_CACHE, True)
 
 _DEC = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 64,
@@ -139,11 +143,17 @@ def make_tokenizer():
 def smollm2_pair():
     """(model, tokenizer) of the packaged SmolLM2-135M in float32, loaded once for the whole session.
     Shared: a test that changes the model must work on `copy.deepcopy(model)` (see `smollm2`)."""
+    import fcntl
+
     pytest.importorskip("gguf")
     from compressor.loading import load_model
 
     try:
-        return load_model("smollm2-135m")
+        # pytest-xdist workers share the cache: one dequantizes the GGUF, the other waits and reads it
+        os.makedirs(os.environ["COMPRESSOR_CACHE"], exist_ok=True)
+        with open(os.path.join(os.environ["COMPRESSOR_CACHE"], ".smollm2.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return load_model("smollm2-135m")
     except Exception as exc:  # noqa: BLE001 (the package is an install step; say which)
         pytest.skip(f"the packaged SmolLM2 is not available: {exc}")
 

@@ -21,7 +21,7 @@ def fixed_text_ids(tokenizer, n=256):
     return tokenizer(text, return_tensors="pt").input_ids[:, :n]
 
 
-def test_gguf_conversion_is_cached_and_standard():
+def test_gguf_conversion_is_cached_and_standard(smollm2_pair):
     path = resolve("smollm2-135m")
     assert (path / "model.safetensors").is_file()
     config = AutoModelForCausalLM.from_pretrained(path).config

@@ -8,27 +8,25 @@ import pytest
 from conftest import run_cli
 from transformers import AutoModelForCausalLM
 
-from compressor.errors import ModelLoadError
-from compressor.loading import resolve
-
 pytestmark = pytest.mark.smollm2
 
 
-def test_smollm2_meets_a_modest_target_and_reports(tmp_path):
-    try:
-        resolve("smollm2-135m")
-    except ModelLoadError as exc:
-        pytest.skip(str(exc))
+@pytest.mark.timing
+def test_smollm2_meets_a_modest_target_and_reports(tmp_path, smollm2_pair):
+    """smollm2_pair: the packaged model is converted into the cache once (or the test skips, saying why)."""
     out = tmp_path / "run"
+    # The default strategy and the export route are covered elsewhere on SmolLM2 (test_export_smollm2) and
+    # on tiny models; here a profile strategy and no export keep the run near a minute.
     result = run_cli(
-        "model", "smollm2-135m", "--target-speedup", "1.15", "--out", str(out),
-        "--backend", "torch", "--threads", "2", "--workload", "1x128+16", "--samples", "12", "--seq-len", "128",
-        "--heal-steps", "3", "--min-seconds", "0.3", "--eval-tokens", "1024", "--json")
+        "model", "smollm2-135m", "--target-speedup", "1.1", "--out", str(out),
+        "--backend", "torch", "--threads", "2", "--workload", "1x64+16", "--samples", "8", "--seq-len", "128",
+        "--strategy", "angular", "--format", "none",
+        "--heal-steps", "3", "--min-seconds", "0.5", "--eval-tokens", "1024", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
-    assert report["target_met"] and report["speedup_measured"] >= 1.15
+    assert report["target_met"] and report["speedup_measured"] >= 1.1
     assert report["blocks_original"] == 30 and 1 <= len(report["blocks_removed"]) <= 15
-    for name in ("report.json", "report.md", "report.html", "model/config.json", "onnx/model.onnx", "plan.json"):
+    for name in ("report.json", "report.md", "report.html", "model/config.json", "plan.json"):
         assert (out / name).is_file(), name
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 2
     (name, original), = report["perplexity"]["original"].items()

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_model
+from conftest import make_tokenizer, run_cli, tiny_model
 
 from compressor.errors import CompressorError
 from compressor.export.genai import GENAI_CONFIG, builder_refusal, genai_generate
@@ -40,6 +40,24 @@ def export(model, tmp_path, name="out", **kwargs):
     return summary, out
 
 
+_SHARED: dict = {}
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory):
+    """shared(name, **export kwargs) -> (model, summary, folder): wide("llama") exported once per session
+    for the tests that only read the folder (an export is the slow part of each of them)."""
+
+    def get(name: str, **kwargs):
+        if name not in _SHARED:
+            model = wide("llama")
+            folder = tmp_path_factory.mktemp(f"genai-{name}")
+            _SHARED[name] = (model, export_model(model, make_tokenizer(), folder, **kwargs), folder)
+        return _SHARED[name]
+
+    return get
+
+
 def assert_genai_greedy_equals_pytorch(model, folder, new_tokens=24):
     prompt = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(1))
     ref, _ = torch_greedy(model, prompt, new_tokens)
@@ -50,9 +68,7 @@ def assert_genai_greedy_equals_pytorch(model, folder, new_tokens=24):
     assert got == ref
 
 
-def _builder_export_matches(arch, tmp_path):
-    model = wide(arch)
-    summary, folder = export(model, tmp_path)
+def _builder_export_matches(model, summary, folder):
     assert summary.route == "builder", summary.route_reason
     assert summary.validation["passed"] and summary.validation["greedy"]["matched"] == 32
     assert summary.validation["logits_max_abs"] <= 1e-4
@@ -64,20 +80,28 @@ def _builder_export_matches(arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", BUILDER_CORE)
-def test_builder_route_equals_pytorch_and_genai_generates_its_tokens(arch, tmp_path):
-    _builder_export_matches(arch, tmp_path)
+def test_builder_route_equals_pytorch_and_genai_generates_its_tokens(arch, tmp_path, shared):
+    if arch == "llama":
+        _builder_export_matches(*shared("builder"))
+    else:
+        model = wide(arch)
+        _builder_export_matches(model, *export(model, tmp_path))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", BUILDER_OTHER)
 def test_builder_route_other_families(arch, tmp_path):
-    _builder_export_matches(arch, tmp_path)
+    model = wide(arch)
+    _builder_export_matches(model, *export(model, tmp_path))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_dynamo_folder_runs_in_genai_with_pytorch_tokens(arch, tmp_path):
-    model = tiny_model(arch, n_layer=2) if arch == "gpt2" else wide(arch)
-    summary, folder = export(model, tmp_path, route="dynamo")
+def test_dynamo_folder_runs_in_genai_with_pytorch_tokens(arch, tmp_path, shared):
+    if arch == "llama":
+        model, summary, folder = shared("dynamo", route="dynamo")
+    else:
+        model = tiny_model(arch, n_layer=2)
+        summary, folder = export(model, tmp_path, route="dynamo")
     assert summary.route == "dynamo"
     config = json.loads((folder / GENAI_CONFIG).read_text())
     assert config["search"]["past_present_share_buffer"] is False
@@ -115,13 +139,12 @@ def test_pruned_model_exports_through_the_builder(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_quantized_exports_keep_their_bounds_and_run_in_genai(precision, tmp_path):
-    model = wide("llama")
+def test_quantized_exports_keep_their_bounds_and_run_in_genai(precision, shared):
     # A random tiny model's next-token distributions are near uniform, so its top-1 is decided by near ties
     # and flips with any rounding (0.375 in one CI run at KL 1e-3): hold it to KL and perplexity instead,
     # with a KL bound far tighter than the default that a broken quantization would exceed.
     quant, bounds = quant_options(precision, min_top1=0.0, max_kl=0.02)
-    summary, folder = export(model, tmp_path, precision=precision, quant=quant, bounds=bounds)
+    _, summary, folder = shared(precision, precision=precision, quant=quant, bounds=bounds)
     report = summary.validation
     assert report["kind"] == "quantized" and report["passed"]
     assert report["perplexity_increase"] <= report["bounds"]["max_ppl_increase"]
@@ -164,25 +187,22 @@ def test_precisions_the_cpu_cannot_run_are_refused(kwargs, message, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_compress_bench_runs_builder_and_quantized_folders(tmp_path):
+def test_compress_bench_runs_builder_and_quantized_folders(shared):
     """`compress bench` on a builder fp32 folder scores PyTorch's perplexity; int4 and dynamo folders run too."""
-    import subprocess
-    import sys
-
     from compressor.evaluate.perplexity import load_eval_tokens, perplexity
 
-    model = wide("llama")
-    folders = {"builder": export(model, tmp_path, "b")[1],
-               "int4": export(model, tmp_path, "q", precision="int4", validate=False)[1],
-               "dynamo": export(model, tmp_path, "d", route="dynamo", validate=False)[1]}
+    quant, bounds = quant_options("int4", min_top1=0.0, max_kl=0.02)
+    model = shared("builder")[0]
+    folders = {"builder": shared("builder")[2],
+               "int4": shared("int4", precision="int4", quant=quant, bounds=bounds)[2],
+               "dynamo": shared("dynamo", route="dynamo")[2]}
     ids = load_eval_tokens(make_tokenizer(), None, max_tokens=300)
     reference = perplexity(model, ids, max_length=64, stride=32).perplexity
     for name, folder in folders.items():
-        done = subprocess.run(
-            [sys.executable, "-m", "compressor", "bench", str(folder), "--backend", "onnxruntime", "--prefill", "2x16",
-             "--decode", "2x8+4", "--max-eval-tokens", "300", "--max-length", "64", "--stride", "32",
-             "--min-runs", "1", "--min-seconds", "0", "--warmup", "0", "--json"],
-            capture_output=True, text=True, timeout=600, check=False)
+        done = run_cli(
+            "bench", folder, "--backend", "onnxruntime", "--prefill", "2x16",
+            "--decode", "2x8+4", "--max-eval-tokens", "300", "--max-length", "64", "--stride", "32",
+            "--min-runs", "1", "--min-seconds", "0", "--warmup", "0", "--json")
         assert done.returncode == 0, done.stderr[-2000:]
         data = json.loads(done.stdout)
         assert data["blocks"] == 3 and data["prefill"][0]["p50_ms"] > 0 and data["decode"][0]["p50_ms"] > 0
