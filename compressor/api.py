@@ -16,7 +16,8 @@ def compress(model, tokenizer=None, *, target_speedup: float | None = None, max_
         the model itself is left unchanged).
     target_speedup: e.g. 1.3, measured on `backend` ("onnxruntime" by default, also "torch", "tensorrt").
     max_ppl_increase: instead, a fraction (0.1 = 10 %): the most blocks removed within it.
-    out: the run directory to write (reports, checkpoint, export, plan); None writes nothing.
+    out: the run directory to write (reports, checkpoint, export, plan); None writes nothing, not even to
+        compressor's cache (a model given by name may still be converted into it once, as load_model does).
     settings: any other field of compressor.pipeline.PipelineConfig (samples, seq_len, heal_steps, format, ...).
     """
     from compressor.pipeline import PipelineConfig, run_pipeline

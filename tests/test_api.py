@@ -37,6 +37,8 @@ def test_compress_a_model_in_memory_writes_nothing(tmp_path, monkeypatch):
     import compressor
 
     monkeypatch.chdir(tmp_path)
+    cache = tmp_path.parent / f"{tmp_path.name}-cache"
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(cache))
     model, tokenizer = tiny_model("llama"), make_tokenizer()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = compressor.compress(model, tokenizer, max_ppl_increase=0.5, **FAST)
@@ -52,6 +54,7 @@ def test_compress_a_model_in_memory_writes_nothing(tmp_path, monkeypatch):
     assert name == "held-out bundled text"
     assert compressor.perplexity(model, ids, max_length=512, stride=256).perplexity == pytest.approx(reported)
     assert report.artifacts == {} and list(tmp_path.iterdir()) == []
+    assert not cache.exists() or list(cache.rglob("*")) == []  # not even a cached profile
     assert json.loads(json.dumps(report.to_dict()))["schema_version"] == report.schema_version
 
 

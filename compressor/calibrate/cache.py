@@ -94,7 +94,7 @@ def profile_for(
                 "pairs": sorted([list(p) for p in pairs]), "seed": seed,
                 "dtype": dtype if source is not None else str(next(model.parameters()).dtype)}
     key = hashlib.sha256(json.dumps([fingerprints, settings], sort_keys=True).encode()).hexdigest()[:24]
-    entry = cache_dir("profiles") / key
+    entry = cache_dir("profiles") / key if cache else None
     if cache and (entry / "profile.json").is_file() and (not with_stats or (entry / STATS_FILE).is_file()):
         status(f"using the cached profile {entry}")
         profile = read_profile(entry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import signal
 import sys
 
 import typer
@@ -88,6 +89,9 @@ def main() -> None:
 
     debug = bool(os.environ.get("COMPRESSOR_DEBUG"))
     interrupt_note("nothing was written")  # until a command says otherwise
+    # SIGTERM (a container stop, a job scheduler's kill) ends the run the way Ctrl-C does: the work is
+    # kept and the message says where.
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         with use_tracker(rich_tracker):  # stage messages arrive through logging
             app()
@@ -105,4 +109,10 @@ def main() -> None:
         err.print(f"[bold red]internal error:[/bold red] {escape(type(exc).__name__)}: {escape(first_line(exc))} "
                   "(set COMPRESSOR_DEBUG=1 to see the traceback)", highlight=False, soft_wrap=True)
         sys.exit(EXIT_INTERNAL)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
 

@@ -17,7 +17,6 @@ from compressor.report import Attempt, BackendInfo, Pair, Perplexities, Report, 
 from compressor.util.io import dir_size
 from compressor.util.progress import status
 
-
 # A final speedup this close below the target is re-measured before the run declares a miss: repeated
 # measurements of one pair vary by a few percent on a busy CPU (the depth search's probe of the same
 # depth measured up to 4% more than the final benchmark in one SmolLM2 run).

@@ -28,6 +28,7 @@ def profile_inputs(cfg) -> ProfileInputs:
 def calibrate_stage(run, windows) -> Profile:
     def compute():
         status("calibrating")
-        return profile_for(run.model, windows, seed=run.cfg.seed).to_dict()
+        # a run without `out` writes nothing, so it neither reads nor fills the profile cache
+        return profile_for(run.model, windows, seed=run.cfg.seed, cache=run.runner.persistent).to_dict()
 
     return Profile.from_dict(run.runner.cached("profile", profile_inputs(run.cfg), compute))

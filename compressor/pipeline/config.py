@@ -64,8 +64,9 @@ def validate(cfg: PipelineConfig) -> None:
 def _problems(cfg: PipelineConfig) -> list[str]:
     from compressor.evaluate import backend_names
     from compressor.heal.config import TRAIN_CHOICES
+    from compressor.select import STRATEGIES
 
-    problems = []
+    problems = _device_problem(cfg.device)
     if (cfg.target_speedup is None) == (cfg.max_ppl_increase is None):
         problems.append("give exactly one of --target-speedup or --max-ppl-increase")
     if cfg.target_speedup is not None and not cfg.target_speedup > 1:
@@ -75,6 +76,18 @@ def _problems(cfg: PipelineConfig) -> list[str]:
     if any(not 0 <= level < 1 for level in cfg.sweep):
         problems.append(f"--sweep levels are percentages of the blocks from 0 up to (not including) 100: "
                         f"got {', '.join(f'{level:.0%}' for level in cfg.sweep)}")
+    if cfg.strategy not in STRATEGIES:
+        problems.append(f"unknown strategy '{cfg.strategy}': choose one of {', '.join(STRATEGIES)}")
+    if min(cfg.batch, cfg.prefill_tokens, cfg.new_tokens) < 1:
+        problems.append(f"--workload needs a batch, prefill and new tokens of 1 or more each (got "
+                        f"{cfg.batch}x{cfg.prefill_tokens}+{cfg.new_tokens}): e.g. 1x512+128")
+    if cfg.threads is not None and cfg.threads < 1:
+        problems.append(f"--threads must be 1 or more (got {cfg.threads}): leave it out to use every core")
+    if cfg.search_windows < 0:
+        problems.append(f"--search-windows must be 0 (all windows) or more (got {cfg.search_windows})")
+    if cfg.eval_max_tokens < 2:
+        problems.append(f"--eval-tokens must be 2 or more: perplexity scores each token after the first "
+                        f"(got {cfg.eval_max_tokens})")
     if cfg.backend not in backend_names():
         problems.append(f"unknown backend '{cfg.backend}': choose one of {', '.join(backend_names())}")
     if cfg.format not in (*FORMATS, "none"):
@@ -89,3 +102,16 @@ def _problems(cfg: PipelineConfig) -> list[str]:
         if not Path(path).exists():
             problems.append(f"{path} does not exist")
     return problems
+
+
+def _device_problem(device: str) -> list[str]:
+    """[why `device` cannot run here], or []; "auto" spreads the model with accelerate."""
+    from compressor.evaluate.backends import check_device
+
+    if device == "auto":
+        return []
+    try:
+        check_device(device)
+    except CompressorError as exc:
+        return [str(exc)]
+    return []

@@ -32,10 +32,22 @@ def backend_for(run, model, name: str):
         from compressor.evaluate.backends import TorchBackend
 
         return TorchBackend(model, device=cfg.device if cfg.device != "auto" else None, threads=cfg.threads)
+    from compressor.util.fingerprint import model_fingerprint
+
     path = run.work / name
-    if not (path / "export.json").is_file():
-        export_to(run, model, path, EXPORT_FOR_BACKEND[cfg.backend], validate=False)
+    fmt = EXPORT_FOR_BACKEND[cfg.backend]
+    key = f"{model_fingerprint(model)}-{fmt}"  # a probe folder holds one model: reuse it only for that one
+    if not (path / "export.json").is_file() or _read(path / PROBE_KEY) != key:
+        export_to(run, model, path, fmt, validate=False)
+        (path / PROBE_KEY).write_text(key)
     return get_backend(cfg.backend, path, device=cfg.device, threads=cfg.threads)
+
+
+PROBE_KEY = "probe.key"
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
 
 
 def open_backend(run, path: Path):

@@ -5,10 +5,12 @@ load -> calibrate (cached) -> latency model on the target backend -> choose K by
 side by side -> Report.
 
 With `out`, stage results live in a work directory beside it (`.NAME.work`); a rerun with the same
-settings resumes from what it holds, and on success the work directory becomes `out`. A deliberate
-stop (unreachable target, bad input) removes it, so nothing half-written is left behind; an
-interruption or a crash keeps it for resuming. Without `out` the work happens in a temporary
-directory that is removed at the end: only the Report comes back.
+settings resumes from what it holds, and on success the work directory becomes `out`, without the
+runner's bookkeeping. Bad input found before the first stage removes it, so nothing half-written is
+left behind; any failure after that (an unreachable target, a builder or validation failure, a
+quantized export outside its bounds), an interruption or a crash keeps it, and the error says where
+and how to resume. Without `out` the work happens in a temporary directory that is removed at the
+end: only the Report comes back.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def run_pipeline(cfg: PipelineConfig, out: Path | str | None = None, overwrite: 
     validate(cfg)
     if out is None:
         with tempfile.TemporaryDirectory(prefix="compressor-run-") as tmp:
-            return _run(cfg, Runner(Path(tmp) / "work"), model, tokenizer, dest=None)
+            return _run(cfg, Runner(Path(tmp) / "work", persistent=False), model, tokenizer, dest=None)
     out = check_output(out, overwrite)
     return _run(cfg, Runner(work_dir(out)), model, tokenizer, dest=out)
 
@@ -58,8 +60,12 @@ def _run(cfg: PipelineConfig, runner: Runner, model, tokenizer, dest: Path | Non
     try:
         run = _load(cfg, runner, model, tokenizer)
         report, profile = _stages(run, dest)
-    except CompressorError:
-        runner.discard()
+    except CompressorError as exc:
+        if not runner.started or dest is None:
+            runner.discard()
+            raise
+        exc.args = ((f"{exc} (the work directory {runner.work} is kept: fix this and rerun the same command "
+                    "to resume from the finished stages)"),)
         raise
     if dest is not None:
         write_reports(report, runner.work, profile.to_dict())

@@ -21,7 +21,8 @@ from compressor.util.io import write_json
 
 log = logging.getLogger(__name__)
 
-SCRATCH = ("probe-*", "heal-state-*", "*.tmp")  # latency probes and training state: not deliverables
+# Latency probes, training state and the runner's own bookkeeping: not what a user ships.
+SCRATCH = ("probe-*", "heal-state-*", "*.tmp", "*.stage.json", "settings.json")
 
 
 def inputs_of(cls, cfg: PipelineConfig, **given):
@@ -30,9 +31,28 @@ def inputs_of(cls, cfg: PipelineConfig, **given):
 
 
 def key_of(inputs) -> str:
-    """A short hash of a stage's inputs (a dataclass); its class name is part of it."""
+    """A short hash of a stage's inputs (a dataclass); its class name is part of it. A path counts by its
+    content too (size and modification time of each file), so an edited --data file is not reused."""
     data = {"stage": type(inputs).__name__, **asdict(inputs)}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=_with_content).encode()).hexdigest()[:16]
+
+
+def content_signature(path: Path) -> list | None:
+    """[name, size, mtime_ns] of a file, or of every file under a directory; None where nothing is there."""
+    path = Path(path)
+    if path.is_file():
+        stat = path.stat()
+        return [[path.name, stat.st_size, stat.st_mtime_ns]]
+    if path.is_dir():
+        return [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns]
+                for f in sorted(path.rglob("*")) if f.is_file()]
+    return None
+
+
+def _with_content(value):
+    if isinstance(value, Path):
+        return {"path": str(value), "content": content_signature(value)}
+    return str(value)
 
 
 @dataclass
@@ -41,10 +61,13 @@ class Runner:
 
     work: Path
     seconds: dict[str, float] = field(default_factory=dict)
+    started: bool = False  # a stage has run (or resumed): from then on a failure keeps the work
+    persistent: bool = True  # False: a run without `out`, which writes nothing, not even to the cache
 
     def cached(self, name: str, inputs, compute, requires: tuple[str, ...] = ()):
         """`compute()`'s JSON result, stored as NAME.stage.json; reused while `inputs` are unchanged and
         the files in `requires` (written by compute) are there."""
+        self.started = True
         path = self.work / f"{name}.stage.json"
         key = key_of(inputs)
         if path.is_file() and all((self.work / f).exists() for f in requires):
@@ -59,16 +82,22 @@ class Runner:
         return result
 
     def prepare(self, model_label: str, settings: dict, fresh: bool = False) -> None:
-        """Reuse the work directory of an earlier run of the same model; start afresh otherwise."""
+        """Reuse the work directory of an earlier run of the same model (same name and, for a file or
+        directory, the same content); start afresh otherwise."""
+        from compressor.util.fingerprint import model_fingerprint
+
         stamp = self.work / "settings.json"
-        stale = not stamp.is_file() or json.loads(stamp.read_text()).get("model") != model_label
+        identity = model_fingerprint(model_label)
+        stored = json.loads(stamp.read_text()) if stamp.is_file() else {}
+        stale = (stored.get("model"), stored.get("identity")) != (model_label, identity)
         if self.work.exists() and (fresh or stale):
             shutil.rmtree(self.work)  # everything in it derives from the model; the rest is keyed per stage
         self.work.mkdir(parents=True, exist_ok=True)
-        write_json(stamp, {"model": model_label, "settings": settings})
+        write_json(stamp, {"model": model_label, "identity": identity, "settings": settings})
 
     def deliver(self, out: Path) -> None:
-        """Drop the scratch and move the work directory to `out` (replacing it)."""
+        """Drop the scratch and bookkeeping and move the work directory to `out` (replacing it): `out` holds
+        the checkpoint, the export, the reports, the plan and the profile."""
         for pattern in SCRATCH:
             for scratch in self.work.glob(pattern):
                 shutil.rmtree(scratch, ignore_errors=True)

@@ -18,10 +18,14 @@ def model_fingerprint(model) -> str:
     digest = hashlib.sha256()
     if isinstance(model, (str, Path)) and Path(model).is_dir():
         path = Path(model)
-        digest.update((path / "config.json").read_bytes())
+        if (path / "config.json").is_file():
+            digest.update((path / "config.json").read_bytes())
         for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
             stat = file.stat()
             digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    elif isinstance(model, (str, Path)) and Path(model).is_file():  # a .gguf file
+        stat = Path(model).stat()
+        digest.update(f"{Path(model).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     elif isinstance(model, (str, Path)):
         digest.update(str(model).encode())
     else:

@@ -36,6 +36,7 @@ def atomic_dir(out: Path | str, overwrite: bool = False):
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700: the delivered folder follows the umask
     except OSError as exc:
         raise CompressorError(f"cannot write to {parent} ({exc.strerror}): choose another --out") from None
     try:
@@ -63,12 +64,20 @@ def atomic_file(path: Path | str):
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    tmp.chmod(0o666 & ~_umask())  # mkstemp makes it 0600: the delivered file follows the umask
     try:
         yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path | str, data) -> None:
