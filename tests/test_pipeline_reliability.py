@@ -58,17 +58,16 @@ def test_bad_input_before_the_first_stage_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def _sigint_default():
-    """For the child: SIGINT as Python expects it. A job a non-interactive shell starts in the background
-    inherits SIGINT as *ignored*; neither make nor Popen resets that, and Python then never raises
-    KeyboardInterrupt."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# The child resets SIGINT first: a job a non-interactive shell starts in the background (make, CI) inherits
+# SIGINT as *ignored*, neither make nor Popen resets that, and Python then never raises KeyboardInterrupt.
+RESET_SIGINT = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+LAUNCH = RESET_SIGINT + "import sys; sys.argv[0] = 'compress'; from compressor.cli import main; main()\n"
 
 
 def test_the_child_process_sees_sigint_as_python_expects():
     """If this fails, the environment, not compressor, is why the signal tests below cannot work."""
-    probe = subprocess.run([sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT))"],
-                           capture_output=True, text=True, timeout=60, preexec_fn=_sigint_default, check=True)
+    probe = subprocess.run([sys.executable, "-c", RESET_SIGINT + "print(signal.getsignal(signal.SIGINT))"],
+                           capture_output=True, text=True, timeout=60, check=True)
     assert "default_int_handler" in probe.stdout, probe.stdout
 
 
@@ -77,9 +76,8 @@ def test_a_signal_keeps_the_work_directory_and_says_where(tiny_dir, tmp_path, si
     out, work = tmp_path / "run", tmp_path / ".run.work"
     args = [tiny_dir, "--target-speedup", "1.05", "--out", out, *CLI_FAST,
             "--heal-steps", "100000", "--heal-minutes", "10"]  # healing outlasts the wait below
-    process = subprocess.Popen([sys.executable, "-m", "compressor", "model", *map(str, args)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=_sigint_default)
+    process = subprocess.Popen([sys.executable, "-c", LAUNCH, "model", *map(str, args)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
         while not (work / "plan.stage.json").exists() and process.poll() is None and time.time() < deadline:
