@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,44 @@ def cache_key(fingerprint: str, windows_digest: str, topk: int, temperature: flo
     if dtype is not None:  # a teacher run in autocast gives (slightly) other targets
         spec.append(str(dtype))
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:24]
+
+
+MAX_CACHE_GB = 8.0  # the folder's cap (COMPRESSOR_TEACHER_CACHE_GB overrides it): least recently used go first
+PATTERN = "teacher-*.safetensors"
+
+
+def cache_limit_bytes() -> int:
+    return int(float(os.environ.get("COMPRESSOR_TEACHER_CACHE_GB", MAX_CACHE_GB)) * 1e9)
+
+
+def evict(directory: Path, keep: Path | None = None, max_bytes: int | None = None) -> list[Path]:
+    """Delete the least recently used teacher caches in `directory` until it holds at most `max_bytes`
+    (default: cache_limit_bytes()); `keep` (the cache in use) is never deleted. Returns what went."""
+    max_bytes = cache_limit_bytes() if max_bytes is None else max_bytes
+    files = sorted(Path(directory).glob(PATTERN), key=lambda f: f.stat().st_mtime)
+    total = sum(f.stat().st_size for f in files)
+    gone = []
+    for f in files:
+        if total <= max_bytes:
+            break
+        if keep is not None and f.resolve() == Path(keep).resolve():
+            continue
+        total -= f.stat().st_size
+        f.unlink(missing_ok=True)
+        gone.append(f)
+    if gone:
+        log.info("teacher cache over %.1f GB: removed %d least recently used file(s)", max_bytes / 1e9, len(gone))
+    return gone
+
+
+def clear_cache(directory: Path | None = None) -> int:
+    """Delete every teacher cache in `directory` (default: compressor's own); returns how many."""
+    from compressor.util.io import cache_dir
+
+    files = list(Path(directory or cache_dir("teacher-logits")).glob(PATTERN))
+    for f in files:
+        f.unlink(missing_ok=True)
+    return len(files)
 
 
 def cache_path(directory: Path, teacher: torch.nn.Module, windows: torch.Tensor, topk: int, temperature: float,

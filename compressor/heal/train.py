@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,7 @@ from compressor.heal.teacher_cache import (
     build_cache,
     cache_path,
     check_cache,
+    evict,
 )
 from compressor.heal.trainable import CutPoint, cut_points, select_trainable_
 from compressor.surgery.edit import compressor_record
@@ -258,10 +260,12 @@ def _teacher_targets(teacher, student, windows, points, config: HealConfig, runt
                           dtype)
         if path.is_file():
             log.info("reusing the teacher cache %s", path)
+            os.utime(path)  # recently used: the last to be evicted
         else:
             status(f"computing the teacher's top-{config.topk} log-probabilities (once; cached)")
             build_cache(model, windows, path, config.topk, config.temperature, blocks, config.batch_size,
                         deadline, config.seed, dtype)
+            evict(path.parent, keep=path)
         del model
     path = _broadcast_path(runtime, path)
     cached = CachedTeacher(path, runtime.device)

@@ -214,3 +214,20 @@ def test_a_time_bounded_cache_covers_a_subset_and_healing_uses_it(tmp_path):
     torch.testing.assert_close(cached.targets(torch.arange(4), None).logprobs, live.values)
     result = heal(student, teacher, ids, config=HealConfig(steps=2, topk=16, teacher_cache=tmp_path, **FAST))
     assert result.tokens == 2 * 4 * 16
+
+
+def test_the_teacher_cache_is_capped_least_recently_used_first_and_can_be_cleared(tmp_path, monkeypatch):
+    """Each healing run on new windows adds a file; the folder stays under its cap by dropping the least
+    recently used, never the one in use, and clear_cache empties it."""
+    teacher, student = pair(drop=(1,))
+    settings = dict(steps=1, train="all", topk=16, teacher_cache=tmp_path, **FAST)
+    heal(copy.deepcopy(student), teacher, windows(n=4, seed=1), config=HealConfig(**settings))
+    one = sorted(tmp_path.glob(tc.PATTERN))
+    size = one[0].stat().st_size
+    monkeypatch.setenv("COMPRESSOR_TEACHER_CACHE_GB", str(2.5 * size / 1e9))  # room for two files
+    for seed in (2, 3):
+        heal(copy.deepcopy(student), teacher, windows(n=4, seed=seed), config=HealConfig(**settings))
+    kept = sorted(tmp_path.glob(tc.PATTERN))
+    assert len(kept) == 2 and one[0] not in kept  # the oldest went first
+    assert sum(f.stat().st_size for f in kept) <= 2.5 * size
+    assert tc.clear_cache(tmp_path) == 2 and not list(tmp_path.glob(tc.PATTERN))
