@@ -19,7 +19,7 @@ def test_smollm2_meets_a_modest_target_and_reports(tmp_path, smollm2_pair):
     # on tiny models; here a profile strategy and no export keep the run near a minute.
     result = run_cli(
         "model", "smollm2-135m", "--target-speedup", "1.1", "--out", str(out),
-        "--backend", "torch", "--threads", "2", "--workload", "1x64+16", "--samples", "8", "--seq-len", "128",
+        "--backend", "torch", "--threads", "2", "--workload", "1x128+16", "--samples", "8", "--seq-len", "128",
         "--strategy", "angular", "--format", "none",
         "--heal-steps", "3", "--min-seconds", "0.5", "--eval-tokens", "1024", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
