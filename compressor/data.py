@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -143,11 +144,15 @@ def windows_of(stream: torch.Tensor, samples: int, seq_len: int, seed: int = 0,
 
 def hold_out(texts: list[str], fraction: float) -> tuple[str, str]:
     """The one data-split rule for calibration, healing and evaluation: the texts joined by blank
-    lines, cut at the last space before the final `fraction` of the characters. Returns (kept,
-    held_out); the held-out text is the end, so it never overlaps what calibration or training saw,
-    and the cut falls between words so no token is split across the two."""
+    lines, cut at the last whitespace (of any kind) before the final `fraction` of the characters.
+    Returns (kept, held_out); the held-out text is the end, so it never overlaps what calibration or
+    training saw, and the cut falls between words so no token is split across the two. Text with no
+    whitespace before that point (Chinese, Japanese) is cut at the character boundary itself, so the
+    held-out part is never less than `fraction`."""
     if not 0 < fraction < 1:
         raise DataError(f"the held-out fraction must lie between 0 and 1 (got {fraction})")
     joined = "\n\n".join(texts)
-    cut = joined.rfind(" ", 0, int(len(joined) * (1 - fraction)))
+    boundary = int(len(joined) * (1 - fraction))
+    last = re.search(r"\s", joined[boundary - 1::-1]) if boundary else None  # searched backwards
+    cut = boundary - 1 - last.start() if last else boundary
     return joined[:cut], joined[cut:]

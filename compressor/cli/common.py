@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -21,6 +22,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from compressor.errors import CompressorError
 
 err = Console(stderr=True)
 out = Console()
@@ -60,6 +63,29 @@ def interrupt_note(text: str) -> None:
 
 def interrupted_message() -> str:
     return _interrupt_note[0]
+
+
+_FRACTION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(%?)\s*")
+
+
+def parse_fraction(text: str, option: str) -> float:
+    """A percentage ("10%") or a fraction ("0.1") as a fraction: the one reading of every such option.
+    A bare number of 1 or more is refused: "10" could mean 10 % or +1000 %."""
+    match = _FRACTION.fullmatch(text)
+    if not match:
+        raise CompressorError(f"cannot read {option} '{text}': write a percentage such as 10% or a fraction "
+                              "such as 0.1")
+    value = float(match.group(1))
+    if match.group(2):
+        return value / 100
+    if value >= 1:
+        raise CompressorError(f"{option} {text.strip()} is ambiguous: write {text.strip()}% or {value / 100:g}")
+    return value
+
+
+def parse_fractions(text: str, option: str) -> tuple[float, ...]:
+    """A comma-separated list of percentages or fractions (see parse_fraction)."""
+    return tuple(parse_fraction(part, option) for part in text.split(","))
 
 
 def device_kwargs(device: str) -> dict:

@@ -5,7 +5,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from compressor.cli.common import AllowPickleOpt, JsonOpt, ModelArg, OutOpt, OverwriteOpt, emit_json, err, out
+from compressor.cli.common import (
+    AllowPickleOpt,
+    JsonOpt,
+    ModelArg,
+    OutOpt,
+    OverwriteOpt,
+    emit_json,
+    err,
+    out,
+    parse_fraction,
+)
 
 FormatOpt = Annotated[str, typer.Option("--format", "-f", help="onnx, or tensorrt (ONNX plus an engine).")]
 PrecisionOpt = Annotated[str, typer.Option(
@@ -32,12 +42,12 @@ def export(
                                                  "(compressor.quantize's measured default).")] = "auto",
     keep_int8: Annotated[str, typer.Option("--keep-int8", help="int4: MatMuls kept at int8: none, lm_head, "
                                            "auto, or node names (comma-separated).")] = "auto",
-    max_ppl_increase: Annotated[float | None, typer.Option("--max-ppl-increase", help=_Q + "allowed perplexity "
-                                                           "rise in percent [int8 2, int4 25].")] = None,
+    max_ppl_increase: Annotated[str | None, typer.Option("--max-ppl-increase", help=_Q + "allowed perplexity rise, "
+                                                         "a percentage or a fraction (default: int8 2%, int4 25%).")] = None,
     min_top1: Annotated[float | None, typer.Option("--min-top1", help=_Q + "least top-1 agreement with PyTorch "
-                                                   "[int8 0.9, int4 0.7].")] = None,
+                                                   "(default: int8 0.9, int4 0.7).")] = None,
     max_kl: Annotated[float | None, typer.Option("--max-kl", help=_Q + "largest mean KL in nats "
-                                                 "[int8 0.05, int4 0.3].")] = None,
+                                                 "(default: int8 0.05, int4 0.3).")] = None,
     dtype: ExportDtypeOpt = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (18 or newer).")] = 18,
     optimize: Annotated[bool, typer.Option("--optimize", help="Also save ONNX Runtime's optimised graph.")] = False,
@@ -58,8 +68,9 @@ def export(
     from compressor.util.io import atomic_dir, check_output
 
     precision = check_export_options(format, dtype or precision, opset, route)
+    budget = None if max_ppl_increase is None else 100 * parse_fraction(max_ppl_increase, "--max-ppl-increase")
     quant, bounds = quant_options(precision, block_size, symmetric, accuracy_level, quant_algorithm, keep_int8,
-                                  max_ppl_increase, min_top1, max_kl)
+                                  budget, min_top1, max_kl)  # quant_options takes percent
     profile = None
     if format == "tensorrt":
         from compressor.export.tensorrt import TrtProfile

@@ -17,18 +17,10 @@ from compressor.cli.common import (
     err,
     interrupt_note,
     out,
+    parse_fraction,
+    parse_fractions,
 )
 from compressor.errors import CompressorError
-
-
-def _percent(text: str | None) -> float | None:
-    if text is None:
-        return None
-    match = re.fullmatch(r"\s*([0-9.]+)\s*(%?)\s*", text)
-    if not match:
-        raise CompressorError(f"cannot read --max-ppl-increase '{text}': write e.g. 10% or 0.1")
-    value = float(match.group(1))
-    return value / 100 if match.group(2) else value
 
 
 def _workload(text: str) -> tuple[int, int, int]:
@@ -38,32 +30,24 @@ def _workload(text: str) -> tuple[int, int, int]:
     return int(match.group(1) or 1), int(match.group(2)), int(match.group(3))
 
 
-def _levels(text: str | None) -> tuple[float, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(float(part.strip().rstrip("%")) / 100 for part in text.split(","))
-    except ValueError:
-        raise CompressorError(f"cannot read --sweep '{text}': write percentages of the blocks, e.g. 0,10,20,30,40") \
-            from None
-
-
 def model(
     model: Annotated[str, typer.Argument(help="Model directory, .gguf file, or 'smollm2-135m'.")] = "smollm2-135m",
     target_speedup: Annotated[float | None, typer.Option(
         "--target-speedup", help="Measured speedup to reach on the backend, e.g. 1.3.")] = None,
     max_ppl_increase: Annotated[str | None, typer.Option(
-        "--max-ppl-increase", help="Instead of a speedup: the fastest plan within this perplexity increase, e.g. 10%.")] = None,
+        "--max-ppl-increase", help="Instead of a speedup: the fastest plan within this perplexity increase, "
+        "as a percentage or a fraction: 10% or 0.1.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: compressed-MODEL).")] = None,
     data: DataOpt = None,
     eval_files: Annotated[list[Path] | None, typer.Option(
         "--eval", help="Evaluation text (repeatable; default: held-out part of --data).")] = None,
     eval_tokens: Annotated[int, typer.Option(
-        "--eval-tokens", help="Tokens of each evaluation text scored for perplexity (strided 512/256).")] = 8192,
+        "--eval-tokens", help="Tokens of each evaluation text scored for perplexity (strided 512/256; at least 2).")] = 8192,
     backend: Annotated[str, typer.Option("--backend", help="torch, onnxruntime or tensorrt.")] = "onnxruntime",
     device: DeviceOpt = "cpu",
-    threads: Annotated[int | None, typer.Option("--threads", help="Pinned thread count (default: all).")] = None,
-    workload: Annotated[str, typer.Option("--workload", help="BATCHxPREFILL+NEW tokens.")] = "1x512+128",
+    threads: Annotated[int | None, typer.Option(
+        "--threads", help="Threads of the timed runs, 1 or more (default: all); healing uses all.")] = None,
+    workload: Annotated[str, typer.Option("--workload", help="BATCHxPREFILL+NEW tokens, each at least 1.")] = "1x512+128",
     strategy: Annotated[str, typer.Option("--strategy", help="Block selection strategy.")] = "auto",
     heal_steps: Annotated[int, typer.Option("--heal-steps", help="Healing steps (0 skips healing).")] = 60,
     heal_minutes: Annotated[float, typer.Option("--heal-minutes", help="Healing time limit.")] = 4.0,
@@ -76,7 +60,8 @@ def model(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")] = 256,
     seed: SeedOpt = 0,
     sweep: Annotated[str | None, typer.Option(
-        "--sweep", help="Also measure these levels (percent of blocks removed, training-free), e.g. 0,10,20,30,40, "
+        "--sweep", help="Also measure these levels (share of the blocks removed, training-free; percentages or "
+        "fractions), e.g. 0,10%,20%,30%,40% or 0,0.1,0.2,0.3,0.4, "
         "and draw the perplexity-versus-latency curve with its Pareto front.")] = None,
     min_seconds: Annotated[float, typer.Option("--min-seconds", help="Timed seconds per model and shape.")] = 2.0,
     search_windows: Annotated[int, typer.Option(
@@ -96,15 +81,17 @@ def model(
     from compressor.pipeline import work_dir
 
     batch, prefill, new = _workload(workload)
+    budget = None if max_ppl_increase is None else parse_fraction(max_ppl_increase, "--max-ppl-increase")
+    levels = parse_fractions(sweep, "--sweep") if sweep else ()
     target = out_dir or Path(f"compressed-{Path(model).name.removesuffix('.gguf')}")
     interrupt_note(f"the work directory {work_dir(target)} is kept: rerun the same command to resume")
     report = compressor.compress(
-        model, target_speedup=target_speedup, max_ppl_increase=_percent(max_ppl_increase), out=target,
+        model, target_speedup=target_speedup, max_ppl_increase=budget, out=target,
         overwrite=overwrite, data=data, eval=tuple(eval_files or ()), backend=backend, device=device,
         threads=threads, prefill_tokens=prefill, new_tokens=new, batch=batch, strategy=strategy,
         heal_steps=heal_steps, heal_minutes=heal_minutes, heal_train=heal_train, heal_lr=heal_lr,
         format=export_format, samples=samples, seq_len=seq_len, seed=seed, timing_seconds=min_seconds,
-        sweep=_levels(sweep), search_windows=search_windows, eval_max_tokens=eval_tokens)
+        sweep=levels, search_windows=search_windows, eval_max_tokens=eval_tokens)
     if json:
         emit_json(report.to_dict())
     else:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import platform
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,30 +124,56 @@ def _cpu_name() -> str:
 
 
 def check_device(device: str | None) -> None:
-    if device is None or device == "cpu":
+    """Refuse a device this machine cannot run on (None and "cpu" always can)."""
+    if device is None or str(device) == "cpu":
         return
-    if not str(device).startswith("cuda"):
+    match = re.fullmatch(r"cuda(?::(\d+))?", str(device))
+    if not match:
         raise CompressorError(f"unknown device '{device}': use cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
         raise CompressorError(f"--device {device} needs a CUDA GPU, and torch sees none: use --device cpu")
+    if match.group(1) and int(match.group(1)) >= torch.cuda.device_count():
+        raise CompressorError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s), "
+                              f"numbered from 0: use cuda:0 up to cuda:{torch.cuda.device_count() - 1}")
 
 
 # --- PyTorch --------------------------------------------------------------------------------
 
+# torch's intra-op thread count is process-wide: the backends that set one share the count found before
+# the first of them, which the last of them to close puts back.
+_THREAD_HOLDERS: set[int] = set()
+_THREADS_BEFORE = [0]
+
+
+def _hold_threads(owner, threads: int) -> None:
+    if not _THREAD_HOLDERS:
+        _THREADS_BEFORE[0] = torch.get_num_threads()
+    _THREAD_HOLDERS.add(id(owner))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def _release_threads(owner) -> None:
+    if id(owner) in _THREAD_HOLDERS:
+        _THREAD_HOLDERS.discard(id(owner))
+        if not _THREAD_HOLDERS:
+            torch.set_num_threads(_THREADS_BEFORE[0])
+
+
 @register_backend("torch", "PyTorch eager, CPU or CUDA; --compile for torch.compile")
 class TorchBackend:
     """A torch model behind the Backend calls. `threads` sets torch's intra-op thread count, which is
-    process-wide: it holds from construction until `close()` (or the end of a `with` block), which
-    puts back the count found at construction."""
+    process-wide: it holds from construction until `close()` (or the end of a `with` block), which puts
+    back the count found before. A call after `close()` sets it again, so a backend kept between
+    measurements is closed after each one (`benchmark` does) and what runs in between (healing,
+    exporting) keeps every core."""
 
     name = "torch"
 
     def __init__(self, model, device: str = "cpu", threads: int | None = None, dtype: str = "float32",
                  compile: bool = False, allow_pickle: bool = False, source: str | Path | None = None):
         check_device(device)
-        self._restore_threads = torch.get_num_threads() if threads else None
-        if threads:
-            torch.set_num_threads(threads)
+        self.threads = threads
         self.tokenizer = None
         if isinstance(model, torch.nn.Module):
             self.model = model.to(device) if device else model
@@ -168,6 +195,7 @@ class TorchBackend:
         self.vocab_size = self.model.config.get_text_config().vocab_size
         if self.cuda_events:
             torch.cuda.reset_peak_memory_stats(self.device)
+        self._pin()
 
     def versions(self) -> dict[str, str]:
         versions = base_versions()
@@ -179,7 +207,7 @@ class TorchBackend:
     def settings(self) -> dict[str, Any]:
         return {
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads(),
+            "threads": self.threads or torch.get_num_threads(),
             "interop_threads": torch.get_num_interop_threads(),
             "compile": self.compiled,
             "cache": f"DynamicCache via {self._cache_kwarg}=",
@@ -193,29 +221,34 @@ class TorchBackend:
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor):
+        self._pin()
         cache = new_cache(self.model.config)
         out = self._call(input_ids=input_ids.to(self.device), use_cache=True, **{self._cache_kwarg: cache})
         return cache, out.logits[:, -1:].argmax(-1)
 
     @torch.inference_mode()
     def decode_step(self, state):
+        self._pin()
         cache, next_ids = state
         out = self._call(input_ids=next_ids, use_cache=True, **{self._cache_kwarg: cache})
         return cache, out.logits[:, -1:].argmax(-1)
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self._pin()
         return self._call(input_ids=input_ids.to(self.device), use_cache=False).logits
 
     def sync(self) -> None:
         if self.cuda_events:
             torch.cuda.synchronize(self.device)
 
+    def _pin(self) -> None:
+        if self.threads:
+            _hold_threads(self, self.threads)
+
     def close(self) -> None:
-        """Put back the torch thread count this backend changed (once; later calls do nothing)."""
-        if self._restore_threads is not None:
-            torch.set_num_threads(self._restore_threads)
-            self._restore_threads = None
+        """Put back the torch thread count this backend changed (a later call sets it again)."""
+        _release_threads(self)
 
     def __enter__(self) -> Self:
         return self
@@ -299,8 +332,8 @@ class OrtBackend(RunnerBackend):
         if not path.exists():
             raise ModelLoadError(f"{path} does not exist: pass an export directory from `compress export`")
         runtime = _export_module("runtime", "ONNX Runtime")
-        if providers is None and device.startswith("cuda"):
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if providers is None:
+            providers = runtime.providers_for(device)
         super().__init__(runtime.OrtCausalLM(path, threads=threads, providers=providers), _model_dir(path),
                          device, threads)
         self._ort_version = ort.__version__

@@ -113,7 +113,17 @@ def run_bench(model, other=None, backend: str = "auto", device: str = "cpu", thr
 
 def benchmark(backends: list[Backend], labels: list[str], config: BenchConfig,
               tokenizer=None) -> list[BenchResult]:
-    """Latency of every backend measured in alternation, then perplexity of each."""
+    """Latency of every backend measured in alternation, then perplexity of each. The backends are
+    closed afterwards, so the thread count a measurement pinned does not outlive it (a backend used
+    again pins it again)."""
+    try:
+        return _measure(backends, labels, config, tokenizer)
+    finally:
+        for backend in backends:
+            backend.close()
+
+
+def _measure(backends: list[Backend], labels: list[str], config: BenchConfig, tokenizer) -> list[BenchResult]:
     timing = config.timing
     prefill_entries: list[list[dict]] = [[] for _ in backends]
     decode_entries: list[list[dict]] = [[] for _ in backends]

@@ -189,6 +189,15 @@ def measure_latency_model(model: torch.nn.Module, workload: Workload | None = No
         raise CompressorError(f"measure at two depths or more, removing fewer than {n} blocks: {removals}")
     variants = [copy_without_blocks(model, spread_blocks(n, k)) for k in removals]
     backends = [TorchBackend(v, device=device, threads=threads) for v in variants]
+    try:
+        return _measure_depths(backends, n, removals, workload, timing)
+    finally:
+        for backend in backends:
+            backend.close()  # put back the thread count the timing pinned
+
+
+def _measure_depths(backends, n: int, removals: tuple[int, ...], workload: Workload,
+                    timing: TimingConfig) -> LatencyModel:
     kept = [n - k for k in removals]
     prefill_spec = PrefillSpec(workload.batch, workload.prefill_tokens)
     decode_spec = DecodeSpec(workload.batch, workload.prefill_tokens, workload.new_tokens)

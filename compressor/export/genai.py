@@ -80,7 +80,11 @@ def run_builder(model, tokenizer, out_dir: Path, precision: str = "fp32") -> flo
         status(f"building the {builder_precision} graph with onnxruntime-genai's builder")
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint),
                    "-o", str(out_dir), "-p", builder_precision, "-e", provider, "-c", str(cache)]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=_BUILDER_TIMEOUT_S, check=False)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=_BUILDER_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            raise BuilderError(f"onnxruntime-genai's builder did not finish within {_BUILDER_TIMEOUT_S:g} s and "
+                               "was stopped: export with --route dynamo instead") from None
     log.debug("builder output:\n%s\n%s", done.stdout[-4000:], done.stderr[-4000:])
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]

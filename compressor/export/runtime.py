@@ -10,6 +10,7 @@ CPU, device buffers on a GPU): pass them back as `past` unchanged.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,25 @@ def positions_from_mask(attention_mask: np.ndarray, seq_len: int) -> np.ndarray:
     positions = np.cumsum(mask, axis=-1) - 1
     positions[mask == 0] = 1
     return np.ascontiguousarray(positions[:, -seq_len:])
+
+
+def providers_for(device: str | None = None) -> list:
+    """ONNX Runtime execution providers for a compressor device. cpu: the CPU only, even where
+    onnxruntime-gpu could use a GPU; cuda or cuda:N: that GPU, then the CPU for what CUDA lacks;
+    None or "auto": CUDA where this ONNX Runtime has it, else the CPU."""
+    ort = require("onnxruntime", "onnx", "running ONNX models")
+    available = ort.get_available_providers()
+    if device in (None, "auto"):
+        return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    match = re.fullmatch(r"cuda(?::(\d+))?", str(device))
+    if not match:
+        raise CompressorError(f"unknown device '{device}' for ONNX Runtime: use cpu, cuda or cuda:N")
+    if "CUDAExecutionProvider" not in available:
+        raise CompressorError(f"--device {device} needs ONNX Runtime's CUDA provider, which this install lacks: "
+                              "pip install onnxruntime-gpu, or use --device cpu")
+    return [("CUDAExecutionProvider", {"device_id": int(match.group(1) or 0)}), "CPUExecutionProvider"]
 
 
 def resolve_onnx(path: Path | str) -> Path:
@@ -127,8 +147,9 @@ class OrtCausalLM(CausalRunner):
     """An exported causal LM on ONNX Runtime.
 
     path: an export folder or an .onnx file. threads: intra-op threads (None: ONNX Runtime's default).
-    providers: ONNX Runtime execution providers; by default CUDA where onnxruntime-gpu can use it,
-    else CPU. On CUDA the cache stays on the GPU between steps (IO binding).
+    providers: ONNX Runtime execution providers (`providers_for(device)` maps a device to them); by
+    default CUDA where onnxruntime-gpu can use it, else CPU. On CUDA the cache stays on the GPU between
+    steps (IO binding).
     spinning: let idle intra-op threads spin-wait for work (ONNX Runtime's default). Off here: when two
     sessions run in alternation (every side-by-side benchmark), one session's spinning threads take
     the cores from the other; on SmolLM2 decode with 2 threads that made p50 43 ms instead of 26.5 ms,
@@ -148,14 +169,15 @@ class OrtCausalLM(CausalRunner):
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         if providers is None:
-            available = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+            providers = providers_for(None)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as exc:
             raise CompressorError(f"ONNX Runtime cannot load {self.path}: {first_line(exc)}") from exc
         self.providers = self.session.get_providers()
         self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
+        cuda_options = self.session.get_provider_options().get("CUDAExecutionProvider", {})
+        self._device_id = int(cuda_options.get("device_id", 0))
         self._inputs = [i.name for i in self.session.get_inputs()]
         by_name = {i.name: i for i in self.session.get_inputs()}
         layers = sum(1 for n in by_name if n.startswith("past_key_values.")) // 2
@@ -221,7 +243,7 @@ class OrtCausalLM(CausalRunner):
             else:
                 binding.bind_ortvalue_input(name, value)
         for name in self._outputs:
-            binding.bind_output(name, "cpu" if name == "logits" else "cuda")
+            binding.bind_output(name, "cpu" if name == "logits" else "cuda", self._device_id)
         self.session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
         return logits.numpy(), present
