@@ -27,7 +27,7 @@ def compress(*args):
 @pytest.mark.timing
 def test_end_to_end_tiny_model(tiny_dir, tmp_path):
     out = tmp_path / "run"
-    result = compress(tiny_dir, "--target-speedup", "1.05", "--out", out, *FAST, "--sweep", "0,50",
+    result = compress(tiny_dir, "--target-speedup", "1.05", "--out", out, *FAST, "--sweep", "0,50%",
                       "--heal-train", "all", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -203,8 +203,18 @@ def test_tensorrt_backend_end_to_end(tiny_dir, tmp_path):
     assert report["backend"]["name"] == "tensorrt" and (out / "tensorrt" / "model.engine").is_file()
 
 
+def test_an_unreachable_target_is_found_after_calibrating_and_keeps_that_work(tiny_dir, tmp_path):
+    """Known only once the latency model is measured: exit 2 with the ceiling, --out absent, and the work
+    directory (the profile, the latency model) kept for a rerun with a reachable target."""
+    out, work = tmp_path / "run", tmp_path / ".run.work"
+    result = compress(tiny_dir, "--out", out, *FAST, "--target-speedup", "50")
+    assert result.returncode == 2, result.stderr
+    assert "ask for less" in result.stderr.lower() and str(work) in result.stderr and "rerun" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and (work / "profile.stage.json").is_file()
+
+
 @pytest.mark.parametrize("args, fragment", [
-    (["--target-speedup", "50"], "ask for less"),
     (["--target-speedup", "0.9"], "must be above 1"),
     (["--target-speedup", "1.2", "--backend", "nosuch"], "unknown backend"),
     (["--target-speedup", "1.2", "--format", "tensorrt"], "tensorrt"),
@@ -263,7 +273,7 @@ def test_depth_search_counts_and_respects_known_measurements():
 
 
 def test_one_split_rule_for_calibration_healing_and_evaluation():
-    """hold_out cuts the joined text at the last space before the held-out fraction: nothing is lost or
+    """hold_out cuts the joined text at the last whitespace before the held-out fraction: nothing is lost or
     shared, no word is split."""
     from compressor.data import hold_out
     texts = ["alpha beta gamma delta", "epsilon zeta eta theta iota kappa"]
@@ -271,8 +281,8 @@ def test_one_split_rule_for_calibration_healing_and_evaluation():
     for fraction in (0.1, 0.15, 0.5):
         kept, held = hold_out(texts, fraction)
         boundary = int(len(joined) * (1 - fraction))
-        assert kept + held == joined and held.startswith(" ") and len(held) >= fraction * len(joined)
-        assert " " not in joined[len(kept) + 1:boundary]  # the last space before the boundary
+        assert kept + held == joined and held[0].isspace() and len(held) >= fraction * len(joined)
+        assert not any(c.isspace() for c in joined[len(kept) + 1:boundary])  # the last whitespace before it
     with pytest.raises(Exception, match="between 0 and 1"):
         hold_out(texts, 1.5)
 

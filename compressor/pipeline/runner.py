@@ -100,7 +100,10 @@ class Runner:
         the checkpoint, the export, the reports, the plan and the profile."""
         for pattern in SCRATCH:
             for scratch in self.work.glob(pattern):
-                shutil.rmtree(scratch, ignore_errors=True)
+                if scratch.is_dir():
+                    shutil.rmtree(scratch, ignore_errors=True)
+                else:
+                    scratch.unlink(missing_ok=True)
         if out.exists():
             shutil.rmtree(out)
         self.work.rename(out)
