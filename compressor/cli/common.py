@@ -51,7 +51,7 @@ EXIT_BAD_INPUT = 2     # a CompressorError: bad input, a missing extra, an unrea
 EXIT_INTERNAL = 3      # an unexpected exception: a bug (COMPRESSOR_DEBUG=1 shows the traceback)
 EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_CODES_HELP = ("Exit codes: 0 done (model: target met), 1 finished but missed the target, 2 bad input, "
-                   "3 internal error (set COMPRESSOR_DEBUG=1 for the traceback), 130 interrupted.")
+                   "3 internal error (set COMPRESSOR_DEBUG=1 for the traceback), 130 interrupted (Ctrl-C or SIGTERM).")
 
 _interrupt_note = ["nothing was written"]
 

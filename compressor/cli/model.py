@@ -72,10 +72,10 @@ def model(
 ) -> None:
     """Compress a model to a target speedup (or perplexity budget): calibrate, plan, prune, heal, export, report.
 
-    Exit codes: 0 the target was met, 1 the run finished but missed it, 2 bad input or an unreachable
-    target (nothing is left behind), 3 internal error, 130 interrupted (the work directory
-    .OUT.work is kept: rerun the same command to resume). A rerun with the same --out resumes
-    finished stages.
+    Exit codes: 0 the target was met, 1 the run finished but missed it, 2 bad input (found before any
+    work; nothing is left behind) or a failure after the first stage such as an unreachable target
+    (the work directory .OUT.work is kept), 3 internal error, 130 interrupted by Ctrl-C or SIGTERM
+    (.OUT.work is kept). A rerun of the same command resumes the finished stages.
     """
     import compressor
     from compressor.pipeline import work_dir
