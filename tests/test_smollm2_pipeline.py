@@ -1,4 +1,4 @@
-"""`compress model` on the real SmolLM2-135M with a small budget: a modest target, all three reports."""
+"""`compress model` on the real SmolLM2-135M within a perplexity budget: a working model and all three reports."""
 
 from __future__ import annotations
 
@@ -11,27 +11,29 @@ from transformers import AutoModelForCausalLM
 pytestmark = pytest.mark.smollm2
 
 
-@pytest.mark.timing
-def test_smollm2_meets_a_modest_target_and_reports(tmp_path, smollm2_pair):
-    """smollm2_pair: the packaged model is converted into the cache once (or the test skips, saying why)."""
+def test_smollm2_compresses_within_a_budget_and_reports(tmp_path, smollm2_pair):
+    """smollm2_pair: the packaged model is converted into the cache once (or the test skips, saying why).
+
+    A perplexity budget, so no timing decides the plan and the test holds under the parallel test run; the
+    target-speedup path is tested end to end on a tiny model (test_pipeline.py, marker `timing`). The
+    default strategy and the export route are covered on SmolLM2 by test_select_smollm2 and
+    test_export_smollm2."""
     out = tmp_path / "run"
-    # The default strategy and the export route are covered elsewhere on SmolLM2 (test_export_smollm2) and
-    # on tiny models; here a profile strategy and no export keep the run near a minute.
     result = run_cli(
-        "model", "smollm2-135m", "--target-speedup", "1.1", "--out", str(out),
+        "model", "smollm2-135m", "--max-ppl-increase", "20%", "--out", str(out),
         "--backend", "torch", "--threads", "2", "--workload", "1x128+16", "--samples", "8", "--seq-len", "128",
         "--strategy", "angular", "--format", "none",
-        "--heal-steps", "3", "--min-seconds", "0.5", "--eval-tokens", "1024", "--json")
+        "--heal-steps", "2", "--min-seconds", "0.2", "--eval-tokens", "1024", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
-    assert report["target_met"] and report["speedup_measured"] >= 1.1
+    assert report["target_met"] and report["max_ppl_increase"] == pytest.approx(0.2)
     assert report["blocks_original"] == 30 and 1 <= len(report["blocks_removed"]) <= 15
     for name in ("report.json", "report.md", "report.html", "model/config.json", "plan.json"):
         assert (out / name).is_file(), name
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 2
     (name, original), = report["perplexity"]["original"].items()
     compressed = report["perplexity"]["compressed"][name]
-    assert 5 < original < compressed < 10 * original  # worse than the original, but a working model
+    assert 5 < original < compressed <= 1.2 * original  # within the budget, and a working model
     assert "perplexity" in (out / "report.md").read_text()
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.num_hidden_layers == 30 - len(report["blocks_removed"])
