@@ -21,16 +21,16 @@ $(STAMP): pyproject.toml
 
 # `make test`: what CI runs: everything but the tests marked slow, and the GPU and TensorRT ones (they
 # skip themselves on a machine without either). The SmolLM2 integration tests stay in. Two pytest-xdist
-# workers run the suite, one thread each; then the tests that assert measured speedups (marker `timing`)
-# run alone, so the other worker's load cannot move their numbers. Both share one empty cache, removed at
+# workers run the suite, one thread each; then the tests marked `serial` (they assert measured speedups, or
+# are heavy SmolLM2 runs) run alone, so another worker's load cannot move their numbers. Both share one empty cache, removed at
 # the end. `make test-all`: every test, every marker, in one process.
 CI_MARKERS ?= not slow and not gpu and not tensorrt
 TEST_WORKERS ?= 2
 
 test: setup
 	@cache=$$(mktemp -d); trap 'rm -rf "$$cache"' EXIT; \
-	COMPRESSOR_TEST_CACHE="$$cache" $(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist worksteal -m "($(CI_MARKERS)) and not timing" --durations=15 && \
-	COMPRESSOR_TEST_CACHE="$$cache" $(PY) -m pytest -q -x -m "($(CI_MARKERS)) and timing" --durations=5
+	COMPRESSOR_TEST_CACHE="$$cache" $(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist worksteal -m "($(CI_MARKERS)) and not serial" --durations=15 && \
+	COMPRESSOR_TEST_CACHE="$$cache" $(PY) -m pytest -q -x -m "($(CI_MARKERS)) and serial" --durations=5
 
 test-all: setup optimum-env
 	$(PY) -m pytest -q --durations=15

@@ -13,6 +13,8 @@ from compressor.util.progress import status
 
 log = logging.getLogger(__name__)
 
+PROBE_KEY = "probe.key"  # beside a probe export: which model (and format) it holds
+
 
 def export_to(run, model, path: Path, fmt: str, validate: bool = True):
     """Export `model` into `path` (replaced atomically) as `fmt`; returns the ExportSummary."""
@@ -41,9 +43,6 @@ def backend_for(run, model, name: str):
         export_to(run, model, path, fmt, validate=False)
         (path / PROBE_KEY).write_text(key)
     return get_backend(cfg.backend, path, device=cfg.device, threads=cfg.threads)
-
-
-PROBE_KEY = "probe.key"
 
 
 def _read(path: Path) -> str | None:
