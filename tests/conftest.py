@@ -184,19 +184,21 @@ def run_cli(*args, env: dict | None = None) -> CliResult:
     from compressor import cli
 
     root, pkg = logging.getLogger(), logging.getLogger("compressor")
-    saved = (root.handlers[:], root.level, pkg.level)
+    handlers, root_level, pkg_level = root.handlers[:], root.level, pkg.level  # main() configures logging
     out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in (env or {}).items():
-            mp.setenv(key, str(value))
-        mp.setattr(sys, "argv", ["compress", *map(str, args)])
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                cli.main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    root.handlers[:], _, _ = saved
-    root.setLevel(saved[1])
-    pkg.setLevel(saved[2])
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in (env or {}).items():
+                mp.setenv(key, str(value))
+            mp.setattr(sys, "argv", ["compress", *map(str, args)])
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    cli.main()
+                    code = 0
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(root_level)
+        pkg.setLevel(pkg_level)
     return CliResult(code, out.getvalue(), err.getvalue())
