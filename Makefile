@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml
 
 # `make test`: what CI runs: everything but the tests marked slow, and the GPU and TensorRT ones (they
 # skip themselves on a machine without either). The SmolLM2 integration tests stay in. Two pytest-xdist
-# workers run the suite, one thread each; then the tests marked `serial` (they assert measured speedups, or
-# are heavy SmolLM2 runs) run alone, so another worker's load cannot move their numbers. Both share one empty cache, removed at
-# the end. `make test-all`: every test, every marker, in one process.
+# workers run the suite, one thread each; then the tests marked `serial` (they assert measured speedups,
+# or are heavy SmolLM2 runs) run alone, so another worker's load cannot move their numbers. Both share
+# one empty cache, removed at the end. `make test-all`: every test, every marker, in one process.
 CI_MARKERS ?= not slow and not gpu and not tensorrt
 TEST_WORKERS ?= 2
 
