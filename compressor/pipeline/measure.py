@@ -38,7 +38,10 @@ def backend_for(run, model, name: str):
 
     path = run.work / name
     fmt = EXPORT_FOR_BACKEND[cfg.backend]
-    key = f"{model_fingerprint(model)}-{fmt}"  # a probe folder holds one model: reuse it only for that one
+    # A probe folder holds one model: reuse it only for that one. The original needs no fingerprint (every
+    # weight read once, repeated on each of its many probes): the work directory itself is tied to it.
+    identity = "original" if model is run.model else model_fingerprint(model)
+    key = f"{identity}-{fmt}"
     if not (path / "export.json").is_file() or _read(path / PROBE_KEY) != key:
         export_to(run, model, path, fmt, validate=False)
         (path / PROBE_KEY).write_text(key)

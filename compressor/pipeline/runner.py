@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from compressor.pipeline.config import PipelineConfig
+from compressor.util.fingerprint import content_signature, model_fingerprint
 from compressor.util.io import write_json
 
 log = logging.getLogger(__name__)
@@ -35,18 +36,6 @@ def key_of(inputs) -> str:
     content too (size and modification time of each file), so an edited --data file is not reused."""
     data = {"stage": type(inputs).__name__, **asdict(inputs)}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=_with_content).encode()).hexdigest()[:16]
-
-
-def content_signature(path: Path) -> list | None:
-    """[name, size, mtime_ns] of a file, or of every file under a directory; None where nothing is there."""
-    path = Path(path)
-    if path.is_file():
-        stat = path.stat()
-        return [[path.name, stat.st_size, stat.st_mtime_ns]]
-    if path.is_dir():
-        return [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns]
-                for f in sorted(path.rglob("*")) if f.is_file()]
-    return None
 
 
 def _with_content(value):
@@ -84,8 +73,6 @@ class Runner:
     def prepare(self, model_label: str, settings: dict, fresh: bool = False) -> None:
         """Reuse the work directory of an earlier run of the same model (same name and, for a file or
         directory, the same content); start afresh otherwise."""
-        from compressor.util.fingerprint import model_fingerprint
-
         stamp = self.work / "settings.json"
         identity = model_fingerprint(model_label)
         stored = json.loads(stamp.read_text()) if stamp.is_file() else {}

@@ -21,11 +21,9 @@ def model_fingerprint(model) -> str:
         if (path / "config.json").is_file():
             digest.update((path / "config.json").read_bytes())
         for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-            stat = file.stat()
-            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            digest.update(str(content_signature(file)).encode())
     elif isinstance(model, (str, Path)) and Path(model).is_file():  # a .gguf file
-        stat = Path(model).stat()
-        digest.update(f"{Path(model).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        digest.update(f"{Path(model).resolve()}:{content_signature(Path(model))}".encode())
     elif isinstance(model, (str, Path)):
         digest.update(str(model).encode())
     else:
@@ -36,6 +34,19 @@ def model_fingerprint(model) -> str:
                 digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{q.sum().item():.17g}:"
                               f"{q.square().sum().item():.17g}".encode())
     return digest.hexdigest()[:20]
+
+
+def content_signature(path: Path) -> list | None:
+    """[name, size, mtime_ns] of a file, or of every file under a directory; None where nothing is there.
+    What changes when a file is edited, without reading it."""
+    path = Path(path)
+    if path.is_file():
+        stat = path.stat()
+        return [[path.name, stat.st_size, stat.st_mtime_ns]]
+    if path.is_dir():
+        return [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns]
+                for f in sorted(path.rglob("*")) if f.is_file()]
+    return None
 
 
 def windows_fingerprint(windows: torch.Tensor, attention_mask: torch.Tensor | None = None) -> str:
