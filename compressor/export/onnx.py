@@ -308,7 +308,10 @@ def optimize_onnx(src: Path | str, dst: Path | str) -> Path:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(dst)
-    if src.with_name(src.name + ".data").exists():
+    from compressor.quantize.protos import PROTOBUF_LIMIT
+
+    # The optimised graph may hold a tied head twice: external data once it could pass protobuf's limit.
+    if src.with_name(src.name + ".data").exists() or 2 * onnx_size(src) >= PROTOBUF_LIMIT:
         options.add_session_config_entry(
             "session.optimized_model_external_initializers_file_name", dst.name + ".data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")

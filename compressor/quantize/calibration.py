@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from compressor.errors import DataError
+from compressor.quantize.protos import ort_session
 from compressor.util.gram import Gram
 from compressor.util.progress import track
 
@@ -105,37 +106,43 @@ def input_hessians(model, inputs: list[str], windows, skip_first: int = 0, batch
     model: an onnx.ModelProto (weights loaded); windows: LongTensor or array [n, seq].
     """
     import onnx
-    import onnxruntime as ort
 
     ids = np.asarray(windows.cpu().numpy() if hasattr(windows, "cpu") else windows)
     if ids.ndim != 2 or ids.shape[1] <= skip_first:
         raise DataError(f"calibration windows must be [n, seq] with seq > {skip_first}, got {ids.shape}")
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in inputs:
-        if name not in existing:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    outputs = len(model.graph.output)
+    existing = {o.name for o in model.graph.output}
+    try:  # the inputs become graph outputs for the probe session, and are removed again after
+        for name in inputs:
+            if name not in existing:
+                model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        return _sums(model, inputs, ids, skip_first, batch, full)
+    finally:
+        del model.graph.output[outputs:]
+
+
+def _sums(probe, inputs, ids, skip_first, batch, full) -> Hessians:
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    del probe
-    head = head_size(model.graph)
+    head = head_size(probe.graph)
     grams: dict[str, Gram] = {}
     tokens = 0
     rows = list(range(0, ids.shape[0], batch))
-    for row in track(rows, description="calibrating"):
-        chunk = ids[row : row + batch]
-        outs = session.run(inputs, _feeds(session, chunk, head))
-        for name, x in zip(inputs, outs, strict=True):
-            # float32 products over a whole batch of windows (the cost: tokens x K^2 per input),
-            # summed across batches in float64.
-            x = torch.from_numpy(np.asarray(x, dtype=np.float32).reshape(chunk.shape[0], chunk.shape[1], -1))
-            x = x[:, skip_first:].reshape(-1, x.shape[-1])
-            if name not in grams:
-                grams[name] = Gram(x.shape[1], diagonal=not full, product_dtype=torch.float32)
-            grams[name].add(x)
-        tokens += chunk.shape[0] * (ids.shape[1] - skip_first)
+    with ort_session(probe, opts) as session:  # over 2 GB, through external data
+        for row in track(rows, description="calibrating"):
+            chunk = ids[row : row + batch]
+            outs = session.run(inputs, _feeds(session, chunk, head))
+            for name, x in zip(inputs, outs, strict=True):
+                # float32 products over a whole batch of windows (the cost: tokens x K^2 per input),
+                # summed across batches in float64.
+                x = torch.from_numpy(np.asarray(x, dtype=np.float32).reshape(chunk.shape[0], chunk.shape[1], -1))
+                x = x[:, skip_first:].reshape(-1, x.shape[-1])
+                if name not in grams:
+                    grams[name] = Gram(x.shape[1], diagonal=not full, product_dtype=torch.float32)
+                grams[name].add(x)
+            tokens += chunk.shape[0] * (ids.shape[1] - skip_first)
     sums = {name: g.xtx.numpy() for name, g in grams.items()}
     log.info("calibration: %d tokens through %d MatMul inputs", tokens, len(inputs))
     return Hessians(sums, tokens)

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import CompressorError, require
+from compressor.errors import CompressorError
 from compressor.quantize import blockwise
 from compressor.quantize.calibration import Hessians, input_hessians
 from compressor.quantize.config import QuantConfig, QuantConfigError, QuantSummary
+from compressor.quantize.protos import load_model, save_model
 from compressor.util.progress import status, track
 
 log = logging.getLogger(__name__)
@@ -146,33 +144,6 @@ def _quantize_all(candidates, weights, bits, hessians, config, algorithm) -> dic
     return out
 
 
-def _load(src: Path):
-    onnx = require("onnx", "onnx", "quantizing ONNX graphs")
-    if not src.is_file():
-        raise CompressorError(f"{src} is not an ONNX file: pass the model.onnx of an fp32 export")
-    try:
-        return onnx.load(str(src))
-    except Exception as exc:  # noqa: BLE001 (onnx raises DecodeError / ValidationError / OSError here)
-        raise CompressorError(f"cannot read {src} as ONNX ({exc}): export it again") from None
-
-
-def _save(model, dst: Path) -> None:
-    """Write dst (+ dst.data with the weights) so that readers never see half a model."""
-    import onnx
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    data = dst.name + ".data"
-    try:
-        onnx.save(model, str(tmp / dst.name), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=data, size_threshold=1024)
-        if (tmp / data).exists():
-            os.replace(tmp / data, dst.parent / data)
-        os.replace(tmp / dst.name, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _rewrite(model, candidates, weights, quants, config: QuantConfig, summary: QuantSummary) -> None:
     """Swap each candidate MatMul for its MatMulNBits node, in place, and drop dead weights."""
     from onnx import helper
@@ -204,7 +175,7 @@ def _rewrite(model, candidates, weights, quants, config: QuantConfig, summary: Q
 def measure_hessians(src: Path, windows, skip_first: int = 0, full: bool = True) -> Hessians:
     """The input Hessians (full=False: their diagonals) of every weight MatMul of `src`, for one or
     more quantize_onnx calls."""
-    model = _load(Path(src))
+    model = load_model(Path(src))
     inputs = sorted({node.input[0] for node in _weight_matmuls(model.graph).values()})
     return input_hessians(model, inputs, windows, skip_first=skip_first, full=full)
 
@@ -225,7 +196,7 @@ def quantize_onnx(src: Path, dst: Path, config: QuantConfig, calibration=None) -
     algorithm = config.resolved_algorithm(calibration is not None)
     start = time.perf_counter()
     status(f"quantizing {src.name} ({config.bits}-bit {algorithm})")
-    model = _load(src)
+    model = load_model(src)
     graph = model.graph
     candidates = _weight_matmuls(graph)
     if not candidates:
@@ -244,7 +215,7 @@ def quantize_onnx(src: Path, dst: Path, config: QuantConfig, calibration=None) -
     weights = {name: numpy_helper.to_array(inits[node.input[1]]) for name, node in candidates.items()}
     quants = _quantize_all(candidates, weights, bits, hessians, config, algorithm)
     _rewrite(model, candidates, weights, quants, config, summary)
-    _save(model, dst)
+    save_model(model, dst)
     summary.seconds = time.perf_counter() - start
     log.info("quantized %d MatMuls (%s) in %.1f s", len(summary.nodes), algorithm, summary.seconds)
     return summary
