@@ -56,6 +56,11 @@ def model(
     heal_lr: Annotated[float | None, typer.Option(
         "--heal-lr", help="Peak healing learning rate (default: 1e-3 for touched and lora, 2e-4 for all).")] = None,
     export_format: Annotated[str, typer.Option("--format", help="onnx, tensorrt or none.")] = "onnx",
+    precision: Annotated[str, typer.Option(
+        "--precision", help="auto: measure every precision the backend runs (ONNX Runtime on a CPU: fp32, int8, "
+        "int4) on the unpruned model, then remove blocks on top only where the target needs them, keeping the "
+        "combination with the lowest perplexity (under --max-ppl-increase: the fastest within it). Or pin one: "
+        "fp32, fp16, int8, int4. Speedups are always against the original at fp32.")] = "auto",
     samples: Annotated[int, typer.Option("--samples", help="Calibration windows.")] = 64,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")] = 256,
     seed: SeedOpt = 0,
@@ -70,7 +75,11 @@ def model(
     overwrite: OverwriteOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Compress a model to a target speedup (or perplexity budget): calibrate, plan, prune, heal, export, report.
+    """Compress a model to a target speedup (or perplexity budget): measure each precision, choose precision and
+    depth together, calibrate, plan, prune, heal, export, report.
+
+    The report compares the choice with quantizing alone (every precision the backend runs) and with removing
+    blocks alone at fp32, on one perplexity-versus-latency figure.
 
     Exit codes: 0 the target was met, 1 the run finished but missed it, 2 bad input (found before any
     work; nothing is left behind) or a failure after the first stage such as an unreachable target
@@ -81,6 +90,10 @@ def model(
     from compressor.pipeline import work_dir
 
     batch, prefill, new = _workload(workload)
+    if precision.lower() != "auto":
+        from compressor.export.run import parse_precision
+
+        precision = parse_precision(precision)
     budget = None if max_ppl_increase is None else parse_fraction(max_ppl_increase, "--max-ppl-increase")
     levels = parse_fractions(sweep, "--sweep") if sweep else ()
     target = out_dir or Path(f"compressed-{Path(model).name.removesuffix('.gguf')}")
@@ -90,7 +103,7 @@ def model(
         overwrite=overwrite, data=data, eval=tuple(eval_files or ()), backend=backend, device=device,
         threads=threads, prefill_tokens=prefill, new_tokens=new, batch=batch, strategy=strategy,
         heal_steps=heal_steps, heal_minutes=heal_minutes, heal_train=heal_train, heal_lr=heal_lr,
-        format=export_format, samples=samples, seq_len=seq_len, seed=seed, timing_seconds=min_seconds,
+        format=export_format, precision=precision.lower(), samples=samples, seq_len=seq_len, seed=seed, timing_seconds=min_seconds,
         sweep=levels, search_windows=search_windows, eval_max_tokens=eval_tokens)
     if json:
         emit_json(report.to_dict())

@@ -12,67 +12,76 @@ from compressor.info import count_parameters
 from compressor.pipeline.config import EXPORT_FOR_BACKEND
 from compressor.pipeline.data import perplexities
 from compressor.pipeline.deliver import CHECKPOINT
-from compressor.pipeline.measure import backend_for, bench_pair, open_backend, workload_ms
-from compressor.report import Attempt, BackendInfo, Pair, Perplexities, Report, SweepPoint, TradeoffPoint
+from compressor.pipeline.measure import backend_for, measure_speedup, open_backend, workload_ms
+from compressor.report import (
+    Attempt,
+    BackendInfo,
+    Baseline,
+    Pair,
+    Perplexities,
+    Report,
+    SweepPoint,
+    TradeoffPoint,
+)
 from compressor.util.io import dir_size
 from compressor.util.progress import status
 
-# A final speedup this close below the target is re-measured before the run declares a miss: repeated
-# measurements of one pair vary by a few percent on a busy CPU (the depth search's probe of the same
-# depth measured up to 4% more than the final benchmark in one SmolLM2 run).
-REMEASURE_BAND = 0.05
-MAX_ROUNDS = 3
 
-
-def final_bench(run, compressed):
-    """(original, compressed) bench results and the speedups of every round measured; the compressed model
-    is timed from its delivered export when that is what the backend runs, so the numbers are those of
-    the shipped file. A speedup within REMEASURE_BAND below the target is measured again (up to
-    MAX_ROUNDS rounds in all) and the round with the median speedup is kept."""
+def final_bench(run, compressed, precision: str):
+    """(Speedup, (original, compressed) bench results of its median round); the compressed model is timed
+    from its delivered export when that is what the backend runs, so the numbers are those of the
+    shipped file, with the protocol of every probe (`measure.measure_speedup`)."""
     cfg = run.cfg
     status("benchmarking original and compressed side by side")
     original = backend_for(run, run.model, "probe-original")
     if cfg.format != "none" and EXPORT_FOR_BACKEND.get(cfg.backend) == cfg.format:
-        mine = open_backend(run, run.work / cfg.format)
+        mine = open_backend(run, run.work / cfg.format, precision)
     else:
-        mine = backend_for(run, compressed, "probe-final")
-    return settle(lambda: bench_pair(run, original, mine), lambda pair: workload_ms(pair[0]) / workload_ms(pair[1]),
-                  cfg.target_speedup)
+        mine = backend_for(run, compressed, "probe-final", precision)
+    speed, pair = measure_speedup(run, original, mine, cfg.target_speedup)
+    return speed, pair, mine
 
 
-def settle(measure, speedup, target: float | None):
-    """Measure once; while the speedup lies within REMEASURE_BAND below `target`, measure again (MAX_ROUNDS
-    in all). Returns (the round with the median speedup, every round's speedup, sorted)."""
-    rounds = [measure()]
-    while target and len(rounds) < MAX_ROUNDS and target * (1 - REMEASURE_BAND) <= speedup(rounds[-1]) < target:
-        status(f"{speedup(rounds[-1]):.3f}x is within {REMEASURE_BAND:.0%} below the {target:.2f}x target: "
-               "measuring again before calling it a miss")
-        rounds.append(measure())
-    rounds.sort(key=speedup)
-    return rounds[len(rounds) // 2], [speedup(r) for r in rounds]
+def delivered_perplexities(compressed, backend, precision: str, evaluation: dict) -> dict[str, float]:
+    """Perplexity of what is delivered: through the runtime for a quantized or half-precision export
+    (its weights are not the PyTorch model's), the PyTorch model's at fp32."""
+    if precision == "fp32":
+        return perplexities(compressed, evaluation)
+    from compressor.evaluate import perplexity
+    from compressor.pipeline.data import PPL_STRIDE, PPL_WINDOW
+
+    try:
+        return {name: perplexity(backend, ids, PPL_WINDOW, PPL_STRIDE).perplexity for name, ids in evaluation.items()}
+    finally:
+        backend.close()
 
 
 def build_report(run, *, plan, compressed, data, pruned_ppl: dict, heal: dict | None, exports: dict,
-                 attempts: list[dict], sweep: list[dict] | None, bench, dest: Path | None) -> Report:
+                 points: list[dict], choice: dict, sweep: list[dict] | None, bench, dest: Path | None) -> Report:
     """The run's Report; `dest` is where the run directory will be (None: nothing is written)."""
     from compressor import __version__
 
     cfg = run.cfg
-    (ra, rb), rounds = bench
+    speed, (ra, rb), backend = bench
+    precision = choice["precision"]
     original_ppl = perplexities(run.model, data.evaluation)
-    compressed_ppl = perplexities(compressed, data.evaluation)
-    speedup = workload_ms(ra) / workload_ms(rb)
-    met = (speedup >= cfg.target_speedup) if cfg.target_speedup else all(
+    healed_ppl = perplexities(compressed, data.evaluation) if heal else pruned_ppl
+    compressed_ppl = delivered_perplexities(compressed, backend, precision, data.evaluation)
+    met = (speed.value >= cfg.target_speedup) if cfg.target_speedup else all(
         compressed_ppl[n] <= original_ppl[n] * (1 + cfg.max_ppl_increase) for n in original_ppl)
     sizes = None
     if isinstance(run.source, Path):
         sizes = Pair(original=dir_size(run.source), compressed=dir_size(run.work / CHECKPOINT))
+    baselines = _baselines(points, choice, speed, compressed_ppl, bool(heal), workload_ms(ra))
+    attempts = [a for t in choice.get("tried", []) for a in t.get("attempts") or []]
     return Report(
         tool=f"compressor {__version__}", model=str(cfg.model), model_source=str(run.source),
-        target_speedup=cfg.target_speedup, max_ppl_increase=cfg.max_ppl_increase, speedup_measured=speedup,
+        target_speedup=cfg.target_speedup, max_ppl_increase=cfg.max_ppl_increase, speedup_measured=speed.value,
+        speedup_spread=speed.spread, precision=precision,
         target_met=met, blocks_original=plan.blocks_original, blocks_removed=plan.drop,
         blocks_linearized=plan.linearize,
-        perplexity=Perplexities(original=original_ppl, pruned_before_heal=pruned_ppl, compressed=compressed_ppl),
+        perplexity=Perplexities(original=original_ppl, pruned_before_heal=pruned_ppl, compressed=compressed_ppl,
+                                healed_full_precision=healed_ppl if precision != "fp32" else {}),
         perplexity_increase={n: compressed_ppl[n] / original_ppl[n] - 1 for n in original_ppl},
         latency=Pair(original=ra.to_dict(), compressed=rb.to_dict()),
         workload=f"batch {cfg.batch}: prefill {cfg.prefill_tokens} + {cfg.new_tokens} decoded tokens",
@@ -83,14 +92,36 @@ def build_report(run, *, plan, compressed, data, pruned_ppl: dict, heal: dict | 
         size_bytes=sizes, plan={**plan.to_dict(), "summary": plan.summary()},
         attempts=[Attempt(**a) for a in attempts], heal=heal, exports=exports,
         settings={k: str(v) if isinstance(v, (Path, tuple)) else v for k, v in asdict(cfg).items()},
-        seconds=dict(run.runner.seconds), notes=_notes(plan, rounds),
+        seconds=dict(run.runner.seconds), notes=_notes(plan, speed.rounds, choice),
         tradeoff=_tradeoff(original_ppl, pruned_ppl, compressed_ppl, workload_ms(ra), workload_ms(rb)),
+        baselines=baselines, choice={k: v for k, v in choice.items() if k != "tried"},
         sweep=[SweepPoint(**p) for p in sweep] if sweep is not None else None,
         artifacts=_artifacts(dest, exports))
 
 
-def _notes(plan, rounds: list[float]) -> list[str]:
+def _baselines(points: list[dict], choice: dict, speed, compressed_ppl: dict, healed: bool,
+               original_ms: float) -> list[Baseline]:
+    """The quantize-only points, the depth-only point at fp32 and the chosen combination, on one latency axis:
+    the final benchmark's original latency over each point's own measured speedup."""
+    def at(speedup):
+        return original_ms / speedup if speedup else None
+
+    out = [Baseline(kind="quantize-only", precision=p["precision"], blocks_removed=0, speedup=p["speedup"],
+                    spread=p["spread"], latency_ms=at(p["speedup"]), perplexity=p["perplexity"]) for p in points]
+    d = choice.get("depth_only")
+    if d:
+        out.append(Baseline(kind="depth-only", precision="fp32", blocks_removed=d["blocks"], speedup=d.get("speedup"),
+                            spread=d.get("spread"), latency_ms=at(d.get("speedup")), perplexity=d.get("estimate") or {},
+                            note=d.get("why") or "training-free"))
+    out.append(Baseline(kind="chosen", precision=choice["precision"], blocks_removed=choice["blocks"],
+                        speedup=speed.value, spread=speed.spread, latency_ms=at(speed.value),
+                        perplexity=compressed_ppl, healed=healed))
+    return out
+
+
+def _notes(plan, rounds: list[float], choice: dict) -> list[str]:
     notes = [plan.provenance["note"]] if plan.provenance.get("note") else []
+    notes += [f"{t['precision']}: out of reach ({t['why']})" for t in choice.get("tried", []) if t.get("why")]
     if len(rounds) > 1:
         notes.append(f"the final benchmark was measured {len(rounds)} times (speedups "
                      f"{', '.join(f'{s:.3f}x' for s in rounds)}); the median round is reported")

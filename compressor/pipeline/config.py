@@ -35,6 +35,7 @@ class PipelineConfig:
     heal_train: str = "touched"       # see HealConfig.train
     heal_lr: float | None = None      # None: HealConfig's default for heal_train
     format: str = "onnx"
+    precision: str = "auto"           # auto: measured, with the depth (pipeline.precision); or one pinned
     max_probes: int = 4               # measured depths when confirming the target speedup
     speedup_margin: float = 0.02      # a probe must reach target x (1 + margin): repeated measurements of
                                       # one pair vary by about 1-2 %, and the final benchmark is another one
@@ -92,6 +93,7 @@ def _problems(cfg: PipelineConfig) -> list[str]:
         problems.append(f"unknown backend '{cfg.backend}': choose one of {', '.join(backend_names())}")
     if cfg.format not in (*FORMATS, "none"):
         problems.append(f"unknown format '{cfg.format}': choose one of {', '.join(FORMATS)}, none")
+    problems += _precision_problems(cfg)
     if cfg.heal_train not in TRAIN_CHOICES:
         problems.append(f"--heal-train must be one of {', '.join(TRAIN_CHOICES)} (got '{cfg.heal_train}')")
     if cfg.heal_lr is not None and not cfg.heal_lr > 0:
@@ -102,6 +104,16 @@ def _problems(cfg: PipelineConfig) -> list[str]:
         if not Path(path).exists():
             problems.append(f"{path} does not exist")
     return problems
+
+
+def _precision_problems(cfg: PipelineConfig) -> list[str]:
+    from compressor.export.run import PRECISIONS
+    from compressor.pipeline.precision import precision_problem
+
+    if cfg.precision not in ("auto", *PRECISIONS):
+        return [f"unknown precision '{cfg.precision}': choose auto or one of {', '.join(PRECISIONS)}"]
+    problem = precision_problem(cfg.precision, cfg.backend, cfg.device, cfg.format)
+    return [problem] if problem else []
 
 
 def _device_problem(device: str) -> list[str]:

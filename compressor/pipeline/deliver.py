@@ -15,9 +15,10 @@ def save_stage(run, model) -> None:
         save_checkpoint(model, run.tokenizer, tmp)
 
 
-def export_stage(run, model) -> dict[str, dict]:
-    """work/FORMAT with the validated export (an ONNX model, or an ONNX model and its TensorRT engine)."""
+def export_stage(run, model, precision: str) -> dict[str, dict]:
+    """work/FORMAT with the validated export at `precision` (an ONNX model, or an ONNX model and its
+    TensorRT engine); a quantized export is held to its quality bounds against `model`."""
     fmt = run.cfg.format
     if fmt == "none":
         return {}
-    return {fmt: export_to(run, model, run.work / fmt, fmt, validate=True).to_dict()}
+    return {fmt: export_to(run, model, run.work / fmt, fmt, validate=True, precision=precision).to_dict()}

@@ -1,11 +1,12 @@
-"""How many blocks to remove for the target speedup, *measured* on the target backend.
+"""How many blocks to remove for the target speedup, on top of a precision, *measured* on the target backend.
 
 A first guess from parameter counts (the LM head does not shrink with depth) is measured first: a
-copy with that many blocks removed, spread over the depth, exported and timed against the original
-in alternation. That pair fits the latency model (fixed + per-block cost on this backend and device),
-which refuses an unreachable target with its ceiling and makes the next guess; then
-`latency_model.search_depth` corrects the guess from each probe's own measurement, both ways, within
-`max_probes` probes (the first included).
+copy with that many blocks removed, spread over the depth, exported at the precision and timed
+against the original fp32 model in alternation. At fp32 that pair fits the latency model (fixed +
+per-block cost on this backend and device), which finds an unreachable target with its ceiling and
+makes the next guess; then `latency_model.search_depth` corrects the guess from each probe's own
+measurement, both ways, within `max_probes` probes (the first included). On top of a quantized
+precision the search runs on speedups relative to that precision's unpruned model.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from compressor.blocks import spread_blocks
 from compressor.errors import InvalidPlanError
 from compressor.evaluate import LatencyModel, Workload, fit_latency_model
 from compressor.evaluate.latency_model import parameter_guess, search_depth
-from compressor.pipeline.measure import backend_for, bench_pair, workload_ms
+from compressor.pipeline.measure import backend_for, measure_speedup
 from compressor.pipeline.runner import inputs_of
 from compressor.surgery.edit import copy_without_blocks
 from compressor.util.progress import status
@@ -45,60 +46,74 @@ class DepthInputs:
     target_speedup: float
     max_probes: int
     speedup_margin: float
+    precision: str                  # the precision the blocks are removed on top of
 
 
 def timing_inputs(cfg) -> TimingInputs:
     return inputs_of(TimingInputs, cfg)
 
 
-def depth_inputs(cfg) -> DepthInputs:
-    return inputs_of(DepthInputs, cfg, timing=timing_inputs(cfg))
+def depth_inputs(cfg, precision: str = "fp32") -> DepthInputs:
+    return inputs_of(DepthInputs, cfg, timing=timing_inputs(cfg), precision=precision)
 
 
-def blocks_for_target(run) -> tuple[int, list[dict]]:
-    """The fewest blocks whose removal reaches the target (cached); returns (k, the probes measured)."""
-    found = run.runner.cached("blocks", depth_inputs(run.cfg), lambda: _search(run))
-    return found["k"], found["attempts"]
+def probe_name(precision: str, k: int) -> str:
+    return f"probe-{k}" if precision == "fp32" else f"probe-{precision}-{k}"
 
 
-def _search(run) -> dict:
+def blocks_for_target(run, precision: str = "fp32", base: float = 1.0) -> dict:
+    """The fewest blocks whose removal, on top of `precision` (whose unpruned speedup is `base`), reaches
+    the target (cached): {"k": blocks or None when out of reach, "attempts": the probes measured,
+    "why": why it is out of reach}."""
+    name = "blocks" if precision == "fp32" else f"blocks-{precision}"
+    return run.runner.cached(name, depth_inputs(run.cfg, precision), lambda: _search(run, precision, base))
+
+
+def _search(run, precision: str, base: float) -> dict:
     cfg = run.cfg
     n = get_adapter(run.model).num_blocks(run.model)
     original = backend_for(run, run.model, "probe-original")
     attempts: list[dict] = []
     pairs: dict[int, tuple] = {}
+    known: dict[int, float] = {}
     fitted: list[LatencyModel] = []
 
-    def measure(k: int) -> float:
-        if k not in pairs:
-            probe = backend_for(run, copy_without_blocks(run.model, spread_blocks(n, k)), f"probe-{k}")
-            pairs[k] = bench_pair(run, original, probe)
-        ra, rb = pairs[k]
-        measured = workload_ms(ra) / workload_ms(rb)
-        predicted = fitted[0].predict_speedup(k) if fitted else None
-        attempts.append({"blocks_removed": k, "predicted": predicted, "measured": measured,
-                         "latency_ms": [workload_ms(ra), workload_ms(rb)]})
-        status(f"{k} blocks removed: {measured:.3f}x measured"
-               + (f" ({predicted:.3f}x predicted)" if predicted else ""))
-        return measured
+    def measure(k: int) -> float:  # the speedup of k blocks removed, relative to the unpruned model at `precision`
+        if k not in known:
+            model = copy_without_blocks(run.model, spread_blocks(n, k))
+            probe = backend_for(run, model, probe_name(precision, k), precision)
+            speed, pairs[k] = measure_speedup(run, original, probe, cfg.target_speedup)
+            known[k] = speed.value
+            predicted = fitted[0].predict_speedup(k) if fitted else None
+            attempts.append({"blocks_removed": k, "precision": precision, "predicted": predicted,
+                             "measured": speed.value, "spread": speed.spread, "rounds": speed.rounds,
+                             "latency_ms": [speed.original_ms, speed.model_ms]})
+            status(f"{precision}, {k} blocks removed: {speed.text()} measured"
+                   + (f" ({predicted:.3f}x predicted)" if predicted else ""))
+        return known[k] / base
 
-    status(f"measuring the latency model on {cfg.backend}/{cfg.device}")
-    first_guess = parameter_guess(run.model, n, cfg.target_speedup)
-    info = run.runner.cached("latency_model", timing_inputs(cfg),
-                             lambda: _latency_model(run, n, first_guess, measure, pairs))
-    fitted.append(LatencyModel.from_dict(info))
-    first = min(max(fitted[0].blocks_for_speedup(cfg.target_speedup), 1), n - 1)  # raises if out of reach
-    for attempt in attempts:  # the latency model's own probe counts as the search's first measurement
-        attempt["predicted"] = fitted[0].predict_speedup(attempt["blocks_removed"])
-    known = {k: workload_ms(ra) / workload_ms(rb) for k, (ra, rb) in pairs.items()}
-    reached = search_depth(first, measure, cfg.target_speedup * (1 + cfg.speedup_margin), n, cfg.max_probes, known)
+    goal = cfg.target_speedup * (1 + cfg.speedup_margin)
+    if precision == "fp32":
+        status(f"measuring the latency model on {cfg.backend}/{cfg.device}")
+        first_guess = parameter_guess(run.model, n, cfg.target_speedup)
+        info = run.runner.cached("latency_model", timing_inputs(cfg),
+                                 lambda: _latency_model(run, n, first_guess, measure, pairs))
+        fitted.append(LatencyModel.from_dict(info))
+        try:
+            first = min(max(fitted[0].blocks_for_speedup(cfg.target_speedup), 1), n - 1)
+        except InvalidPlanError as exc:  # beyond the latency model's ceiling
+            return {"k": None, "attempts": attempts, "why": str(exc)}
+        for attempt in attempts:  # the latency model's own probe counts as the search's first measurement
+            attempt["predicted"] = fitted[0].predict_speedup(attempt["blocks_removed"])
+    else:
+        first = parameter_guess(run.model, n, max(goal / base, 1.0 + 1e-6))
+    reached = search_depth(first, measure, goal / base, n, cfg.max_probes, {k: v / base for k, v in known.items()})
     if reached is not None:
-        return {"k": reached, "attempts": attempts}
+        return {"k": reached, "attempts": attempts, "why": None}
     best = max(attempts, key=lambda a: a["measured"])
-    raise InvalidPlanError(
-        f"a {cfg.target_speedup:.2f}x speedup was not reached on {cfg.backend}/{cfg.device}: the best measured "
-        f"was {best['measured']:.3f}x with {best['blocks_removed']} blocks removed ({fitted[0].explain()}); "
-        "ask for less")
+    why = (f"the best measured at {precision} was {best['measured']:.3f}x with {best['blocks_removed']} blocks "
+           "removed" + (f" ({fitted[0].explain()})" if fitted else ""))
+    return {"k": None, "attempts": attempts, "why": why}
 
 
 def _latency_model(run, n: int, k: int, measure, pairs: dict) -> dict:

@@ -1,4 +1,8 @@
-"""The plan stage (K blocks, or the deepest plan within a perplexity budget) and the optional sweep."""
+"""The choice of precision and depth (a stage), the plan for that depth, and the optional sweep.
+
+The training-free plans are searched once per set of depths and kept on the run, so the plan a
+choice was estimated with is the plan that is applied.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compressor.adapters import get_adapter
-from compressor.errors import InvalidPlanError
 from compressor.pipeline.calibrate import ProfileInputs, profile_inputs
-from compressor.pipeline.data import perplexities
-from compressor.pipeline.depth import DepthInputs, TimingInputs, depth_inputs, timing_inputs
-from compressor.pipeline.measure import backend_for, bench_pair, workload_ms
+from compressor.pipeline.data import PPL_STRIDE, PPL_WINDOW, perplexities
+from compressor.pipeline.depth import TimingInputs, blocks_for_target, timing_inputs
+from compressor.pipeline.measure import backend_for, measure_speedup
 from compressor.pipeline.runner import inputs_of
 from compressor.util.progress import status
 
@@ -21,127 +24,200 @@ PLAN_FILE = "plan.json"
 
 
 @dataclass(frozen=True)
-class PlanInputs:
+class ChoiceInputs:
     profile: ProfileInputs
-    depth: DepthInputs | None            # None under a perplexity budget
-    strategy: str
+    timing: TimingInputs
+    precision: str
+    format: str
+    target_speedup: float | None
     max_ppl_increase: float | None
+    max_probes: int
+    speedup_margin: float
+    strategy: str
     search_windows: int
     eval: tuple[Path, ...]
     eval_max_tokens: int
 
 
 @dataclass(frozen=True)
-class SweepInputs:
+class PlanInputs:
     profile: ProfileInputs
-    timing: TimingInputs
+    blocks: int
+    searched: tuple[int, ...]           # the depths searched together (a search may depend on them)
     strategy: str
     search_windows: int
+
+
+@dataclass(frozen=True)
+class SweepInputs:
+    choice: ChoiceInputs
     sweep: tuple[float, ...]
-    eval: tuple[Path, ...]
-    eval_max_tokens: int
 
 
-def plan_inputs(cfg) -> PlanInputs:
-    depth = depth_inputs(cfg) if cfg.target_speedup is not None else None
-    return inputs_of(PlanInputs, cfg, profile=profile_inputs(cfg), depth=depth)
+def choice_inputs(cfg) -> ChoiceInputs:
+    return inputs_of(ChoiceInputs, cfg, profile=profile_inputs(cfg), timing=timing_inputs(cfg))
 
 
-def plan_stage(run, data, k: int | None, profile):
-    """The plan (work/plan.json, with its maps) and, under a budget, its perplexities; cached."""
+def plan_inputs(cfg, choice: dict) -> PlanInputs:
+    return inputs_of(PlanInputs, cfg, profile=profile_inputs(cfg), blocks=choice["blocks"],
+                     searched=tuple(choice["searched"]))
+
+
+def choice_stage(run, data, profile, points: list[dict]) -> dict:
+    """The precision and blocks to remove (`precision.choose_for_target` or `choose_within_budget`), with
+    every candidate and the training-free perplexity of each depth looked at (cached)."""
+    from compressor.pipeline.precision import choose_for_target, choose_within_budget
+
+    def compute():
+        target = run.cfg.target_speedup is not None
+        if target:  # the depth each precision needs (and fp32's, the depth-only baseline), searched as one set
+            fp32 = blocks_for_target(run, "fp32")
+            searched = sorted({k for k in [*_depth_candidates(run, points), fp32["k"]] if k})
+        else:
+            searched = list(range(1, _deepest(run) + 1))
+        looked: dict[int, dict] = {}
+
+        def depth_ppl(k: int) -> dict:
+            if k not in looked:
+                model = training_free(run, data, profile, k, tuple(searched))
+                looked[k] = perplexities(model, data.evaluation)
+            return looked[k]
+
+        if target:
+            choice = choose_for_target(run, points, depth_ppl)
+            depth_only = _depth_only(fp32, depth_ppl)
+        else:
+            choice = choose_within_budget(run, points, _budget_curve(run, data, points, depth_ppl))
+            depth_only = next(c for c in choice["candidates"] if c["precision"] == "fp32")
+        return {**choice, "depth_only": depth_only, "searched": searched,
+                "depth_perplexity": {str(k): v for k, v in looked.items()}}
+
+    return run.runner.cached("choice", choice_inputs(run.cfg), compute)
+
+
+def _depth_only(search: dict, depth_ppl) -> dict:
+    """The fp32 depth search as a baseline: its depth, measured speedup and training-free perplexity."""
+    if search["k"] is None:
+        return {"precision": "fp32", "blocks": None, "why": search["why"]}
+    attempt = next(a for a in search["attempts"] if a["blocks_removed"] == search["k"])
+    return {"precision": "fp32", "blocks": search["k"], "speedup": attempt["measured"], "spread": attempt["spread"],
+            "estimate": depth_ppl(search["k"])}
+
+
+def _depth_candidates(run, points: list[dict]) -> list[int]:
+    """The depth each undominated precision needs (its search is cached, so choose_for_target reuses it)."""
+    from compressor.pipeline.precision import allowed, undominated
+
+    goal = run.cfg.target_speedup * (1 + run.cfg.speedup_margin)
+    ks = []
+    for point in undominated(allowed(run, points)):
+        if point["speedup"] >= goal:
+            break
+        ks.append(blocks_for_target(run, point["precision"], base=point["speedup"])["k"])
+    return ks
+
+
+def _deepest(run) -> int:
+    # beyond half the depth no training-free plan keeps perplexity near the original
+    return max(1, get_adapter(run.model).num_blocks(run.model) // 2)
+
+
+def _budget_curve(run, data, points: list[dict], depth_ppl) -> dict[int, dict]:
+    """k -> training-free fp32 perplexity, from 0 up to the first depth beyond the budget at fp32."""
+    from compressor.pipeline.precision import original_perplexity
+
+    original = original_perplexity(points)
+    budget = {name: ppl * (1 + run.cfg.max_ppl_increase) for name, ppl in original.items()}
+    curve = {0: original}
+    for k in range(1, _deepest(run) + 1):
+        ppl = depth_ppl(k)
+        status(f"{k} blocks removed: perplexity " + ", ".join(f"{v:.2f} (budget {budget[name]:.2f})"
+                                                           for name, v in ppl.items()))
+        if any(ppl[name] > budget[name] for name in ppl):
+            break
+        curve[k] = ppl
+    return curve
+
+
+def plans_for(run, data, profile, ks: tuple[int, ...]):
+    """The plans for the depths `ks`, searched together once per run (kept on the run)."""
+    from compressor.select import SelectSettings, plan_blocks
+
+    key = tuple(sorted(set(ks)))
+    if key not in run.plans:
+        settings = SelectSettings(search_windows=run.cfg.search_windows or None)
+        run.plans[key] = plan_blocks(run.model, data.calibration, key, run.cfg.strategy, profile=profile,
+                                     settings=settings)
+    return run.plans[key]
+
+
+def plan_for(run, data, profile, k: int, searched: tuple[int, ...]):
+    """The plan removing k blocks (an empty plan for 0)."""
+    from compressor.surgery.plan import Plan
+
+    if k == 0:
+        n = get_adapter(run.model).num_blocks(run.model)
+        return Plan(run.cfg.strategy, n, [], provenance={"note": "no block removed: the precision alone meets the "
+                                                                 "target"})
+    return plans_for(run, data, profile, searched or (k,))[k]
+
+
+def training_free(run, data, profile, k: int, searched: tuple[int, ...]):
+    """The model as the plan for k blocks leaves it, without healing (shares the original's weights)."""
+    from compressor.surgery.plan import applied_copy
+
+    if k == 0:
+        return run.model
+    return applied_copy(run.model, plan_for(run, data, profile, k, searched))
+
+
+def plan_stage(run, data, choice: dict, profile):
+    """The plan for the chosen depth (work/plan.json, with its maps; cached)."""
     from compressor.surgery.plan import read_plan, write_plan
 
     def compute():
-        plan, ppl = _choose_plan(run, data, k, profile)
-        write_plan(plan, run.work / PLAN_FILE)
-        return {"perplexity": ppl}
+        write_plan(plan_for(run, data, profile, choice["blocks"], tuple(choice["searched"])), run.work / PLAN_FILE)
+        return {}
 
-    result = run.runner.cached("plan", plan_inputs(run.cfg), compute, requires=(PLAN_FILE,))
-    return read_plan(run.work / PLAN_FILE), result["perplexity"]
-
-
-def _settings(cfg):
-    from compressor.select import SelectSettings
-
-    return SelectSettings(search_windows=cfg.search_windows or None)
+    run.runner.cached("plan", plan_inputs(run.cfg, choice), compute, requires=(PLAN_FILE,))
+    return read_plan(run.work / PLAN_FILE)
 
 
-def _choose_plan(run, data, k: int | None, profile):
-    """The plan for K blocks; under a perplexity budget, the largest K within it.
-
-    Under a budget one search serves every K (measured strategies search once, to the deepest
-    level), and the maps are fitted only for the plans whose perplexity is looked at.
-    """
-    from compressor.select import plan_blocks
-
-    cfg = run.cfg
-    if k is not None:
-        status(f"planning the removal of {k} blocks ({cfg.strategy})")
-        found = plan_blocks(run.model, data.calibration, k, cfg.strategy, profile=profile, settings=_settings(cfg))
-        return found[k], None
-    return deepest_within_budget(run, data, profile)
-
-
-def deepest_within_budget(run, data, profile):
-    """(plan, perplexities) of the most blocks removed, up to half the depth, within the budget on every
-    evaluation text: counts are tried from 1 up until one exceeds it."""
-    from compressor.select import plan_blocks
-    from compressor.surgery.plan import applied_copy
-
-    cfg = run.cfg
-    baseline = perplexities(run.model, data.evaluation)
-    budget = {name: ppl * (1 + cfg.max_ppl_increase) for name, ppl in baseline.items()}
-    n = get_adapter(run.model).num_blocks(run.model)
-    deepest = max(1, n // 2)  # beyond half the depth no training-free plan keeps perplexity near the original
-    found = plan_blocks(run.model, data.calibration, range(1, deepest + 1), cfg.strategy, profile=profile,
-                        settings=_settings(cfg))
-    best, best_ppl = None, None
-    for count in range(1, deepest + 1):
-        plan = found[count]
-        candidate = applied_copy(run.model, plan)  # measured only: shares the weights
-        ppl = perplexities(candidate, data.evaluation)
-        status(f"{count} blocks removed: perplexity " + ", ".join(f"{v:.2f} (budget {budget[name]:.2f})"
-                                                               for name, v in ppl.items()))
-        if any(ppl[name] > budget[name] for name in ppl):
-            break
-        best, best_ppl = plan, ppl
-    if best is None:
-        raise InvalidPlanError(
-            f"removing even one block exceeds the perplexity budget of +{cfg.max_ppl_increase:.0%}: "
-            "allow a larger increase")
-    return best, best_ppl
-
-
-def sweep_stage(run, data, profile) -> list[dict] | None:
+def sweep_stage(run, data, profile, points: list[dict]) -> list[dict] | None:
     if not run.cfg.sweep:
         return None
-    inputs = inputs_of(SweepInputs, run.cfg, profile=profile_inputs(run.cfg), timing=timing_inputs(run.cfg))
-    return run.runner.cached("sweep", inputs, lambda: _sweep(run, data, profile))
+    inputs = inputs_of(SweepInputs, run.cfg, choice=choice_inputs(run.cfg))
+    return run.runner.cached("sweep", inputs, lambda: _sweep(run, data, profile, points))
 
 
-def _sweep(run, data, profile) -> list[dict]:
-    """Training-free points at several depths: plan (one search), perplexity, measured latency."""
-    from compressor.select import plan_blocks
-    from compressor.surgery.plan import applied_copy
+def _sweep(run, data, profile, points: list[dict]) -> list[dict]:
+    """Training-free points at several depths on top of every candidate precision: plan (one search),
+    perplexity (through the runtime for a quantized export), latency measured against the original."""
+    from compressor.evaluate import perplexity
 
     cfg = run.cfg
     n = get_adapter(run.model).num_blocks(run.model)
     levels = sorted({min(n - 1, round(level * n)) for level in cfg.sweep})
-    ks = [k for k in levels if k > 0]
-    found = plan_blocks(run.model, data.calibration, ks, cfg.strategy, profile=profile,
-                        settings=_settings(cfg)) if ks else {}
+    ks = tuple(k for k in levels if k > 0)
     original = backend_for(run, run.model, "probe-original")
-    points = []
-    for k in levels:
-        status(f"sweep: {k} of {n} blocks removed")
-        if k == 0:
-            model, drop = run.model, []
-        else:
-            plan = found[k]
-            model, drop = applied_copy(run.model, plan), plan.drop
-        ra, rb = bench_pair(run, original, backend_for(run, model, "probe-original" if k == 0 else f"probe-sweep-{k}"))
-        points.append({"blocks_removed": k, "fraction": k / n, "drop": drop,
-                       "latency_ms": workload_ms(rb), "original_latency_ms": workload_ms(ra),
-                       "speedup": workload_ms(ra) / workload_ms(rb), "perplexity": perplexities(model, data.evaluation),
-                       "healed": False})
-    return points
+    out = []
+    for point in points:
+        p = point["precision"]
+        for k in levels:
+            if k == 0 and point["latency_ms"] is not None:
+                out.append({**point, "fraction": 0.0, "drop": [], "healed": False})
+                continue
+            status(f"sweep: {p}, {k} of {n} blocks removed")
+            plan = plan_for(run, data, profile, k, ks)
+            model = training_free(run, data, profile, k, ks)
+            name = "probe-original" if k == 0 else f"probe-sweep-{k}" if p == "fp32" else f"probe-sweep-{p}-{k}"
+            probe = backend_for(run, model, name, p, quant=None)  # quantized as it would be delivered
+            speed, _ = measure_speedup(run, original, probe)
+            ppl = perplexities(model, data.evaluation) if p == "fp32" else {
+                t: perplexity(probe, ids, PPL_WINDOW, PPL_STRIDE).perplexity for t, ids in data.evaluation.items()}
+            probe.close()
+            out.append({"precision": p, "blocks_removed": k, "fraction": k / n, "drop": plan.drop,
+                        "latency_ms": speed.model_ms, "original_latency_ms": speed.original_ms,
+                        "speedup": speed.value, "spread": speed.spread, "rounds": speed.rounds,
+                        "perplexity": ppl, "healed": False})
+    return out

@@ -1,8 +1,11 @@
 """The whole pipeline, read top to bottom:
 
-load -> calibrate (cached) -> latency model on the target backend -> choose K by *measured* speedup
--> plan (default strategy) -> linearize/prune -> heal -> export -> benchmark original and compressed
-side by side -> Report.
+load -> calibrate (cached) -> quantize only: each precision the backend runs, timed and scored ->
+precision x depth: the blocks each precision needs for the target, by *measured* speedup, and the
+combination with the lowest perplexity (under a budget, the fastest within it) -> plan (default
+strategy) -> linearize/prune -> heal in full precision -> export at the chosen precision, validated
+-> benchmark original and compressed side by side -> Report, with the quantize-only and depth-only
+baselines.
 
 With `out`, stage results live in a work directory beside it (`.NAME.work`); a rerun with the same
 settings resumes from what it holds, and on success the work directory becomes `out`, without the
@@ -26,9 +29,9 @@ from compressor.pipeline.calibrate import calibrate_stage
 from compressor.pipeline.config import PipelineConfig, validate
 from compressor.pipeline.data import load_data, perplexities
 from compressor.pipeline.deliver import export_stage, save_stage
-from compressor.pipeline.depth import blocks_for_target
 from compressor.pipeline.heal import heal_stage
-from compressor.pipeline.plan import plan_stage, sweep_stage
+from compressor.pipeline.plan import choice_stage, plan_inputs, plan_stage, sweep_stage
+from compressor.pipeline.precision import precision_stage
 from compressor.pipeline.runner import Run, Runner
 from compressor.util.io import check_output, write_json
 from compressor.util.progress import status
@@ -91,16 +94,17 @@ def _stages(run: Run, dest: Path | None):
 
     data = load_data(run.cfg, run.tokenizer)
     profile = calibrate_stage(run, data.calibration)
-    k, attempts = blocks_for_target(run) if run.cfg.target_speedup is not None else (None, [])
-    plan, _ = plan_stage(run, data, k, profile)
-    sweep = sweep_stage(run, data, profile)
+    points = precision_stage(run, data)
+    choice = choice_stage(run, data, profile, points)
+    plan = plan_stage(run, data, choice, profile)
+    sweep = sweep_stage(run, data, profile, points)
     compressed = copy.deepcopy(run.model)
     apply_plan_(compressed, plan)
     pruned_ppl = perplexities(compressed, data.evaluation)
-    heal = heal_stage(run, compressed, data.healing)
+    heal = heal_stage(run, compressed, data.healing, plan_inputs(run.cfg, choice))
     save_stage(run, compressed)
-    exports = export_stage(run, compressed)
+    exports = export_stage(run, compressed, choice["precision"])
     report = build_report(run, plan=plan, compressed=compressed, data=data, pruned_ppl=pruned_ppl, heal=heal,
-                          exports=exports, attempts=attempts, sweep=sweep, bench=final_bench(run, compressed),
-                          dest=dest)
+                          exports=exports, points=points, choice=choice, sweep=sweep,
+                          bench=final_bench(run, compressed, choice["precision"]), dest=dest)
     return report, profile

@@ -108,6 +108,7 @@ class Run:
     model: object
     tokenizer: object
     source: Path | str | None = None
+    plans: dict = field(default_factory=dict)  # depths searched together -> their PlanSearch (plan.plans_for)
 
     @property
     def work(self) -> Path:

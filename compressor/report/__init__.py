@@ -22,6 +22,7 @@ from compressor.report.schema import (
     SCHEMA_VERSION,
     Attempt,
     BackendInfo,
+    Baseline,
     Pair,
     Perplexities,
     Report,
@@ -31,7 +32,7 @@ from compressor.report.schema import (
 from compressor.util.io import atomic_file, write_json
 
 __all__ = [
-    "MERGED_KIND", "SCHEMA_VERSION", "Attempt", "BackendInfo", "Pair", "Perplexities", "Report", "SweepPoint",
+    "MERGED_KIND", "SCHEMA_VERSION", "Attempt", "BackendInfo", "Baseline", "Pair", "Perplexities", "Report", "SweepPoint",
     "TradeoffPoint", "default_labels", "headline", "merge_reports", "merged_html", "merged_markdown",
     "pareto_front", "read_run_report", "summary_rows", "to_html", "to_markdown", "write_merged_reports",
     "write_reports",

@@ -36,8 +36,18 @@ def pareto_front(points: list[dict]) -> list[dict]:
 
 def sweep_points(report: Report) -> list[dict]:
     """Sweep entries as figure points: latency, and perplexity on the first eval text."""
-    return [{"label": f"-{p.blocks_removed}", "latency_ms": p.latency_ms,
-             "perplexity": next(iter(p.perplexity.values()), float("nan"))} for p in report.sweep or []]
+    return [{"label": f"{p.precision} -{p.blocks_removed}" if p.precision != "fp32" else f"-{p.blocks_removed}",
+             "latency_ms": p.latency_ms, "perplexity": next(iter(p.perplexity.values()), float("nan"))}
+            for p in report.sweep or []]
+
+
+def baseline_points(report: Report) -> list[dict]:
+    """The baselines and the choice as figure points (out-of-reach ones left out)."""
+    name = next(iter(report.perplexity.original), None)
+    labels = {"quantize-only": "{p} alone", "depth-only": "fp32 -{k} (depth only)", "chosen": "chosen: {p} -{k}"}
+    return [{"label": labels.get(b.kind, b.kind).format(p=b.precision, k=b.blocks_removed), "kind": b.kind,
+             "latency_ms": b.latency_ms, "perplexity": b.perplexity.get(name, float("nan"))}
+            for b in report.baselines if b.latency_ms is not None and name in b.perplexity]
 
 
 def figure(figsize):
@@ -73,7 +83,10 @@ def profile_figure(profile: dict, report: Report) -> bytes:
 
 
 def tradeoff_figure(report: Report) -> bytes | None:
-    points = [{"label": p.label, "latency_ms": p.latency_ms, "perplexity": p.perplexity} for p in report.tradeoff]
+    baselines = baseline_points(report)
+    points = [{"label": p.label, "latency_ms": p.latency_ms, "perplexity": p.perplexity} for p in report.tradeoff
+              if not baselines or p.label == "pruned (before healing)"]
+    points += baselines
     sweep = sweep_points(report)
     if not points and not sweep:
         return None
@@ -84,10 +97,11 @@ def tradeoff_figure(report: Report) -> bytes | None:
         for p in sweep:
             ax.annotate(p["label"], (p["latency_ms"], p["perplexity"]), fontsize=7, color="0.4", xytext=(3, -9),
                         textcoords="offset points")
-        front = pareto_front(sweep + [p for p in points if p["label"] != "pruned (before healing)"])
-        if len(front) > 1:
-            ax.step([p["latency_ms"] for p in front], [p["perplexity"] for p in front], where="post",
-                    color="tab:green", alpha=0.7, label="Pareto front")
+    front = pareto_front(sweep + [p for p in points if p["label"] != "pruned (before healing)"])
+    if len(front) > 1:
+        ax.step([p["latency_ms"] for p in front], [p["perplexity"] for p in front], where="post",
+                color="tab:green", alpha=0.7, label="Pareto front")
+    if sweep or len(front) > 1:
         ax.legend(fontsize=8)
     for p in points:
         ax.scatter(p["latency_ms"], p["perplexity"], s=40)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import html
 
-from compressor.report.markdown import headline, summary_rows
+from compressor.report.markdown import baseline_header, baseline_rows, headline, summary_rows
 from compressor.report.schema import Report
 
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:%s;margin:2em auto;color:#222}"
@@ -24,10 +24,18 @@ def to_html(report: Report, figures: dict[str, bytes]) -> str:
 <h1>compressor report: {esc(report.model)}</h1>
 <p><strong>{esc(headline(report))}</strong></p>
 <table><tr><th>metric</th><th>original</th><th>compressed</th></tr>{rows}</table>
+{_baselines(report)}
 {f'<ul>{notes}</ul>' if notes else ''}
 {figures_html(figures)}
 </body></html>
 """
+
+
+def _baselines(report: Report) -> str:
+    if not report.baselines:
+        return ""
+    return ("<h2>Against quantizing alone and removing blocks alone</h2>"
+            + table_html(baseline_header(report), baseline_rows(report)))
 
 
 def figures_html(figures: dict[str, bytes]) -> str:

@@ -33,6 +33,7 @@ class Perplexities:
     original: dict[str, float]
     compressed: dict[str, float]
     pruned_before_heal: dict[str, float] = field(default_factory=dict)
+    healed_full_precision: dict[str, float] = field(default_factory=dict)  # before a quantized export; {} at fp32
 
 
 @dataclass(kw_only=True)
@@ -48,23 +49,47 @@ class Attempt:
     """One depth measured while searching for the target speedup."""
 
     blocks_removed: int
+    precision: str = "fp32"                                 # the blocks are removed on top of this precision
     predicted: float | None = None                          # by the latency model
     measured: float
+    spread: float | None = None                             # relative: two standard errors, or the rounds' range
+    rounds: list[float] = field(default_factory=list)      # every measurement of the pair, when repeated
     latency_ms: list[float] = field(default_factory=list)  # [original, with blocks removed]
 
 
 @dataclass(kw_only=True)
 class SweepPoint:
-    """A training-free point of `--sweep`: blocks removed, its measured latency and perplexity."""
+    """A training-free point of `--sweep`: a precision, blocks removed, its measured latency and perplexity."""
 
+    precision: str = "fp32"
     blocks_removed: int
     fraction: float | None = None
     drop: list[int] = field(default_factory=list)
     latency_ms: float
     original_latency_ms: float | None = None
     speedup: float | None = None
+    spread: float | None = None
+    rounds: list[float] = field(default_factory=list)
     perplexity: dict[str, float]
     healed: bool = False
+
+
+@dataclass(kw_only=True)
+class Baseline:
+    """A point the delivered model is compared with, or the delivered model itself: the unpruned model at
+    one precision ("quantize-only"), blocks removed at fp32 ("depth-only", training-free; blocks_removed
+    None when out of reach, with why in `note`), and the delivered combination ("chosen").
+    latency_ms: the final benchmark's original latency over the point's own measured speedup."""
+
+    kind: str
+    precision: str
+    blocks_removed: int | None
+    speedup: float | None = None
+    spread: float | None = None     # relative
+    latency_ms: float | None = None
+    perplexity: dict[str, float] = field(default_factory=dict)
+    healed: bool = False
+    note: str = ""
 
 
 @dataclass(kw_only=True)
@@ -85,6 +110,8 @@ class Report:
     target_speedup: float | None = None
     max_ppl_increase: float | None = None
     speedup_measured: float | None = None
+    speedup_spread: float | None = None         # relative: two standard errors, or half the rounds' range
+    precision: str = "fp32"                     # of the delivered export
     target_met: bool | None = None
     blocks_original: int
     blocks_removed: list[int]
@@ -105,6 +132,8 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     tradeoff: list[TradeoffPoint] = field(default_factory=list)
+    baselines: list[Baseline] = field(default_factory=list)
+    choice: dict = field(default_factory=dict)  # every precision x depth candidate and the depths searched
     sweep: list[SweepPoint] | None = None
     artifacts: dict[str, str] = field(default_factory=dict)
 
@@ -133,8 +162,10 @@ class Report:
                       "backend": BackendInfo(**_known(BackendInfo, data.get("backend") or {})),
                       "attempts": [Attempt(**_known(Attempt, a)) for a in data.get("attempts") or []],
                       "tradeoff": [TradeoffPoint(**_known(TradeoffPoint, p)) for p in data.get("tradeoff") or []],
+                      "baselines": [Baseline(**_known(Baseline, b)) for b in data.get("baselines") or []
+                                    if isinstance(b, dict) and {"kind", "precision", "blocks_removed"} <= set(b)],
                       "sweep": _sweep(data.get("sweep")),
-                      **{k: data.get(k) or {} for k in ("plan", "exports", "settings", "seconds", "artifacts")},
+                      **{k: data.get(k) or {} for k in ("plan", "exports", "settings", "seconds", "artifacts", "choice")},
                       **{k: data.get(k) or [] for k in ("notes", "blocks_linearized")}})
 
     @property
@@ -167,7 +198,8 @@ def _perplexities(data, where: str) -> Perplexities:
             and isinstance(data.get("compressed"), dict) and data["compressed"]):
         raise DataError(f"{where} has no original and compressed perplexities")
     return Perplexities(original=dict(data["original"]), compressed=dict(data["compressed"]),
-                        pruned_before_heal=dict(data.get("pruned_before_heal") or {}))
+                        pruned_before_heal=dict(data.get("pruned_before_heal") or {}),
+                        healed_full_precision=dict(data.get("healed_full_precision") or {}))
 
 
 def _latencies(data, where: str) -> Pair:

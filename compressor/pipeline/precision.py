@@ -1,0 +1,228 @@
+"""Precision x depth: which precision, and how many blocks removed on top of it, the run delivers.
+
+1. Quantize only: every precision the backend and device run (`precisions_for`) is exported from the
+   unpruned model, timed against the original fp32 model in alternation and scored for perplexity
+   on the evaluation texts through the runtime itself. No training, so this is cheap.
+2. For each precision no other one dominates (faster *and* no worse), the fewest blocks removed on
+   top of it for the target (`depth.blocks_for_target`), or under a perplexity budget the most
+   blocks that keep it within the budget.
+3. Target: the combination that reaches it with the lowest perplexity; budget: the fastest
+   combination within it. A combination's perplexity is the training-free perplexity of its plan at
+   fp32 times its precision's measured quantization ratio (exact when no block is removed), so no
+   block is removed that the target does not need.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from compressor.adapters import get_adapter
+from compressor.errors import InvalidPlanError
+from compressor.evaluate import perplexity
+from compressor.pipeline.data import PPL_STRIDE, PPL_WINDOW, perplexities
+from compressor.pipeline.depth import TimingInputs, blocks_for_target, probe_name, timing_inputs
+from compressor.pipeline.measure import backend_for, measure_speedup
+from compressor.pipeline.runner import inputs_of
+from compressor.util.progress import status
+
+log = logging.getLogger(__name__)
+
+QUANTIZED = ("int8", "int4")
+
+
+def precisions_for(backend: str, device: str, format: str = "none") -> tuple[str, ...]:
+    """The precisions `compress model` can time (and deliver in `format`) on this backend and device.
+
+    torch times the PyTorch model itself (fp32); ONNX Runtime on a CPU runs fp32 and weight-only int8
+    and int4 (its CPU kernels upcast fp16, which is slower than fp32); on CUDA fp16 too; TensorRT
+    builds fp32 and fp16 engines, and int8 with NVIDIA ModelOpt installed.
+    """
+    if backend == "torch":
+        return ("fp32",)
+    tensorrt = backend == "tensorrt" or format == "tensorrt"
+    if tensorrt:
+        return ("fp32", "fp16") + (("int8",) if importlib.util.find_spec("modelopt") is not None else ())
+    if str(device).startswith("cuda"):
+        return ("fp32", "fp16", "int8", "int4")
+    return ("fp32", "int8", "int4")
+
+
+def precision_problem(precision: str, backend: str, device: str, format: str) -> str | None:
+    """Why a pinned `precision` cannot run on this backend, device and format (None: it can)."""
+    if precision == "auto":
+        return None
+    runs = precisions_for(backend, device, format)
+    if precision in runs:
+        return None
+    if precision == "int4" and "tensorrt" in (backend, format):
+        return ("--precision int4 cannot be built by TensorRT (its engines cannot hold int4 weight-only "
+                f"MatMulNBits): use --backend onnxruntime --format onnx, or one of {', '.join(runs)}")
+    where = f"{backend}/{device}" + (f" with --format {format}" if format not in ("none", "onnx") else "")
+    return f"--precision {precision} does not run on {where}: choose auto or one of {', '.join(runs)}"
+
+
+def candidates(cfg) -> tuple[str, ...]:
+    """The precisions the run may deliver: every one the backend runs, or the one pinned."""
+    return precisions_for(cfg.backend, cfg.device, cfg.format) if cfg.precision == "auto" else (cfg.precision,)
+
+
+@dataclass(frozen=True)
+class PrecisionInputs:
+    timing: TimingInputs
+    format: str
+    data: Path | None
+    field: str
+    eval: tuple[Path, ...]
+    eval_max_tokens: int
+
+
+def precision_stage(run, data) -> list[dict]:
+    """The quantize-only point of every precision the backend runs, pinned or not: the report's baselines
+    (cached): {precision, blocks_removed: 0,
+    speedup, spread, rounds, latency_ms, original_latency_ms, perplexity: {text: value}}."""
+    inputs = inputs_of(PrecisionInputs, run.cfg, timing=timing_inputs(run.cfg))
+    return run.runner.cached("precisions", inputs, lambda: _quantize_only(run, data))
+
+
+def _quantize_only(run, data) -> list[dict]:
+    cfg = run.cfg
+    original_ppl = perplexities(run.model, data.evaluation)
+    points = []
+    original = backend_for(run, run.model, "probe-original")
+    for precision in precisions_for(cfg.backend, cfg.device, cfg.format):
+        if precision == "fp32":  # the original itself
+            points.append({"precision": "fp32", "blocks_removed": 0, "speedup": 1.0, "spread": 0.0, "rounds": [1.0],
+                           "latency_ms": None, "original_latency_ms": None, "perplexity": original_ppl})
+            continue
+        status(f"quantize only: {precision}")
+        probe = backend_for(run, run.model, probe_name(precision, 0), precision, quant=None)  # as delivered
+        speed, _ = measure_speedup(run, original, probe, cfg.target_speedup)
+        ppl = {name: perplexity(probe, ids, PPL_WINDOW, PPL_STRIDE).perplexity for name, ids in data.evaluation.items()}
+        probe.close()
+        status(f"{precision} alone: {speed.text()}, perplexity "
+               + ", ".join(f"{v:.3f} ({v / original_ppl[n] - 1:+.1%})" for n, v in ppl.items()))
+        points.append({"precision": precision, "blocks_removed": 0, "speedup": speed.value, "spread": speed.spread,
+                       "rounds": speed.rounds, "latency_ms": speed.model_ms, "original_latency_ms": speed.original_ms,
+                       "perplexity": ppl})
+    for point in points:  # the original's latency, from the measurements that timed it
+        if point["precision"] == "fp32":
+            times = [p["original_latency_ms"] for p in points if p["original_latency_ms"]]
+            point["latency_ms"] = point["original_latency_ms"] = sorted(times)[len(times) // 2] if times else None
+    return points
+
+
+def first_value(ppl: dict) -> float:
+    return next(iter(ppl.values()))
+
+
+def undominated(points: list[dict]) -> list[dict]:
+    """The points no other point beats on speed and perplexity (the first text) both, by perplexity."""
+    def beats(a, b):
+        return (a["speedup"] >= b["speedup"] and first_value(a["perplexity"]) <= first_value(b["perplexity"])
+                and (a["speedup"], first_value(a["perplexity"])) != (b["speedup"], first_value(b["perplexity"])))
+
+    kept = [p for p in points if not any(beats(q, p) for q in points)]
+    return sorted(kept, key=lambda p: first_value(p["perplexity"]))
+
+
+def ratio(point: dict, original_ppl: dict) -> dict[str, float]:
+    """The precision's perplexity over the original's, per text."""
+    return {name: point["perplexity"][name] / original_ppl[name] for name in original_ppl}
+
+
+def allowed(run, points: list[dict]) -> list[dict]:
+    """The quantize-only points of the precisions the run may deliver."""
+    return [p for p in points if p["precision"] in candidates(run.cfg)]
+
+
+def original_perplexity(points: list[dict]) -> dict:
+    return next(p for p in points if p["precision"] == "fp32")["perplexity"]
+
+
+def choose_for_target(run, points: list[dict], depth_ppl, search=None) -> dict:
+    """{"precision", "blocks", "speedup", "spread", "estimate", "candidates", "tried"}: the combination that
+    reaches the target with the lowest estimated perplexity, among the precisions the run may deliver.
+    `depth_ppl(k)` is the training-free fp32 perplexity (per text) of the plan removing k blocks; `search(
+    precision, base)` finds the blocks on top of a precision (`depth.blocks_for_target`'s result)."""
+    cfg = run.cfg
+    search = search or (lambda precision, base: blocks_for_target(run, precision, base=base))
+    goal = cfg.target_speedup * (1 + cfg.speedup_margin)
+    original_ppl = original_perplexity(points)
+    found, tried = [], []
+    for point in undominated(allowed(run, points)):
+        p = point["precision"]
+        if point["speedup"] >= goal:
+            found.append({"precision": p, "blocks": 0, "speedup": point["speedup"], "spread": point["spread"],
+                          "estimate": point["perplexity"]})
+            tried.append({"precision": p, "blocks": 0, "reached": True, "why": None})
+            break  # every later precision has a higher perplexity already, before any block goes
+        depth = search(p, point["speedup"])
+        tried.append({"precision": p, "blocks": depth["k"], "reached": depth["k"] is not None, "why": depth["why"],
+                      "attempts": depth["attempts"]})
+        if depth["k"] is None:
+            continue
+        attempt = next(a for a in depth["attempts"] if a["blocks_removed"] == depth["k"])
+        r = ratio(point, original_ppl)
+        found.append({"precision": p, "blocks": depth["k"], "speedup": attempt["measured"],
+                      "spread": attempt["spread"],
+                      "estimate": {n: v * r[n] for n, v in depth_ppl(depth["k"]).items()}})
+    if not found:
+        best = _best_measured(allowed(run, points), tried)
+        raise InvalidPlanError(
+            f"a {cfg.target_speedup:.2f}x speedup was not reached on {cfg.backend}/{cfg.device} by any precision "
+            f"and depth: the best measured was {best}; " + "; ".join(t["why"] for t in tried if t["why"])
+            + "; ask for less")
+    chosen = min(found, key=lambda c: (first_value(c["estimate"]), c["blocks"]))
+    return {**chosen, "candidates": found, "tried": tried}
+
+
+def _best_measured(points: list[dict], tried: list[dict]) -> str:
+    measured = [(p["speedup"], p["precision"], 0) for p in points]
+    for t in tried:
+        measured += [(a["measured"], t["precision"], a["blocks_removed"]) for a in t.get("attempts") or []]
+    speed, precision, k = max(measured)
+    return f"{speed:.3f}x at {precision} with {k} blocks removed"
+
+
+def choose_within_budget(run, points: list[dict], curve: dict[int, dict]) -> dict:
+    """The fastest combination within the perplexity budget: for each precision within it alone, the most
+    blocks whose estimated perplexity stays within it (`curve`: k -> training-free fp32 perplexity per
+    text, for the depths that were within the budget at fp32), timed when blocks are removed."""
+    cfg = run.cfg
+    original_ppl = curve[0]
+    budget = {name: v * (1 + cfg.max_ppl_increase) for name, v in original_ppl.items()}
+    may = candidates(cfg)
+    n = get_adapter(run.model).num_blocks(run.model)
+    original = backend_for(run, run.model, "probe-original")
+    found = []
+    for point in points:
+        p = point["precision"]
+        r = ratio(point, original_ppl)
+        within = [k for k, ppl in curve.items() if all(ppl[t] * r[t] <= budget[t] for t in ppl)]
+        if not within:
+            continue
+        k = max(within)
+        speed, spread = point["speedup"], point["spread"]
+        if k > 0:
+            from compressor.blocks import spread_blocks
+            from compressor.surgery.edit import copy_without_blocks
+
+            probe = backend_for(run, copy_without_blocks(run.model, spread_blocks(n, k)), probe_name(p, k), p)
+            measured, _ = measure_speedup(run, original, probe)
+            speed, spread = measured.value, measured.spread
+        status(f"{p} with {k} blocks removed: {speed:.3f}x within the budget")
+        found.append({"precision": p, "blocks": k, "speedup": speed, "spread": spread,
+                      "estimate": {t: v * r[t] for t, v in curve[k].items()}})
+    useful = [c for c in found if (c["precision"], c["blocks"]) != ("fp32", 0) and c["precision"] in may]
+    if not useful:
+        raise InvalidPlanError(
+            f"neither quantizing ({', '.join(may)}) nor removing even one block stays within the perplexity "
+            f"budget of +{cfg.max_ppl_increase:.0%}: allow a larger increase")
+    # the fastest; among those within its measured spread of it, the lowest perplexity
+    fastest = max(c["speedup"] for c in useful)
+    close = [c for c in useful if c["speedup"] * (1 + c["spread"]) >= fastest]
+    chosen = min(close, key=lambda c: (first_value(c["estimate"]), -c["speedup"]))
+    return {**chosen, "candidates": found, "tried": []}
