@@ -8,7 +8,7 @@ from pathlib import Path
 
 from compressor.report.figures import pareto_front, profile_figure, tradeoff_figure
 from compressor.report.html import to_html
-from compressor.report.markdown import headline, summary_rows, to_markdown
+from compressor.report.markdown import baseline_header, baseline_rows, headline, summary_rows, to_markdown
 from compressor.report.merge import (
     MERGED_KIND,
     default_labels,
@@ -33,7 +33,7 @@ from compressor.util.io import atomic_file, write_json
 
 __all__ = [
     "MERGED_KIND", "SCHEMA_VERSION", "Attempt", "BackendInfo", "Baseline", "Pair", "Perplexities", "Report", "SweepPoint",
-    "TradeoffPoint", "default_labels", "headline", "merge_reports", "merged_html", "merged_markdown",
+    "TradeoffPoint", "baseline_header", "baseline_rows", "default_labels", "headline", "merge_reports", "merged_html", "merged_markdown",
     "pareto_front", "read_run_report", "summary_rows", "to_html", "to_markdown", "write_merged_reports",
     "write_reports",
 ]
