@@ -95,9 +95,11 @@ def workload_ms(result) -> float:
 
 
 def workload_spread(result) -> float:
-    """Relative standard error of `workload_ms` (the medians' standard errors, ~1.25 std / sqrt(runs))."""
+    """Relative standard error of `workload_ms`: the medians' standard errors (1.25 sigma / sqrt(runs)),
+    sigma read robustly from the upper tail ((p90 - p50) / 1.28, as for a normal distribution) so that a
+    few samples disturbed by another process do not swamp it."""
     def se(entry: dict) -> float:
-        return 1.2533 * entry["std_ms"] / math.sqrt(max(entry["runs"], 1))
+        return 1.2533 * (entry["p90_ms"] - entry["p50_ms"]) / 1.2816 / math.sqrt(max(entry["runs"], 1))
 
     prefill, decode = result.prefill[0], result.decode[0]
     new = result.timing["workload_new_tokens"]

@@ -179,6 +179,17 @@ def choose_for_target(run, points: list[dict], depth_ppl, search=None) -> dict:
     return {**chosen, "candidates": found, "tried": tried}
 
 
+def _time_depth(run, precision: str, k: int):
+    """The measured Speedup of k blocks removed (spread over the depth) at `precision`."""
+    from compressor.blocks import spread_blocks
+    from compressor.surgery.edit import copy_without_blocks
+
+    n = get_adapter(run.model).num_blocks(run.model)
+    original = backend_for(run, run.model, "probe-original")
+    probe = backend_for(run, copy_without_blocks(run.model, spread_blocks(n, k)), probe_name(precision, k), precision)
+    return measure_speedup(run, original, probe)[0]
+
+
 def _best_measured(points: list[dict], tried: list[dict]) -> str:
     measured = [(p["speedup"], p["precision"], 0) for p in points]
     for t in tried:
@@ -187,16 +198,16 @@ def _best_measured(points: list[dict], tried: list[dict]) -> str:
     return f"{speed:.3f}x at {precision} with {k} blocks removed"
 
 
-def choose_within_budget(run, points: list[dict], curve: dict[int, dict]) -> dict:
+def choose_within_budget(run, points: list[dict], curve: dict[int, dict], timed=None) -> dict:
     """The fastest combination within the perplexity budget: for each precision within it alone, the most
     blocks whose estimated perplexity stays within it (`curve`: k -> training-free fp32 perplexity per
-    text, for the depths that were within the budget at fp32), timed when blocks are removed."""
+    text, for the depths that were within the budget at fp32), timed by `timed(precision, k)` -> Speedup
+    when blocks are removed."""
     cfg = run.cfg
     original_ppl = curve[0]
     budget = {name: v * (1 + cfg.max_ppl_increase) for name, v in original_ppl.items()}
     may = candidates(cfg)
-    n = get_adapter(run.model).num_blocks(run.model)
-    original = backend_for(run, run.model, "probe-original")
+    timed = timed or (lambda precision, k: _time_depth(run, precision, k))
     found = []
     for point in points:
         p = point["precision"]
@@ -207,11 +218,7 @@ def choose_within_budget(run, points: list[dict], curve: dict[int, dict]) -> dic
         k = max(within)
         speed, spread = point["speedup"], point["spread"]
         if k > 0:
-            from compressor.blocks import spread_blocks
-            from compressor.surgery.edit import copy_without_blocks
-
-            probe = backend_for(run, copy_without_blocks(run.model, spread_blocks(n, k)), probe_name(p, k), p)
-            measured, _ = measure_speedup(run, original, probe)
+            measured = timed(p, k)
             speed, spread = measured.value, measured.spread
         status(f"{p} with {k} blocks removed: {speed:.3f}x within the budget")
         found.append({"precision": p, "blocks": k, "speedup": speed, "spread": spread,

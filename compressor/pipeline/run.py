@@ -99,7 +99,8 @@ def _stages(run: Run, dest: Path | None):
     plan = plan_stage(run, data, choice, profile)
     sweep = sweep_stage(run, data, profile, points)
     compressed = copy.deepcopy(run.model)
-    apply_plan_(compressed, plan)
+    if plan.drop or plan.linearize:  # a precision alone may meet the target
+        apply_plan_(compressed, plan)
     pruned_ppl = perplexities(compressed, data.evaluation)
     heal = heal_stage(run, compressed, data.healing, plan_inputs(run.cfg, choice))
     save_stage(run, compressed)

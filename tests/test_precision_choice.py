@@ -1,0 +1,170 @@
+"""Precision x depth: the choice rule on given measurements, and one run on ONNX Runtime where a test
+seam makes one precision fast, so the choice must follow the measurement."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from compressor.errors import InvalidPlanError
+from compressor.pipeline.precision import choose_for_target, choose_within_budget, undominated
+
+
+def point(precision, speedup, ppl, spread=0.01):
+    return {"precision": precision, "blocks_removed": 0, "speedup": speedup, "spread": spread, "perplexity": {"t": ppl}}
+
+
+# SmolLM2-like measurements: int8 about 2x at +0.5%, int4 2.4x at +19%
+POINTS = [point("fp32", 1.0, 17.58), point("int8", 2.0, 17.67), point("int4", 2.4, 20.90)]
+
+
+def fake_run(target=None, precision="auto", budget=None):
+    cfg = SimpleNamespace(target_speedup=target, max_ppl_increase=budget, speedup_margin=0.02, precision=precision,
+                          backend="onnxruntime", device="cpu", format="onnx")
+    return SimpleNamespace(cfg=cfg)
+
+
+def depth_model(per_block=0.035, ppl_per_block=0.05):
+    """A search and a training-free perplexity: each block removed saves `per_block` of the time and costs
+    `ppl_per_block` perplexity (relative); the searches asked for are recorded."""
+    asked = []
+
+    def search(precision, base):
+        asked.append(precision)
+        for k in range(1, 16):
+            speedup = base / (1 - per_block * k)
+            if speedup >= fake.goal:
+                return {"k": k, "why": None, "attempts": [{"blocks_removed": k, "measured": speedup, "spread": 0.01}]}
+        return {"k": None, "why": f"{precision} out of reach", "attempts": [
+            {"blocks_removed": 15, "measured": base / (1 - per_block * 15), "spread": 0.01}]}
+
+    def depth_ppl(k):
+        return {"t": 17.58 * (1 + ppl_per_block) ** k}
+
+    fake = SimpleNamespace(search=search, depth_ppl=depth_ppl, asked=asked, goal=None)
+    return fake
+
+
+def choose(target, precision="auto", points=POINTS, **model):
+    fake = depth_model(**model)
+    fake.goal = target * 1.02
+    return choose_for_target(fake_run(target, precision), points, fake.depth_ppl, fake.search), fake.asked
+
+
+def test_a_precision_that_meets_the_target_alone_removes_no_block():
+    chosen, asked = choose(1.8)
+    assert (chosen["precision"], chosen["blocks"]) == ("int8", 0)
+    assert asked == ["fp32"]  # fp32 has the lower perplexity, so its depth was measured; int4 was not needed
+    fp32 = next(c for c in chosen["candidates"] if c["precision"] == "fp32")
+    assert fp32["blocks"] > 0 and fp32["estimate"]["t"] > chosen["estimate"]["t"]
+
+
+def test_beyond_every_precision_alone_the_lowest_estimated_perplexity_wins():
+    chosen, asked = choose(3.0)
+    assert asked == ["fp32", "int8", "int4"]
+    estimates = {c["precision"]: (c["blocks"], c["estimate"]["t"]) for c in chosen["candidates"]}
+    assert chosen["estimate"]["t"] == min(e for _, e in estimates.values())
+    # the estimate is the fp32 training-free perplexity of the depth times the precision's own ratio
+    k, estimate = estimates[chosen["precision"]]
+    ratio = next(p for p in POINTS if p["precision"] == chosen["precision"])["perplexity"]["t"] / 17.58
+    assert estimate == pytest.approx(17.58 * 1.05 ** k * ratio)
+
+
+def test_a_slower_measurement_changes_the_choice():
+    """The same qualities, int8 measured slower than int4: int4 (or depth) is chosen instead of int8."""
+    slow_int8 = [point("fp32", 1.0, 17.58), point("int8", 1.1, 17.67), point("int4", 2.4, 17.60)]
+    chosen, _ = choose(1.8, points=slow_int8)
+    assert (chosen["precision"], chosen["blocks"]) == ("int4", 0)
+    fast_int8 = [point("fp32", 1.0, 17.58), point("int8", 2.5, 17.59), point("int4", 2.4, 17.60)]
+    chosen, _ = choose(1.8, points=fast_int8)
+    assert (chosen["precision"], chosen["blocks"]) == ("int8", 0)
+
+
+def test_a_pinned_precision_is_honoured():
+    chosen, asked = choose(1.8, precision="int4")
+    assert chosen["precision"] == "int4" and asked == []
+    chosen, asked = choose(2.0, precision="fp32")
+    assert chosen["precision"] == "fp32" and chosen["blocks"] > 0 and asked == ["fp32"]
+
+
+def test_an_unreachable_target_names_the_best_measured_point():
+    with pytest.raises(InvalidPlanError) as caught:
+        choose(20.0)
+    message = str(caught.value)
+    best = max(2.4 / (1 - 0.035 * 15), 2.0 / (1 - 0.035 * 15))
+    assert f"{best:.3f}x at int4 with 15 blocks removed" in message and "ask for less" in message
+
+
+def test_dominated_precisions_are_left_out():
+    points = [point("fp32", 1.0, 17.58), point("int8", 2.0, 17.67), point("int4", 1.9, 20.9)]
+    assert [p["precision"] for p in undominated(points)] == ["fp32", "int8"]
+
+
+def test_within_a_budget_the_fastest_combination_is_kept():
+    curve = {0: {"t": 17.58}}  # no block fits the budget at fp32: only precisions can
+    chosen = choose_within_budget(fake_run(budget=0.02), POINTS, curve)
+    assert (chosen["precision"], chosen["blocks"]) == ("int8", 0)  # int4 is faster but +19%
+    chosen = choose_within_budget(fake_run(budget=0.2), POINTS, curve)
+    assert (chosen["precision"], chosen["blocks"]) == ("int4", 0)
+    with pytest.raises(InvalidPlanError, match="allow a larger increase"):
+        choose_within_budget(fake_run(budget=0.001), POINTS, curve)
+    # blocks fit too: each precision goes as deep as its own ratio allows, and is timed there
+    curve = {0: {"t": 17.58}, 1: {"t": 17.7}, 2: {"t": 17.9}, 3: {"t": 18.3}}
+    timed = []
+
+    def time_depth(precision, k):
+        timed.append((precision, k))
+        return SimpleNamespace(value=next(p["speedup"] for p in POINTS if p["precision"] == precision) * (1 + k / 10),
+                               spread=0.01)
+
+    chosen = choose_within_budget(fake_run(budget=0.025), POINTS, curve, time_depth)
+    assert sorted(timed) == [("fp32", 2), ("int8", 2)]  # 17.67/17.58 x 17.9 is within 17.58 x 1.025
+    assert (chosen["precision"], chosen["blocks"]) == ("int8", 2)
+
+
+@pytest.fixture
+def fast_int8(monkeypatch):
+    """The test seam: every timing of an int8 model reads 10x faster than it ran."""
+    from compressor.pipeline import measure
+
+    monkeypatch.setattr(measure, "SLOWDOWN", {"int8": 0.1})
+
+
+ORT_FAST = {"backend": "onnxruntime", "threads": 1, "prefill_tokens": 32, "new_tokens": 8, "samples": 8,
+            "seq_len": 32, "timing_seconds": 0.2, "heal_steps": 2, "max_probes": 2}
+
+
+def test_auto_follows_the_measurement_and_a_pinned_precision_is_honoured(tiny_dir, tmp_path, fast_int8):
+    """ONNX Runtime, tiny model: int8 is made to measure 10x faster, and the target is beyond what depth
+    alone reaches. Pinned int4 cannot reach it and ends with the best measured int4 point (the work kept);
+    auto, resuming from that work, delivers int8 with no block removed, with its baselines."""
+    import compressor
+
+    out = tmp_path / "run"
+    with pytest.raises(InvalidPlanError) as caught:
+        compressor.compress(tiny_dir, target_speedup=5.0, out=out, precision="int4", **ORT_FAST)
+    message = str(caught.value)
+    assert "at int4 with" in message and "ask for less" in message and "int8" not in message
+    assert not out.exists() and (tmp_path / ".run.work" / "precisions.stage.json").is_file()
+
+    report = compressor.compress(tiny_dir, target_speedup=5.0, out=out, **ORT_FAST)
+    assert "precisions" not in report.seconds and "choice" in report.seconds  # resumed; only the choice is new
+    assert (report.precision, report.blocks_removed) == ("int8", [])
+    assert report.heal is None  # nothing removed, nothing to heal
+    assert json.loads((out / "onnx" / "export.json").read_text())["precision"] == "int8"
+    kinds = {(b.kind, b.precision) for b in report.baselines}
+    assert kinds >= {("quantize-only", "fp32"), ("quantize-only", "int8"), ("quantize-only", "int4"),
+                     ("depth-only", "fp32"), ("chosen", "int8")}
+    depth_only = next(b for b in report.baselines if b.kind == "depth-only")
+    assert depth_only.blocks_removed is None and "out of reach" in depth_only.note  # depth alone cannot reach 5x
+    chosen = next(b for b in report.baselines if b.kind == "chosen")
+    assert chosen.speedup >= 5 and chosen.spread > 0
+    # the delivered perplexity is the int8 export's own, scored through ONNX Runtime
+    int8 = next(b for b in report.baselines if b.kind == "quantize-only" and b.precision == "int8")
+    assert report.perplexity.compressed == pytest.approx(int8.perplexity, rel=1e-6)
+    assert report.perplexity.compressed != report.perplexity.original
+    assert "int8 alone: no block needed removing" in (out / "report.md").read_text()
+    assert "Against quantizing alone" in (out / "report.html").read_text()
+    assert json.loads((out / "report.json").read_text())["baselines"][0]["kind"] == "quantize-only"
