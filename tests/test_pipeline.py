@@ -238,6 +238,11 @@ def test_an_unreachable_target_is_found_after_calibrating_and_keeps_that_work(ti
     (["--target-speedup", "1.2", "--backend", "tensorrt"], "tensorrt"),
     (["--target-speedup", "1.2", "--max-ppl-increase", "10%"], "exactly one"),
     (["--target-speedup", "1.2", "--heal-train", "everything"], "--heal-train must be one of"),
+    (["--target-speedup", "1.2", "--precision", "int8"], "--precision int8 does not run on torch/cpu"),
+    (["--target-speedup", "1.2", "--precision", "int3"], "unknown precision"),
+    (["--target-speedup", "1.2", "--backend", "onnxruntime", "--precision", "fp16"],
+     "--precision fp16 does not run on onnxruntime/cpu"),
+    (["--target-speedup", "1.2", "--backend", "tensorrt", "--precision", "int4"], "cannot be built by tensorrt"),
 ])
 def test_bad_input(tiny_dir, tmp_path, args, fragment):
     out = tmp_path / "run"
