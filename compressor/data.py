@@ -1,6 +1,11 @@
 """Calibration text: reading it (.txt, .jsonl, a directory of .txt, or the bundled default) and
 cutting it into token windows.
 
+The bundled default is general English: 80 Wikipedia articles (compressor/texts/README.md has the
+source and the CC BY-SA attribution). The second bundled genre, Python's documentation, is the
+"other source" a run is also scored on (`other_source`), so a report never rests on the calibration
+text's own genre alone.
+
 Windows are whole, disjoint slices of one token stream (documents joined by the tokenizer's EOS
 token), so no window holds padding and padding never enters any statistic. The choice of windows
 is a seeded permutation: the same text, tokenizer, sizes and seed give the same windows.
@@ -8,9 +13,11 @@ is a seeded permutation: the same text, tokenizer, sizes and seed give the same 
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import re
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -20,12 +27,15 @@ from compressor.errors import DataError
 log = logging.getLogger(__name__)
 
 _HINT = "pass a .txt file, a .jsonl file, or a directory of .txt files"
+ENGLISH = Path(__file__).parent / "texts" / "english.txt.gz"
+DEFAULT_NAME = "bundled English"
+DOCS_NAME = "Python documentation"
 
 
 def load_texts(data: Path | str | None, field: str = "text") -> list[str]:
-    """The documents in `data`; None gives the English prose of Python's bundled documentation."""
+    """The documents in `data`; None gives the bundled general English (Wikipedia articles)."""
     if data is None:
-        return bundled_texts()
+        return list(english_texts())
     path = Path(data).expanduser()
     if not path.exists():
         raise DataError(f"{path} does not exist: {_HINT}")
@@ -44,7 +54,26 @@ def load_texts(data: Path | str | None, field: str = "text") -> list[str]:
     return texts
 
 
-def bundled_texts() -> list[str]:
+@cache
+def english_texts() -> tuple[str, ...]:
+    """The bundled Wikipedia articles, one document each (split at their ` = Title = ` headings)."""
+    text = gzip.decompress(ENGLISH.read_bytes()).decode("utf-8")
+    return tuple(a.strip() for a in re.split(r"(?m)^(?= = [^=].*= *$)", text) if a.strip())
+
+
+def other_source(data: Path | str | None) -> tuple[str, list[str]]:
+    """(name, documents) of a bundled text of another source than `data`: Python's documentation for the
+    bundled English, the bundled English for a text of the user's."""
+    if data is None:
+        return DOCS_NAME, python_docs_texts()
+    return DEFAULT_NAME, list(english_texts())
+
+
+def text_name(data: Path | str | None) -> str:
+    return DEFAULT_NAME if data is None else Path(data).name
+
+
+def python_docs_texts() -> list[str]:
     """Prose paragraphs of `pydoc_data.topics` (grammar, code samples and heading rules dropped)."""
     from pydoc_data.topics import topics
 

@@ -46,13 +46,17 @@ def test_compress_a_model_in_memory_writes_nothing(tmp_path, monkeypatch):
     assert report.blocks_original == 4 and 1 <= len(report.blocks_removed) <= 2
     # the user's model is left as it was
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    # the original's perplexity is that of the model on the held-out end of the text, computed here
-    from compressor.data import hold_out, load_texts
+    # the original's perplexity: on the held-out end of the calibration text, and on a text of another source
+    # (the first tokens of Python's documentation), each computed here
+    from compressor.data import hold_out, load_texts, other_source, token_stream
 
-    (name, reported), = report.perplexity.original.items()
+    held, other = report.perplexity.original.items()
     ids = tokenizer(hold_out(load_texts(None), 0.15)[1], return_tensors="pt").input_ids[0][:8192]
-    assert name == "held-out bundled text"
-    assert compressor.perplexity(model, ids, max_length=512, stride=256).perplexity == pytest.approx(reported)
+    assert held[0] == "held-out bundled English (calibration source)"
+    assert compressor.perplexity(model, ids, max_length=512, stride=256).perplexity == pytest.approx(held[1])
+    ids = token_stream(tokenizer, other_source(None)[1])[:8192]
+    assert other[0] == "Python documentation (other source)"
+    assert compressor.perplexity(model, ids, max_length=512, stride=256).perplexity == pytest.approx(other[1])
     assert report.artifacts == {} and list(tmp_path.iterdir()) == []
     assert not cache.exists() or list(cache.rglob("*")) == []  # not even a cached profile
     assert json.loads(json.dumps(report.to_dict()))["schema_version"] == report.schema_version

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from compressor.data import hold_out, load_texts, token_stream, windows_of
+from compressor.data import hold_out, load_texts, other_source, text_name, token_stream, windows_of
 from compressor.errors import DataError
 from compressor.evaluate import load_eval_tokens, perplexity
 
@@ -19,11 +19,12 @@ PPL_WINDOW, PPL_STRIDE = 512, 256
 class Data:
     calibration: torch.Tensor             # [samples, seq_len]
     healing: torch.Tensor | None          # healing's own windows from the same text (None: no healing)
-    evaluation: dict[str, torch.Tensor]   # name -> 1-D token ids
+    evaluation: dict[str, torch.Tensor]   # name -> 1-D token ids; the first one decides, the others are reported
 
 
 def load_data(cfg, tokenizer) -> Data:
-    """Windows from the kept part of the text (calibration.hold_out's rule), evaluation from --eval or the end."""
+    """Windows from the kept part of the text (data.hold_out's rule); evaluation from --eval, or else the
+    held-out end of the calibration text and a bundled text of another source (`data.other_source`)."""
     from compressor.heal import HealConfig
 
     kept, held = hold_out(load_texts(cfg.data, cfg.field), HOLD_OUT)
@@ -39,8 +40,22 @@ def load_data(cfg, tokenizer) -> Data:
         ids = tokenizer(held, return_tensors="pt").input_ids[0][: cfg.eval_max_tokens]
         if ids.numel() < 2:
             raise DataError("the held-out part of the calibration text is empty: pass --eval FILE")
-        evaluation["held-out " + (Path(cfg.data).name if cfg.data else "bundled text")] = ids
+        evaluation[f"held-out {text_name(cfg.data)} (calibration source)"] = ids
+        name, texts = other_source(cfg.data)
+        evaluation[f"{name} (other source)"] = token_stream(tokenizer, _leading(texts, 8 * cfg.eval_max_tokens))[
+            : cfg.eval_max_tokens]
     return Data(windows, healing, evaluation)
+
+
+def _leading(texts: list[str], chars: int) -> list[str]:
+    """The first documents of `texts` up to about `chars` characters (more than the tokens wanted need)."""
+    kept, total = [], 0
+    for text in texts:
+        if total >= chars:
+            break
+        kept.append(text)
+        total += len(text)
+    return kept
 
 
 def perplexities(model, evaluation: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -8,16 +8,22 @@ import pytest
 import torch
 from conftest import make_tokenizer
 
-from compressor.data import load_texts, make_windows
+from compressor.data import load_texts, make_windows, other_source
 from compressor.errors import DataError
 
 WORDS = "the of and to a in is that for it as with was on be by this are or from at an "
 
 
-def test_bundled_text_is_prose():
+def test_the_bundled_texts_are_prose_of_two_sources():
+    """The default: 80 Wikipedia articles, one document each; the other source: Python's documentation,
+    its code samples dropped; each is the other's "other source"."""
     texts = load_texts(None)
-    assert len(texts) > 50 and sum(map(len, texts)) > 100_000
-    assert not any(line.startswith(" ") for t in texts for line in t.splitlines())
+    assert len(texts) == 80 and sum(map(len, texts)) > 2_000_000
+    assert all(t.startswith("= ") and t.splitlines()[0].endswith(" =") for t in texts)
+    name, docs = other_source(None)
+    assert name == "Python documentation" and len(docs) > 50 and sum(map(len, docs)) > 100_000
+    assert not any(line.startswith(" ") for t in docs for line in t.splitlines())
+    assert other_source("mine.txt") == ("bundled English", texts)
 
 
 def test_txt_jsonl_and_directory(tmp_path):
