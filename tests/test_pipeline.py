@@ -72,25 +72,30 @@ def test_perplexity_budget_picks_the_deepest_plan_within_it():
     from compressor.select import SelectSettings, plan_blocks
     from compressor.surgery.plan import apply_plan_
 
-    model, tokenizer = tiny_model("llama", num_hidden_layers=8, initializer_range=0.3), make_tokenizer()
+    model, tokenizer = tiny_model("llama", num_hidden_layers=8, initializer_range=1.0), make_tokenizer()
     data = load_data(PipelineConfig(max_ppl_increase=0.1, heal_steps=0, **API_FAST), tokenizer)
     profile = profile_for(model, data.calibration, seed=0)
     found = plan_blocks(model, data.calibration, range(1, 5), "auto", profile=profile,
                         settings=SelectSettings(search_windows=16))
-    (name, ids), = data.evaluation.items()
-    base = compressor.perplexity(model, ids, max_length=512, stride=256).perplexity
+    assert len(data.evaluation) == 2  # the held-out calibration text and one of another source
+
+    def ppl(m, ids):
+        return compressor.perplexity(m, ids, max_length=512, stride=256).perplexity
+
+    base = {name: ppl(model, ids) for name, ids in data.evaluation.items()}
     increase = {}
-    for k in range(1, 5):
+    for k in range(1, 5):  # within the budget means within it on every text
         pruned = copy.deepcopy(model)
         apply_plan_(pruned, found[k])
-        increase[k] = compressor.perplexity(pruned, ids, max_length=512, stride=256).perplexity / base - 1
+        increase[k] = max(ppl(pruned, ids) / base[name] - 1 for name, ids in data.evaluation.items())
     first_over = next(k for k in increase if increase[k] > 0)  # premise: some depth makes it worse ...
     assert 1 < first_over, increase                            # ... and it is not the first
     budget = increase[first_over] / 2
     want = max(k for k in range(1, first_over) if increase[k] <= budget)
     report = compressor.compress(model, tokenizer, max_ppl_increase=budget, heal_steps=0, **API_FAST)
     assert report.blocks_removed == found[want].drop, (increase, budget)
-    assert report.perplexity.pruned_before_heal[name] <= report.perplexity.original[name] * (1 + budget)
+    for name in base:
+        assert report.perplexity.pruned_before_heal[name] <= report.perplexity.original[name] * (1 + budget)
     assert report.target_met is True and report.exports == {}
 
 
