@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(os.environ.get("COMPRESSOR_BENCH_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def main() -> int:
