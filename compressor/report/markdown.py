@@ -123,6 +123,7 @@ def _sweep_lines(report: Report) -> list[str]:
     for p, point in zip(sweep, points):
         ppl = " | ".join(f"{p.perplexity[n]:.3f}" if n in p.perplexity else "-" for n in names)
         speedup = f"{p.speedup:.3f}x" if p.speedup is not None else "-"
+        speedup += f" +-{p.spread * p.speedup:.3f}" if p.spread and p.speedup else ""
         latency = f"{p.latency_ms:.1f}" if p.latency_ms is not None else "-"
         lines.append(f"| {p.precision} | {p.blocks_removed} | {speedup} | {latency} | {ppl} | "
                      f"{'yes' if id(point) in front else ''} |")
