@@ -33,7 +33,7 @@ CANDIDATES = {
     "rtn4-head8": {"bits": 4, "algorithm": "rtn", "keep_int8": "lm_head"},
     "gptq4": {"bits": 4, "algorithm": "gptq", "keep_int8": "none"},
     "gptq4-head8": {"bits": 4, "algorithm": "gptq", "keep_int8": "lm_head"},
-    "gptq4-asym-head8": {"bits": 4, "algorithm": "gptq", "keep_int8": "lm_head", "symmetric": False},
+    "gptq4-asym-head8": {"bits": 4, "algorithm": "gptq", "keep_int8": "lm_head", "grid": "asymmetric"},
     "gptq8": {"bits": 8, "algorithm": "gptq"},
     "mse4": {"bits": 4, "algorithm": "mse", "keep_int8": "none"},
     "mse4-head8": {"bits": 4, "algorithm": "mse", "keep_int8": "lm_head"},

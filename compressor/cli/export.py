@@ -7,6 +7,7 @@ from rich.table import Table
 
 from compressor.cli.common import (
     AllowPickleOpt,
+    DataOpt,
     JsonOpt,
     ModelArg,
     OutOpt,
@@ -35,13 +36,23 @@ def export(
     precision: PrecisionOpt = "fp32",
     route: RouteOpt = "auto",
     block_size: Annotated[int, typer.Option("--block-size", help=_Q + "weights per scale.")] = 32,
-    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help=_Q + "zero points or not.")] = True,
+    grid: Annotated[str, typer.Option("--grid", help=_Q + "auto (minmax for int4, symmetric for int8), symmetric "
+                                      "(no zero points), asymmetric (ORT's integer zero points) or minmax (each "
+                                      "block's own range, float zero points).")] = "auto",
+    symmetric: Annotated[bool | None, typer.Option("--symmetric/--asymmetric", hidden=True,
+                                                   help="Old names of --grid symmetric / asymmetric.")] = None,
+    embeddings: Annotated[str, typer.Option("--embeddings", help=_Q + "auto (quantize the embedding table, shared "
+                                            "with a tied lm_head) or float.")] = "auto",
+    data: DataOpt = None,
     accuracy_level: Annotated[int, typer.Option("--accuracy-level", help=_Q + "MatMulNBits compute type "
                                                 "(1 fp32, 2 fp16, 3 bf16, 4 int8).")] = 4,
     quant_algorithm: Annotated[str, typer.Option("--quant-algorithm", help=_Q + "rtn, gptq, mse, or auto "
                                                  "(compressor.quantize's measured default).")] = "auto",
     keep_int8: Annotated[str, typer.Option("--keep-int8", help="int4: MatMuls kept at int8: none, lm_head, "
-                                           "auto, or node names (comma-separated).")] = "auto",
+                                           "auto (lm_head and the most sensitive ones), or node names "
+                                           "(comma-separated).")] = "auto",
+    int8_fraction: Annotated[float, typer.Option("--int8-fraction", help="int4 with --keep-int8 auto: share of "
+                                                 "the other MatMuls' weights kept at int8.")] = 0.25,
     max_ppl_increase: Annotated[str | None, typer.Option("--max-ppl-increase", help=_Q + "allowed perplexity rise, "
                                                          "a percentage or a fraction (default: int8 2%, int4 25%).")] = None,
     min_top1: Annotated[float | None, typer.Option("--min-top1", help=_Q + "least top-1 agreement with PyTorch "
@@ -69,8 +80,10 @@ def export(
 
     precision = check_export_options(format, dtype or precision, opset, route)
     budget = None if max_ppl_increase is None else 100 * parse_fraction(max_ppl_increase, "--max-ppl-increase")
-    quant, bounds = quant_options(precision, block_size, symmetric, accuracy_level, quant_algorithm, keep_int8,
-                                  budget, min_top1, max_kl)  # quant_options takes percent
+    if symmetric is not None:
+        grid = "symmetric" if symmetric else "asymmetric"
+    quant, bounds = quant_options(precision, block_size, grid, accuracy_level, quant_algorithm, keep_int8,
+                                  budget, min_top1, max_kl, embeddings, int8_fraction)  # quant_options takes percent
     profile = None
     if format == "tensorrt":
         from compressor.export.tensorrt import TrtProfile
@@ -81,7 +94,8 @@ def export(
     with atomic_dir(out_dir, overwrite) as tmp:
         summary = export_model(loaded, tokenizer, tmp, format=format, precision=precision, route=route,
                                quant=quant, bounds=bounds, opset=opset, optimize=optimize, validate=validate,
-                               allow_mismatch=allow_mismatch, profile=profile, workspace_gb=trt_workspace_gb)
+                               allow_mismatch=allow_mismatch, profile=profile, workspace_gb=trt_workspace_gb,
+                               data=data)
     data = {"out": str(out_dir), **summary.to_dict()}
     if json:
         emit_json(data)

@@ -1,7 +1,8 @@
 """Validating a quantized export against the fp32 PyTorch model, with measures that can fail.
 
 Weight-only int8/int4 graphs cannot match PyTorch token for token, so they are held to bounds:
-- perplexity on a short text (the bundled text, first `tokens` tokens, strided 512/256) may rise
+- perplexity on a short text (the held-out end of the calibration text, `split_text`: never a token
+  calibration saw; its first `tokens` tokens, strided 512/256) may rise
   by at most `max_ppl_increase` over the PyTorch model's on the same tokens;
 - on fresh windows from later in the same text, the share of positions whose top-1 token equals
   PyTorch's must be at least `min_top1`, and the mean KL(PyTorch || export) at most `max_kl`.
@@ -90,27 +91,50 @@ def _window_length(model, longest: int = 512) -> int:
     return min(longest, int(context))
 
 
-def quality_tokens(model, tokenizer, count: int) -> tuple[torch.Tensor, list[str]]:
-    """`count` tokens of the bundled text, or random ids (with a note) without a tokenizer."""
-    if tokenizer is not None:
-        from compressor.evaluate.perplexity import load_eval_tokens
+# The end of the calibration text kept for validation (compressor.data.hold_out's rule).
+HELD_OUT = 0.1
 
-        ids = load_eval_tokens(tokenizer, None, max_tokens=count)
+
+def split_text(data: Path | str | None) -> tuple[list[str], str]:
+    """(calibration texts, held-out validation text) of `data` (None: the bundled text): the
+    validation text is the final HELD_OUT of the characters, which calibration never reads."""
+    from compressor.data import hold_out, load_texts
+
+    kept, held = hold_out(load_texts(data), HELD_OUT)
+    return [kept], held
+
+
+def quality_tokens(model, tokenizer, count: int, text: str | None = None) -> tuple[torch.Tensor, list[str]]:
+    """`count` tokens of `text` (default: the held-out end of the bundled text), or random ids
+    (with a note) without a tokenizer or when the text is too short."""
+    notes = []
+    if tokenizer is not None:
+        from compressor.data import token_stream
+
+        if text is not None:
+            ids = token_stream(tokenizer, [text])[:count]
+            if ids.numel() >= count:
+                return ids, notes
+            notes.append(f"the held-out end of the calibration text has {ids.numel()} tokens, fewer than {count}: "
+                         "validated on the held-out end of the bundled text instead")
+        ids = token_stream(tokenizer, [split_text(None)[1]])[:count]
         if ids.numel() >= count:
-            return ids, []
+            return ids, notes
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(3, vocab, (count,), generator=torch.Generator().manual_seed(0))
-    return ids, ["no tokenizer (or too short a text): random token ids stand in for the text"]
+    return ids, [*notes, "no tokenizer (or too short a text): random token ids stand in for the text"]
 
 
 @torch.no_grad()
-def compare_quality(model, runner, tokenizer, precision: str, bounds: QualityBounds, file: str = "") -> QualityReport:
-    """Perplexity, top-1 agreement and KL of `runner` against the PyTorch `model` (see the module doc)."""
+def compare_quality(model, runner, tokenizer, precision: str, bounds: QualityBounds, file: str = "",
+                    text: str | None = None) -> QualityReport:
+    """Perplexity, top-1 agreement and KL of `runner` against the PyTorch `model` (see the module doc),
+    on `text` (default: the held-out end of the bundled text)."""
     from compressor.evaluate.perplexity import perplexity, runner_logits
 
     start = time.perf_counter()
     fresh = bounds.windows * bounds.window_len
-    ids, notes = quality_tokens(model, tokenizer, bounds.tokens + fresh)
+    ids, notes = quality_tokens(model, tokenizer, bounds.tokens + fresh, text)
     text, later = ids[: bounds.tokens], ids[bounds.tokens:]
     status(f"perplexity of the {precision} export vs PyTorch on {text.numel()} tokens")
     window = _window_length(model)
@@ -137,15 +161,17 @@ def compare_quality(model, runner, tokenizer, precision: str, bounds: QualityBou
 
 
 def validate_quantized(model, folder: Path, tokenizer, precision: str, bounds: QualityBounds | None = None,
-                       allow_mismatch: bool = False, threads: int | None = None) -> QualityReport:
-    """compare_quality on the export in `folder`; writes validation.json; raises QualityError on a failure."""
+                       allow_mismatch: bool = False, threads: int | None = None,
+                       text: str | None = None) -> QualityReport:
+    """compare_quality on the export in `folder` (on `text`, held out from calibration); writes
+    validation.json; raises QualityError on a failure."""
     from compressor.export.runtime import OrtCausalLM
     from compressor.export.validate import VALIDATION_FILE
     from compressor.util.io import write_json
 
     bounds = bounds or DEFAULT_BOUNDS[precision]
     runner = OrtCausalLM(folder, threads=threads)
-    report = compare_quality(model, runner, tokenizer, precision, bounds, file=str(runner.path))
+    report = compare_quality(model, runner, tokenizer, precision, bounds, file=str(runner.path), text=text)
     del runner
     write_json(Path(folder) / VALIDATION_FILE, report.to_dict())
     if report.passed:

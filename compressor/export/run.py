@@ -27,6 +27,7 @@ _ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 _TORCH_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32", "int4": "float32"}
 SUMMARY_FILE = "export.json"
 _STAGE = ".float-graph"  # where an int8/int4 export keeps its float graph until it is quantized
+CALIBRATION_WINDOWS, CALIBRATION_LENGTH = 64, 256  # int4 calibration: 16k tokens
 
 
 @dataclass
@@ -158,6 +159,7 @@ def export_model(
     profile=None,
     workspace_gb: float | None = None,
     threads: int | None = None,
+    data: Path | str | None = None,
 ) -> ExportSummary:
     """Export into `out_dir` (an existing, empty folder: the CLI passes atomic_dir's) and validate.
 
@@ -165,6 +167,8 @@ def export_model(
     graph's weights with `compressor.quantize.quantize_onnx` (`quant`: a QuantConfig; its `bits` is
     set from the precision) and are validated against `bounds` (a QualityBounds) instead of exactly.
     route: auto | builder | dynamo (see `choose_route`). A failed validation raises unless allow_mismatch.
+    data: the text that int8/int4 calibrate on (None: the bundled text); its end is held out and
+    the quantized graph is validated there (`compressor.export.quality.split_text`).
     """
     from compressor.surgery.edit import compressor_record
 
@@ -186,10 +190,14 @@ def export_model(
     )
     if optimize and (quantized or chosen == "builder"):
         summary.warnings.append("--optimize applies to fp32/fp16 torch.onnx graphs only; not written")
+    held_out = None
     if quantized:
-        summary.quantization = _quantize(model, tokenizer, graph_dir, out_dir, precision, quant)
+        from compressor.export.quality import split_text
+
+        texts, held_out = split_text(data)
+        summary.quantization = _quantize(model, tokenizer, graph_dir, out_dir, precision, quant, texts)
     if validate:
-        _validate(model, tokenizer, out_dir, precision, bounds, allow_mismatch, threads, summary)
+        _validate(model, tokenizer, out_dir, precision, bounds, allow_mismatch, threads, summary, held_out)
     if format == "tensorrt":
         _tensorrt(model, tokenizer, out_dir, out_dir / ONNX_FILE, summary, profile, workspace_gb, validate,
                   allow_mismatch, precision)
@@ -218,15 +226,16 @@ def _float_graph(model, tokenizer, out_dir: Path, route: str, precision: str, op
     return exported.seconds, exported.optimized_size_bytes
 
 
-def _quantize(model, tokenizer, graph_dir: Path, out_dir: Path, precision: str, quant) -> dict:
-    """quantize_onnx on the float graph, into out_dir; the float graph's other files move beside it."""
+def _quantize(model, tokenizer, graph_dir: Path, out_dir: Path, precision: str, quant, texts: list[str]) -> dict:
+    """quantize_onnx on the float graph (calibrated on `texts`), into out_dir; the float graph's
+    other files move beside it."""
     import dataclasses
 
     from compressor.quantize import QuantConfig, quantize_onnx
 
     bits = 8 if precision == "int8" else 4
     config = dataclasses.replace(quant or QuantConfig(), bits=bits)
-    calibration = _calibration(tokenizer, config)
+    calibration = _calibration(tokenizer, config, texts)
     summary = quantize_onnx(graph_dir / ONNX_FILE, out_dir / ONNX_FILE, config, calibration=calibration)
     for item in graph_dir.iterdir():
         if item.name not in (ONNX_FILE, ONNX_FILE + ".data"):
@@ -235,21 +244,21 @@ def _quantize(model, tokenizer, graph_dir: Path, out_dir: Path, precision: str, 
     return summary.to_dict()
 
 
-def _calibration(tokenizer, config):
-    """Calibration windows from the bundled text for the algorithms that use them, else None."""
+def _calibration(tokenizer, config, texts: list[str]):
+    """Calibration windows from `texts` for the algorithms that use them, else None."""
     wants = config.algorithm not in ("rtn", "auto") or (config.algorithm == "auto" and config.bits == 4)
     if not wants or tokenizer is None:
         return None
-    from compressor.data import load_texts, make_windows
+    from compressor.data import make_windows
 
-    return make_windows(tokenizer, load_texts(None), 64, 256, seed=0, at_most=True)
+    return make_windows(tokenizer, texts, CALIBRATION_WINDOWS, CALIBRATION_LENGTH, seed=0, at_most=True)
 
 
-def _validate(model, tokenizer, out_dir, precision, bounds, allow_mismatch, threads, summary) -> None:
+def _validate(model, tokenizer, out_dir, precision, bounds, allow_mismatch, threads, summary, held_out=None) -> None:
     if precision in ("int8", "int4"):
         from compressor.export.quality import validate_quantized
 
-        report = validate_quantized(model, out_dir, tokenizer, precision, bounds, allow_mismatch, threads)
+        report = validate_quantized(model, out_dir, tokenizer, precision, bounds, allow_mismatch, threads, held_out)
         summary.validation = report.to_dict()
         passed = report.passed
     else:
@@ -288,9 +297,10 @@ def _tensorrt(model, tokenizer, out_dir, onnx_path, summary, profile, workspace_
         summary.warnings.append("TensorRT validation failed (kept because of --allow-mismatch)")
 
 
-def quant_options(precision: str, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4,
+def quant_options(precision: str, block_size: int = 32, grid: str = "auto", accuracy_level: int = 4,
                   algorithm: str = "auto", keep_int8: str = "auto", max_ppl_increase_pct: float | None = None,
-                  min_top1: float | None = None, max_kl: float | None = None):
+                  min_top1: float | None = None, max_kl: float | None = None, embeddings: str = "auto",
+                  int8_fraction: float = 0.25):
     """(QuantConfig, QualityBounds) for an int8/int4 export, checked; (None, None) for the others."""
     import dataclasses
 
@@ -299,8 +309,9 @@ def quant_options(precision: str, block_size: int = 32, symmetric: bool = True, 
     from compressor.export.quality import DEFAULT_BOUNDS
     from compressor.quantize import QuantConfig
 
-    config = QuantConfig(bits=8 if precision == "int8" else 4, block_size=block_size, symmetric=symmetric,
-                         accuracy_level=accuracy_level, algorithm=algorithm, keep_int8=keep_int8)
+    config = QuantConfig(bits=8 if precision == "int8" else 4, block_size=block_size, grid=grid,
+                         accuracy_level=accuracy_level, algorithm=algorithm, keep_int8=keep_int8, embeddings=embeddings,
+                         int8_fraction=int8_fraction)
     changes = {k: v for k, v in (("max_ppl_increase", None if max_ppl_increase_pct is None
                                   else max_ppl_increase_pct / 100), ("min_top1", min_top1), ("max_kl", max_kl))
                if v is not None}

@@ -1,40 +1,48 @@
 """Weight-only int4/int8 quantization of ONNX graphs for ONNX Runtime CPU (MatMulNBits).
 
 `quantize_onnx(src, dst, QuantConfig(...), calibration=windows)` replaces every MatMul with a
-constant weight by a MatMulNBits node (block-wise along the input dimension, ORT's own grid:
-an "rtn" export equals what ORT's builder/quantizer writes). Embeddings stay float (a Gather costs
-no compute; a tied embedding keeps its own fp32 copy). Calibration statistics are measured on the
-fp32 graph itself (`measure_hessians`), so they fit whatever exporter wrote it.
+constant weight by a MatMulNBits node (block-wise along the input dimension) and the token
+embedding Gather by GatherBlockQuantized (`embedding`: a tied table is read from the quantized
+lm_head's own integers, no second copy). Calibration statistics are measured on the fp32 graph
+itself (`measure_hessians`), so they fit whatever exporter wrote it; graphs over protobuf's 2 GB
+limit go through external data (`protos`).
 
-Algorithms: "rtn" (round to nearest), "mse" (per block, the clipping of the range that minimises
-the activation-weighted squared error sum_k E[x_k^2] (w_k - dq_k)^2; needs only per-channel mean
-squares, so calibration costs one forward pass per window), "gptq" (error feedback through the full
-input Hessian). Mixed precision: keep_int8="lm_head" keeps the output projection 8-bit.
+Grids (`blockwise`): ORT's "symmetric" and "asymmetric" ones are quantized by ONNX Runtime's own
+quantizer (the C++ kernels behind MatMulNBitsQuantizer and the builder); "minmax" (each block's
+own range, float zero points: llama.cpp's Q4_1) is ours. Algorithms: "rtn" (round to nearest),
+"mse" (per block, the range shrink that minimises the activation-weighted squared error
+sum_k E[x_k^2] (w_k - dq_k)^2; needs only per-channel mean squares, one forward pass per window),
+"gptq" (error feedback through the full input Hessian). Mixed precision: keep_int8="lm_head" keeps
+the output projection 8-bit (and with it a tied embedding); "auto" also keeps the MatMuls with the
+largest calibrated output error 8-bit, up to int8_fraction of the weights (`mixed`).
 
-Measured on SmolLM2-135M (ORT 1.32, 2 threads, first 2,048 tokens of wiki.test, strided 512/256;
-calibration 16 x 256 tokens of the bundled text, not the evaluation text; a shared, busy machine):
+Measured on SmolLM2-135M (ORT 1.32, 2 threads, first 16,384 tokens of wiki.test.txt, strided
+512/256, one ORT loop; fp32 17.615; calibration 64 x 256 tokens of the bundled text; sizes are whole
+folders with the 3.5 MB tokenizer, 10^6 bytes; seconds on a shared, busy 2-core machine):
 
-| int4 variant (block 32, symmetric)           | perplexity increase over fp32 |
-|----------------------------------------------|-------------------------------|
-| builder RTN (embeddings int4 too), 4k tokens | +38.8%                        |
-| rtn                                          | +37.6% (4k tokens)            |
-| rtn, lm_head int8                            | +28.2%                        |
-| gptq, lm_head int8                           | +41.8% (+65% with the first token left out of H) |
-| mse, no int8                                 | +30.5%                        |
-| mse, lm_head int8  (= "auto")                | +22.4%                        |
+| int4 variant (block 32; "head" = lm_head 8-bit, shared with the embedding) | perplexity | size MB |
+|-----------------------------------------------------------------|------------|---------|
+| builder int4 k_quant_mixed (29 MatMuls + head int8, int8 embedding)| +12.9% (issue 23) | 117.2 |
+| before issue 23: symmetric mse, head int8, fp32 embedding       | +18.9%     | 208     |
+| symmetric mse, head                                             | +16.8%     | 104.2   |
+| asymmetric mse, head + 25% of the weights int8 by sensitivity   | +14.2%     | 115.2   |
+| asymmetric gptq, head + 25% int8 by sensitivity  (= the default) | +7.8%      | 115.2   |
+| minmax rtn, head (block 32)                                     | -0.07%     | 117.5   |
+| minmax mse, head (block 64)                                     | +0.08%     | 115.7   |
 
-On the full goal text (first 16,384 tokens, bench/export_speed.py run 12:07-12:30 UTC, same
-machine, busy): builder int4 +35.92%, "auto" int4 (mse, lm_head int8) +18.95% -- short of the goal
-(at most half the builder's, +17.96%) by one point; builder int8 +0.49%, "auto" int8 (rtn) +0.50%.
-The int4 quantization took 296 s with calibration (64 x 256 windows) on the shared 2-core machine,
-over the 180 s goal; most of it is the clip search (7 candidate ranges per block).
-
-GPTQ lost to plain rounding here; a likely reason is the checkpoint itself: SmolLM2 is packaged
-as a Q4_1 GGUF, so its weights already sit on a 4-bit asymmetric block-32 grid and int4 error on it
-is not representative of a full-precision checkpoint. Nothing here is tuned to that grid (the
-symmetric ORT grid is used, and the asymmetric option uses ORT's zero-including range, which does
-not reproduce Q4_1). "auto" = "mse" with the lm_head at int8 for 4-bit given calibration windows,
-"rtn" otherwise (8-bit RTN is within 1% already). See bench/quantize.py for the side-by-side run.
+SmolLM2's checkpoint is a dequantized Q4_1 GGUF (Q8_0 embedding): every block of 32 inputs holds
+16 levels min + d * q, so the minmax grid gives the checkpoint back exactly; what is left is
+accuracy_level 4's int8 rounding of the activations (+-0.1%). But it needs float zero points, and
+ONNX Runtime 1.32's CPU MatMulNBits has no fast kernel for them: one 576 x 1536 MatMul took 4-5 ms
+per decoded token against 0.11-0.15 ms with integer zero points (at every accuracy level). So
+"minmax" is an option, not the default. On ORT's integer grid the Q4_1 levels are off by a constant
+per block (up to half a step), which GPTQ can compensate and rounding cannot. GPTQ's Hessians clip
+each token to 4x the median token norm (calibration.clip_token_norms): unclipped, SmolLM2's massive
+first token owns them and GPTQ lost to plain rounding (+41.8% against +28.2% before issue 23).
+The default costs full Hessians: 263 s of calibration and 102 s of GPTQ on the busy machine (the
+diagonal statistics that "mse" needs took 52 s), over the 2-minute goal there. "auto" = "gptq" for
+4-bit given calibration windows, "rtn" otherwise (8-bit round to nearest is within 1% already).
+bench/int4.py prints the side-by-side table.
 """
 
 from compressor.quantize.calibration import Hessians, input_hessians

@@ -7,7 +7,10 @@ quantizer, so an "rtn" export is the same model the builder or `MatMulNBitsQuant
 - symmetric: scale = m / -2**(bits-1) where m is the block's value of largest magnitude (so m itself
   lands exactly on the most negative code), q = clamp(round(w / scale), -2**(bits-1), 2**(bits-1)-1),
   stored as q + 2**(bits-1);
-- asymmetric: the range [min(w, 0), max(w, 0)] over 2**bits - 1 steps with an integer zero point.
+- asymmetric: the range [min(w, 0), max(w, 0)] over 2**bits - 1 steps with an integer zero point;
+- "minmax" (asymmetric with a float zero point, MatMulNBits accepts one): the block's own range
+  [min(w), max(w)] over 2**bits - 1 steps, q = round((w - min) / scale). This is llama.cpp's Q4_1
+  grid, so a checkpoint that was dequantized from Q4_1 (SmolLM2's GGUF) is reproduced exactly.
 
 Dequantized: (code - zero_point) * scale, so every weight is within scale/2 of its original,
 except on the symmetric grid a weight of the opposite sign to m with |w| > (2**(bits-1) - 0.5)|scale|:
@@ -30,7 +33,7 @@ class BlockQuant:
 
     codes: np.ndarray  # uint8 [N, n_blocks, block_size], 0 .. 2**bits - 1
     scales: np.ndarray  # float32 [N, n_blocks]
-    zero_points: np.ndarray | None  # uint8 [N, n_blocks]; None = symmetric (implicit 2**(bits-1))
+    zero_points: np.ndarray | None  # uint8 or float32 [N, n_blocks]; None = symmetric (implicit 2**(bits-1))
     bits: int
     block_size: int
     k: int  # rows of the original weight (K), before padding to whole blocks
@@ -52,16 +55,40 @@ def to_blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
     return wt.reshape(n, -1, block_size)
 
 
-def grid(blocks: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point per block (last dim) for the ORT grid; zero point as a float tensor."""
-    if symmetric:
-        idx = blocks.abs().argmax(dim=-1, keepdim=True)
-        m = blocks.gather(-1, idx).squeeze(-1)
-        scale = m / -(2 ** (bits - 1))
+GRIDS = ("symmetric", "asymmetric", "minmax")
+
+
+def grid(blocks: torch.Tensor, bits: int, symmetric: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per block (last dim); zero point as a float tensor.
+
+    symmetric: True / "symmetric", False / "asymmetric" (ORT's grids), or "minmax" (float zero point)."""
+    return grid_of(*block_range(blocks, symmetric), bits, symmetric)
+
+
+def block_range(blocks: torch.Tensor, symmetric: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) per block that the grid spans; symmetric: the value of largest magnitude, twice.
+    Scaling both by f > 0 gives the range of the blocks scaled by f."""
+    kind = _kind(symmetric)
+    if kind == "symmetric":
+        m = blocks.gather(-1, blocks.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+        return m, m
+    lo, hi = torch.aminmax(blocks, dim=-1)
+    return (lo.clamp(max=0), hi.clamp(min=0)) if kind == "asymmetric" else (lo, hi)
+
+
+def grid_of(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """grid() from block_range()'s (lo, hi)."""
+    kind = _kind(symmetric)
+    if kind == "minmax":
+        scale = (hi - lo) / (2**bits - 1)
+        zp = torch.where(scale != 0, -lo / torch.where(scale != 0, scale, 1), 0)
+        # An all-equal block: scale 1 with zero point -value puts every weight on code 0.
+        zp = torch.where(scale == 0, -lo, zp)
+        return torch.where(scale == 0, torch.ones_like(scale), scale), zp
+    if kind == "symmetric":
+        scale = lo / -(2 ** (bits - 1))
         zp = torch.full_like(scale, 2 ** (bits - 1))
     else:
-        lo = blocks.min(dim=-1).values.clamp(max=0)
-        hi = blocks.max(dim=-1).values.clamp(min=0)
         scale = (hi - lo) / (2**bits - 1)
         zp = torch.where(scale != 0, (-lo / torch.where(scale != 0, scale, 1)).round(), 0).clamp(0, 2**bits - 1)
     # An all-zero block: any scale works; 1 avoids dividing by zero and dequantizes to zeros.
@@ -69,50 +96,97 @@ def grid(blocks: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor
     return scale, zp
 
 
+def _kind(symmetric: bool | str) -> str:
+    if isinstance(symmetric, str):
+        if symmetric not in GRIDS:
+            raise ValueError(f"grid must be one of {', '.join(GRIDS)}, not {symmetric!r}")
+        return symmetric
+    return "symmetric" if symmetric else "asymmetric"
+
+
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes 0 .. 2**bits-1 of `x` on the grid (scale, zp), broadcast over the last dim of x."""
     return (x / scale + zp).round().clamp(0, 2**bits - 1)
 
 
-def rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> BlockQuant:
-    """Round-to-nearest block quantization of a [K, N] weight."""
-    blocks = to_blocks(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)), block_size)
-    scale, zp = grid(blocks, bits, symmetric)
+def rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool | str) -> BlockQuant:
+    """Round-to-nearest block quantization of a [K, N] weight. ORT's own grids are quantized by
+    ONNX Runtime's quantizer (its C++ kernels, what MatMulNBitsQuantizer and the builder run)."""
+    kind = _kind(symmetric)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if kind != "minmax":
+        return _ort_rtn(w, bits, block_size, kind == "symmetric")
+    blocks = to_blocks(torch.from_numpy(w.copy()), block_size)  # a copy: the source may be read-only
+    scale, zp = grid(blocks, bits, kind)
     codes = quantize_codes(blocks, scale[..., None], zp[..., None], bits)
-    return _result(codes, scale, zp, bits, block_size, w.shape[0], symmetric)
+    return _result(codes, scale, zp, bits, block_size, w.shape[0], kind)
+
+
+def _ort_rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> BlockQuant:
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=symmetric, bits=bits))
+    packed, scales, zp = quantizer.qbits_block_quant(w)
+    n, blocks = scales.shape
+    if bits == 4:
+        codes = np.empty((n, blocks, block_size), np.uint8)
+        codes[..., 0::2], codes[..., 1::2] = packed & 0xF, packed >> 4
+        zp = np.stack([zp & 0xF, zp >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+    else:
+        codes = packed.reshape(n, blocks, block_size)
+    return BlockQuant(codes=codes, scales=scales.astype(np.float32), zero_points=None if symmetric else zp.copy(),
+                      bits=bits, block_size=block_size, k=w.shape[0])
 
 
 def rtn_search(
-    w: np.ndarray, importance: np.ndarray | None, bits: int, block_size: int, symmetric: bool,
+    w: np.ndarray, importance: np.ndarray | None, bits: int, block_size: int, symmetric: bool | str,
     shrink: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7),
 ) -> BlockQuant:
     """Round to nearest on a per-block clipped grid: each block's range is shrunk by the factor in
     `shrink` that minimises sum_k importance_k (w_k - dq_k)^2, the expected squared output error
     when input k has mean square importance_k (uniform when None). Clipping a rare large weight
-    buys finer steps for the other 31."""
+    buys finer steps for the other 31. On the symmetric grid one wider range is tried too, the
+    one whose codes are symmetric (largest magnitude on code +-(2**(bits-1) - 1), llama.cpp's Q8_0
+    grid), so a checkpoint dequantized from Q8_0 is reproduced exactly. Ties keep the earlier
+    factor: a block that the plain grid reproduces exactly stays on it."""
+    if _kind(symmetric) == "symmetric":
+        half = 2 ** (bits - 1)
+        shrink = (*shrink, half / (half - 1))
     t = torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: the source may be read-only
     blocks = to_blocks(t, block_size)
     imp = torch.ones(w.shape[0]) if importance is None else torch.from_numpy(np.array(importance, np.float32))
     imp = to_blocks(imp[:, None], block_size)[0]  # [n_blocks, block_size]
-    best_err = best = None
-    for f in shrink:
-        scale, zp = grid(blocks * f, bits, symmetric)
-        codes = quantize_codes(blocks, scale[..., None], zp[..., None], bits)
-        err = (imp * (blocks - (codes - zp[..., None]) * scale[..., None]) ** 2).sum(-1)
-        if best is None:
-            best_err, best = err, (codes, scale, zp)
-            continue
-        take = err < best_err
-        best_err = torch.where(take, err, best_err)
-        best = tuple(torch.where(take[..., None] if x.dim() == 3 else take, x, y) for x, y in zip((codes, scale, zp), best))
-    return _result(*best, bits, block_size, w.shape[0], symmetric)
+    scales, zps = torch.empty(blocks.shape[:2]), torch.empty(blocks.shape[:2])
+    rows = max(1, 2**20 // blocks[0].numel())  # output columns per chunk: a few MB stay in cache
+    for a in range(0, blocks.shape[0], rows):
+        chunk = blocks[a : a + rows]
+        lo, hi = block_range(chunk, symmetric)
+        best_err = None
+        for f in shrink:
+            scale, zp = grid_of(lo * f, hi * f, bits, symmetric)
+            codes = quantize_codes(chunk, scale[..., None], zp[..., None], bits)
+            err = (imp * (chunk - (codes - zp[..., None]) * scale[..., None]).square_()).sum(-1)
+            if best_err is None:
+                best_err, best_scale, best_zp = err, scale, zp
+                continue
+            take = err < best_err
+            best_err = torch.where(take, err, best_err)
+            best_scale, best_zp = torch.where(take, scale, best_scale), torch.where(take, zp, best_zp)
+        scales[a : a + rows], zps[a : a + rows] = best_scale, best_zp
+    codes = quantize_codes(blocks, scales[..., None], zps[..., None], bits)
+    return _result(codes, scales, zps, bits, block_size, w.shape[0], symmetric)
 
 
 def _result(codes, scale, zp, bits, block_size, k, symmetric) -> BlockQuant:
+    kind = _kind(symmetric)
     return BlockQuant(
         codes=codes.to(torch.uint8).numpy(),
         scales=scale.to(torch.float32).numpy(),
-        zero_points=None if symmetric else zp.to(torch.uint8).numpy(),
+        zero_points=(None if kind == "symmetric" else zp.to(torch.float32 if kind == "minmax" else torch.uint8).numpy()),
         bits=bits,
         block_size=block_size,
         k=k,
@@ -200,7 +274,11 @@ def split(q: BlockQuant, widths: list[int]) -> list[BlockQuant]:
 
 def pack(q: BlockQuant) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """MatMulNBits initializers: B uint8 [N, n_blocks, block_size*bits/8], scales [N, n_blocks],
-    zero points uint8 (4-bit: two per byte, low nibble first, [N, ceil(n_blocks/2)]; 8-bit: [N, n_blocks])."""
+    zero points uint8 (4-bit: two per byte, low nibble first, [N, ceil(n_blocks/2)]; 8-bit: [N, n_blocks])
+    or float32 [N, n_blocks] as they are."""
+    if q.zero_points is not None and q.zero_points.dtype != np.uint8:
+        packed = q.codes if q.bits == 8 else q.codes[..., 0::2] | (q.codes[..., 1::2] << 4)
+        return np.ascontiguousarray(packed, dtype=np.uint8), q.scales, np.ascontiguousarray(q.zero_points)
     if q.bits == 8:
         packed = q.codes
         zp = q.zero_points

@@ -8,8 +8,13 @@ from compressor.errors import CompressorError
 
 ALGORITHMS = ("rtn", "mse", "gptq")
 KEEP_INT8 = ("none", "lm_head", "auto")
-# Measured on SmolLM2-135M (compressor.quantize's docstring): activation-weighted clipping beat GPTQ.
-AUTO_ALGORITHM = "mse"
+GRIDS = ("symmetric", "asymmetric", "minmax")
+EMBEDDINGS = ("auto", "float")
+# Measured on SmolLM2-135M (compressor.quantize's docstring): GPTQ (outlier tokens clipped) beat the
+# activation-weighted range search on ORT's fast integer-zero-point grid.
+AUTO_ALGORITHM = "gptq"
+# Measured on SmolLM2-135M (compressor.quantize's docstring): bits -> grid
+AUTO_GRID = {4: "asymmetric", 8: "symmetric"}
 
 
 class QuantConfigError(CompressorError):
@@ -21,22 +26,35 @@ class QuantConfig:
     """Weight-only MatMulNBits quantization of every MatMul with a constant 2-D weight.
 
     bits: 4 or 8. block_size: weights per scale along the input dimension (a power of two >= 16).
-    symmetric: no zero points (the grid ORT's builder uses by default).
+    grid: "symmetric" (no zero points, ORT's default), "asymmetric" (ORT's: the range including 0,
+        integer zero points), "minmax" (each block's own range, float zero points: llama.cpp's Q4_1),
+        or "auto": asymmetric for 4-bit MatMuls, symmetric for 8-bit ones (measured, compressor.quantize;
+        minmax reproduces Q4_1 checkpoints exactly but ORT's CPU kernel has no fast path for float
+        zero points: one 576x1536 MatMul decoded 30x slower).
     accuracy_level: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations).
     algorithm: "rtn" (round to nearest), "mse" (per-block clipping chosen by activation-weighted
         error), "gptq" (error feedback through the input Hessian); "mse" and "gptq" need calibration
         windows; "auto" is the measured default (see compressor.quantize) given calibration, else rtn.
     keep_int8: in a 4-bit model, which MatMuls stay 8-bit: "none", "lm_head" (the output
-        projection), "auto" (the measured default, see compressor.quantize), or a comma-separated
-        list of node names (exact ONNX node names).
+        projection), "auto" (the lm_head and, by measured sensitivity, the MatMuls holding up to
+        int8_fraction of the other weights: compressor.quantize.mixed), or a comma-separated list of
+        node names (exact ONNX node names).
+    int8_block_size: block size of the MatMuls kept 8-bit in a 4-bit model (and of an embedding
+        table that shares one); None: block_size. 64 (measured, compressor.quantize): 1.8 MB less
+        than 32 on SmolLM2 for +0.04 points of perplexity.
+    embeddings: "auto" quantizes the token embedding table (GatherBlockQuantized; a tied table shares
+        the output projection's quantized weight, 8-bit when that is), "float" keeps it as it is.
     """
 
     bits: int = 4
     block_size: int = 32
-    symmetric: bool = True
+    grid: str = "auto"
     accuracy_level: int = 4
     algorithm: str = "auto"
     keep_int8: str = "auto"
+    embeddings: str = "auto"
+    int8_block_size: int | None = 64
+    int8_fraction: float = 0.25
 
     def problems(self) -> list[str]:
         """Every reason this config cannot be used, each with what to do instead."""
@@ -46,10 +64,19 @@ class QuantConfig:
         bs = self.block_size
         if not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
             out.append(f"block_size must be a power of two >= 16 (e.g. 32), not {bs}")
+        b8 = self.int8_block_size
+        if b8 is not None and (not isinstance(b8, int) or b8 < 16 or b8 & (b8 - 1)):
+            out.append(f"int8_block_size must be a power of two >= 16 (e.g. 64), or None, not {b8}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             out.append(f"accuracy_level must be 0-4 (4 = int8 compute, fastest on CPU), not {self.accuracy_level}")
         if self.algorithm not in (*ALGORITHMS, "auto"):
             out.append(f"algorithm must be one of {', '.join((*ALGORITHMS, 'auto'))}, not {self.algorithm!r}")
+        if not 0 <= self.int8_fraction <= 1:
+            out.append(f"int8_fraction must lie in [0, 1] (e.g. 0.25), not {self.int8_fraction}")
+        if self.grid not in (*GRIDS, "auto"):
+            out.append(f"grid must be one of {', '.join((*GRIDS, 'auto'))}, not {self.grid!r}")
+        if self.embeddings not in EMBEDDINGS:
+            out.append(f"embeddings must be one of {', '.join(EMBEDDINGS)}, not {self.embeddings!r}")
         if not isinstance(self.keep_int8, str) or not self.keep_int8.strip():
             out.append(f"keep_int8 must be one of {', '.join(KEEP_INT8)} or a list of node names")
         return out
@@ -68,6 +95,17 @@ class QuantConfig:
             )
         return self.algorithm
 
+    def block_for(self, bits: int) -> int:
+        """Block size of a MatMul quantized to `bits`."""
+        if bits == 8 and self.bits == 4 and self.int8_block_size:
+            return self.int8_block_size
+        return self.block_size
+
+    def resolved_grid(self, bits: int) -> str:
+        if self.grid != "auto":
+            return self.grid
+        return AUTO_GRID[bits]
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -80,6 +118,7 @@ class QuantSummary:
     algorithm: str
     nodes: dict[str, int] = field(default_factory=dict)  # ONNX node name -> bits
     skipped: dict[str, str] = field(default_factory=dict)  # node name -> why it stayed float
+    embeddings: dict[str, str] = field(default_factory=dict)  # Gather name -> what it reads now
     notes: list[str] = field(default_factory=list)
     calibration_tokens: int = 0
     seconds: float = 0.0

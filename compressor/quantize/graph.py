@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import CompressorError
-from compressor.quantize import blockwise
+from compressor.quantize import blockwise, embedding, mixed
 from compressor.quantize.calibration import Hessians, input_hessians
 from compressor.quantize.config import QuantConfig, QuantConfigError, QuantSummary
 from compressor.quantize.protos import load_model, save_model
@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 # Ops that pass the logits through unchanged in meaning (bias, scaling, casts, reshapes): walking
 # back over them from the "logits" output finds the output projection in any exporter's graph.
+# GPTQ's Hessian counts a token at most at 4x the median token norm (calibration.clip_token_norms).
+TOKEN_CLIP = 4.0
 _PASS_THROUGH = {"Add", "Mul", "Div", "Cast", "Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze"}
 
 
@@ -93,6 +95,7 @@ def _nbits_node(node, q: blockwise.BlockQuant, weight, config: QuantConfig, grap
     )
     if zp is not None:
         names.append(f"{base}_zero_points")
+        zp = zp if zp.dtype == np.uint8 else zp.astype(dtype)  # float zero points share the scales' type
         graph.initializer.append(numpy_helper.from_array(zp, names[2]))
     k, n = weight.shape
     new = helper.make_node(
@@ -107,7 +110,7 @@ def _nbits_node(node, q: blockwise.BlockQuant, weight, config: QuantConfig, grap
         block_size=q.block_size,
         accuracy_level=config.accuracy_level,
     )
-    return new, packed.nbytes + scales.nbytes + (zp.nbytes if zp is not None else 0)
+    return new, names, packed.nbytes + scales.nbytes + (zp.nbytes if zp is not None else 0)
 
 
 def _quantize_all(candidates, weights, bits, hessians, config, algorithm) -> dict[str, blockwise.BlockQuant]:
@@ -123,11 +126,12 @@ def _quantize_all(candidates, weights, bits, hessians, config, algorithm) -> dic
         h = hessians.get(node.input[0])
         if h is not None and algorithm == "mse":
             out[name] = blockwise.rtn_search(weights[name], np.diagonal(h) if h.ndim == 2 else h, bits[name],
-                                             config.block_size, config.symmetric)
+                                             config.block_for(bits[name]), config.resolved_grid(bits[name]))
         elif h is not None and h.ndim == 2:
             groups.setdefault((node.input[0], bits[name]), []).append(name)
         else:
-            out[name] = blockwise.rtn(weights[name].astype(np.float32), bits[name], config.block_size, config.symmetric)
+            out[name] = blockwise.rtn(weights[name], bits[name], config.block_for(bits[name]),
+                                      config.resolved_grid(bits[name]))
     batches: dict[tuple, list[tuple]] = {}
     for (inp, b), names in groups.items():
         w = np.concatenate([weights[n].astype(np.float32) for n in names], axis=1)
@@ -137,7 +141,8 @@ def _quantize_all(candidates, weights, bits, hessians, config, algorithm) -> dic
         per = max(1, int(2**26 // (shape[0] * shape[1])))
         for i in range(0, len(items), per):
             chunk = items[i : i + per]
-            qs = blockwise.gptq_many([c[1] for c in chunk], [c[2] for c in chunk], b, config.block_size, config.symmetric)
+            qs = blockwise.gptq_many([c[1] for c in chunk], [c[2] for c in chunk], b, config.block_for(b),
+                                     config.resolved_grid(b))
             for (names, _, _), q in zip(chunk, qs, strict=True):
                 parts = blockwise.split(q, [weights[n].shape[1] for n in names])
                 out.update(zip(names, parts, strict=True))
@@ -145,39 +150,71 @@ def _quantize_all(candidates, weights, bits, hessians, config, algorithm) -> dic
 
 
 def _rewrite(model, candidates, weights, quants, config: QuantConfig, summary: QuantSummary) -> None:
-    """Swap each candidate MatMul for its MatMulNBits node, in place, and drop dead weights."""
+    """Swap each candidate MatMul for its MatMulNBits node (and embedding Gathers for
+    GatherBlockQuantized, see compressor.quantize.embedding), in place, and drop dead weights."""
     from onnx import helper
 
     graph = model.graph
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-    replaced: dict[str, object] = {}
+    names_taken = {n.name for n in graph.node}
+    for i, node in enumerate(graph.node):  # nodes are replaced by name below: every one needs its own
+        if not node.name:
+            node.name = next(f"{node.op_type}_{i}{'_' * k}" for k in range(len(names_taken) + 1)
+                             if f"{node.op_type}_{i}{'_' * k}" not in names_taken)
+            names_taken.add(node.name)
+    tied = embedding.tied_gathers(graph, {c.input[1] for c in candidates.values()}) if config.embeddings == "auto" else {}
+    replaced: dict[str, list] = {}
     for name, node in candidates.items():
-        replaced[name], size = _nbits_node(node, quants[name], weights[name], config, graph)
+        new, names, size = _nbits_node(node, quants[name], weights[name], config, graph)
+        replaced[name] = [new]
         summary.nodes[name] = quants[name].bits
         summary.bytes_before += weights[name].nbytes
         summary.bytes_after += size
-        uses[node.input[1]] -= 1
-    new_nodes = [replaced.get(n.name, n) for n in graph.node]
+        transpose, gather = tied.get(node.input[1], (None, None))
+        if gather is None:
+            continue
+        if not embedding.shareable(quants[name]):
+            summary.notes.append(f"embedding {gather.name} stays float: its tied {name} has float zero points")
+            continue
+        replaced[transpose.name] = []
+        replaced[gather.name] = embedding.gather_nodes(gather, quants[name], names, weights[name].shape[0], graph)
+        summary.embeddings[gather.name] = f"{quants[name].bits}-bit, the quantized weight of its tied {name}"
+    if config.embeddings == "auto":
+        _own_embeddings(graph, config, summary, replaced)
+    new_nodes = [m for n in graph.node for m in replaced.get(n.name, [n])]
     del graph.node[:]
     graph.node.extend(new_nodes)
-    # A weight another node still reads (a tied embedding's Transpose) stays as it is.
-    dead = {c.input[1] for c in candidates.values() if uses[c.input[1]] == 0}
-    kept = [t for t in graph.initializer if t.name not in dead]
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in read]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
-def measure_hessians(src: Path, windows, skip_first: int = 0, full: bool = True) -> Hessians:
+def _own_embeddings(graph, config: QuantConfig, summary: QuantSummary, replaced: dict) -> None:
+    """An untied embedding table: 8-bit on the symmetric grid with the range search (uniform weights)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    for table, gather in embedding.own_gathers(graph, inits).items():
+        w = numpy_helper.to_array(inits[table])
+        q = blockwise.rtn_search(w.T, None, 8, config.block_for(8), "symmetric")
+        packed, scales, _ = blockwise.pack(q)
+        names = [f"{table}_Q8", f"{table}_scales"]
+        graph.initializer.extend([numpy_helper.from_array(packed, names[0]), numpy_helper.from_array(scales, names[1])])
+        replaced[gather.name] = embedding.gather_nodes(gather, q, names, w.shape[1], graph)
+        summary.embeddings[gather.name] = "8-bit, its own table"
+        summary.bytes_before += w.nbytes
+        summary.bytes_after += packed.nbytes + scales.nbytes
+
+
+def measure_hessians(src: Path, windows, skip_first: int = 0, full: bool = True,
+                     clip_tokens: float | None = None) -> Hessians:
     """The input Hessians (full=False: their diagonals) of every weight MatMul of `src`, for one or
-    more quantize_onnx calls."""
+    more quantize_onnx calls (for "gptq", with clip_tokens=TOKEN_CLIP as quantize_onnx measures them)."""
     model = load_model(Path(src))
     inputs = sorted({node.input[0] for node in _weight_matmuls(model.graph).values()})
-    return input_hessians(model, inputs, windows, skip_first=skip_first, full=full)
+    return input_hessians(model, inputs, windows, skip_first=skip_first, full=full, clip_tokens=clip_tokens)
 
 
 def quantize_onnx(src: Path, dst: Path, config: QuantConfig, calibration=None) -> QuantSummary:
@@ -208,12 +245,19 @@ def quantize_onnx(src: Path, dst: Path, config: QuantConfig, calibration=None) -
         t0 = time.perf_counter()
         if not isinstance(calibration, Hessians):
             inputs = sorted({node.input[0] for node in candidates.values()})
-            calibration = input_hessians(model, inputs, calibration, full=algorithm == "gptq")
+            gptq = algorithm == "gptq"
+            calibration = input_hessians(model, inputs, calibration, full=gptq, clip_tokens=TOKEN_CLIP if gptq else None)
         hessians, summary.calibration_tokens = calibration.sums, calibration.tokens
         summary.calibration_seconds = time.perf_counter() - t0
     inits = {t.name: t for t in graph.initializer}
     weights = {name: numpy_helper.to_array(inits[node.input[1]]) for name, node in candidates.items()}
     quants = _quantize_all(candidates, weights, bits, hessians, config, algorithm)
+    if config.bits == 4 and config.keep_int8.strip() == "auto" and config.int8_fraction > 0:
+        promoted = mixed.most_sensitive(candidates, weights, quants, hessians, bits, config.int8_fraction)
+        bits.update(dict.fromkeys(promoted, 8))
+        quants.update(_quantize_all({n: candidates[n] for n in promoted}, weights, bits, hessians, config, algorithm))
+        summary.notes.append(f"keep_int8=auto: {len(promoted)} most sensitive MatMuls 8-bit (relative output error "
+                             f"{min(promoted.values(), default=0):.2e} and up, {config.int8_fraction:.0%} of the weights)")
     _rewrite(model, candidates, weights, quants, config, summary)
     save_model(model, dst)
     summary.seconds = time.perf_counter() - start

@@ -59,11 +59,20 @@ def save_model(model, dst: Path) -> None:
     try:
         onnx.save(model, str(tmp / dst.name), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=data, size_threshold=1024)
+        mode = 0o666 & ~_umask()  # what a plain open() would give, not the temporary folder's 0600
         if (tmp / data).exists():
+            os.chmod(tmp / data, mode)
             os.replace(tmp / data, dst.parent / data)
+        os.chmod(tmp / dst.name, mode)
         os.replace(tmp / dst.name, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager

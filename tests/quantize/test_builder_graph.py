@@ -60,11 +60,38 @@ def test_gptq_closer_to_fp32_than_rtn_on_fresh_tokens(built, tmp_path):
     assert errs["gptq"] < errs["rtn"]
 
 
-def test_auto_keeps_the_lm_head_int8(built, tmp_path):
+def test_auto_keeps_the_lm_head_int8_and_quantizes_the_embedding(built, tmp_path):
+    """This tiny Llama is untied: its table gets its own 8-bit copy (tied tables: test_graph.py)."""
     _, path = built
     summary = quantize_onnx(path, tmp_path / "q" / "model.onnx", QuantConfig(), calibration=torch.randint(4, 128, (2, 16)))
-    assert summary.algorithm == "mse"
-    assert summary.int8_nodes == ["/lm_head/MatMul"]
+    assert summary.algorithm == "gptq"
+    assert "/lm_head/MatMul" in summary.int8_nodes
+    assert list(summary.embeddings) == ["/model/embed_tokens/Gather"]
     written = onnx.load(str(tmp_path / "q" / "model.onnx"))
-    bits = {n.name: a.i for n in written.graph.node for a in n.attribute if a.name == "bits"}
-    assert bits["/lm_head/MatMul_Q8"] == 8 and sum(b == 4 for b in bits.values()) == len(bits) - 1
+    nbits = [n for n in written.graph.node if n.op_type == "MatMulNBits"]
+    attrs = {n.name: {a.name: a.i for a in n.attribute} for n in nbits}
+    assert attrs["/lm_head/MatMul_Q8"]["bits"] == 8
+    promoted = [n for n, a in attrs.items() if a["bits"] == 8 and n != "/lm_head/MatMul_Q8"]
+    share = sum(attrs[n]["K"] * attrs[n]["N"] for n in promoted)
+    assert 0 < share <= 0.25 * sum(a["K"] * a["N"] for n, a in attrs.items() if n != "/lm_head/MatMul_Q8")
+    gather = next(n for n in written.graph.node if n.op_type == "GatherBlockQuantized")
+    reshape = next(n for n in written.graph.node if n.output[0] == gather.input[0])
+    inits = {t.name: t for t in written.graph.initializer}
+    assert inits[reshape.input[0]].data_type == onnx.TensorProto.UINT8
+    assert "model.embed_tokens.weight" not in inits  # no float table left
+
+
+def test_int4_folder_runs_in_onnxruntime_genai(built, tmp_path):
+    """genai's own generator on the quantized folder picks the token a plain ORT run of it ranks first."""
+    import shutil
+
+    from compressor.export.genai import genai_generate
+
+    _, path = built
+    folder = tmp_path / "int4"
+    shutil.copytree(path.parent, folder, ignore=shutil.ignore_patterns("model.onnx*"))
+    quantize_onnx(path, folder / "model.onnx", QuantConfig(), calibration=torch.randint(4, 128, (2, 16)))
+    prompt = [5, 17, 33, 9, 60, 2 + 40]
+    first = int(_logits(folder / "model.onnx", np.array([prompt]))[0, -1].argmax())
+    tokens = genai_generate(folder, prompt, 4)
+    assert tokens and tokens[0] == first

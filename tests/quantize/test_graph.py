@@ -57,7 +57,8 @@ def _nodes(path):
 def test_single_matmul_output_within_formula_bound(tmp_path, bits):
     path, w1, _w2 = _graph(tmp_path)
     out = tmp_path / "q.onnx"
-    quantize_onnx(path, out, QuantConfig(bits=bits, algorithm="rtn", keep_int8="none", accuracy_level=1))
+    quantize_onnx(path, out, QuantConfig(bits=bits, algorithm="rtn", keep_int8="none", accuracy_level=1,
+                                         grid="symmetric"))
     x = np.random.default_rng(3).standard_normal((5, K)).astype(np.float32)
     # Compare the first layer alone: cut the quantized graph at h by reading the MatMulNBits output.
     m = onnx.load(str(out))
@@ -82,7 +83,8 @@ def test_rtn_matches_onnxruntime_quantizer(tmp_path, bits, symmetric):
 
     path, _, _ = _graph(tmp_path)
     ours = tmp_path / "ours.onnx"
-    quantize_onnx(path, ours, QuantConfig(bits=bits, algorithm="rtn", keep_int8="none", symmetric=symmetric))
+    grid = "symmetric" if symmetric else "asymmetric"
+    quantize_onnx(path, ours, QuantConfig(bits=bits, algorithm="rtn", keep_int8="none", grid=grid))
     theirs = MatMulNBitsQuantizer(onnx.load(str(path)), algo_config=DefaultWeightOnlyQuantConfig(
         block_size=32, is_symmetric=symmetric, bits=bits, accuracy_level=4))
     theirs.process()
@@ -115,13 +117,68 @@ def test_lm_head_kept_int8_in_written_graph(tmp_path):
     assert named.nodes == {"up": 8, "head": 4}
 
 
-def test_tied_weight_kept_for_its_other_reader(tmp_path):
+def test_tied_weight_kept_float_when_asked(tmp_path):
     path, _, w2 = _graph(tmp_path, tied=True)
     out = tmp_path / "q.onnx"
-    quantize_onnx(path, out, QuantConfig(bits=4, algorithm="rtn"))
+    summary = quantize_onnx(path, out, QuantConfig(bits=4, algorithm="rtn", embeddings="float"))
     x = np.zeros((1, K), np.float32)
     ids = np.array([3, 7], np.int64)
     np.testing.assert_array_equal(_run(out, x=x, ids=ids)[1], w2.T[ids])
+    assert summary.embeddings == {}
+
+
+def _dequantized(inits, name, bits, rows):
+    """[N, K] weight from MatMulNBits initializers, unpacked here (low nibble first), implicit zero point."""
+    packed = inits[f"{name}_Q{bits}"]
+    if bits == 4:
+        codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(*packed.shape[:2], -1)
+    else:
+        codes = packed
+    dq = (codes.astype(np.float32) - 2 ** (bits - 1)) * inits[f"{name}_scales"][..., None]
+    return dq.reshape(dq.shape[0], -1)[:, :rows]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tied_embedding_gathers_the_quantized_head(tmp_path, bits):
+    """The embedding rows and the logits both come from the head's integers, dequantized here."""
+    path, _, w2 = _graph(tmp_path, tied=True)
+    out = tmp_path / "q.onnx"
+    summary = quantize_onnx(path, out, QuantConfig(bits=bits, algorithm="rtn", keep_int8="none", grid="symmetric",
+                                                   accuracy_level=1))
+    assert list(summary.embeddings) == ["embed"]
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    assert "w2" not in inits  # no float copy of the table is left
+    head, up = _dequantized(inits, "w2", bits, H), _dequantized(inits, "w1", bits, K)  # [V, H], [H, K]
+    x = np.random.default_rng(7).standard_normal((3, K)).astype(np.float32)
+    ids = np.array([3, 7, 3, 79], np.int64)
+    logits, rows = _run(out, x=x, ids=ids)
+    np.testing.assert_allclose(rows, head[ids], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(logits, np.maximum(x @ up.T, 0) @ head.T, rtol=1e-4, atol=1e-4)
+    step = np.abs(inits["w2_scales"]).max()
+    assert np.abs(head - w2.T).max() <= step  # and they are a quantization of the table
+
+
+def test_minmax_grid_reproduces_a_q4_1_weight(tmp_path):
+    """A weight built on llama.cpp's Q4_1 grid (codes, a scale and a float minimum per 32 inputs)
+    comes back exactly, and so do the graph's outputs."""
+    rng = np.random.default_rng(8)
+    codes = rng.integers(0, 16, (H, K // 32, 32))
+    codes[..., 0], codes[..., 1] = 0, 15  # Q4_1 blocks span their range
+    d, m = rng.random((H, K // 32, 1)) / 10 + 0.01, rng.standard_normal((H, K // 32, 1)) / 4
+    w = (codes * d + m).reshape(H, K).T.astype(np.float32)  # [K, H]
+    q = blockwise.rtn(w, 4, 32, "minmax")
+    np.testing.assert_allclose(q.dequantize(), w, atol=1e-6)
+    np.testing.assert_array_equal(q.codes, codes)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", H])],
+                          [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "w.onnx"))
+    quantize_onnx(tmp_path / "w.onnx", tmp_path / "q.onnx", QuantConfig(algorithm="rtn", accuracy_level=1,
+                                                                                keep_int8="none", grid="minmax"))
+    assert _nodes(tmp_path / "q.onnx")["mm_Q4"]["bits"] == 4
+    x = rng.standard_normal((5, K)).astype(np.float32)
+    np.testing.assert_allclose(_run(tmp_path / "q.onnx", x=x)[0], x @ w, rtol=1e-4, atol=1e-4)
 
 
 def test_gptq_beats_rtn_on_calibrated_inputs(tmp_path):
@@ -166,3 +223,19 @@ def test_bad_configs_refused_and_nothing_written(tmp_path, config, words):
 def test_missing_source_refused(tmp_path):
     with pytest.raises(CompressorError, match="not an ONNX file"):
         quantize_onnx(tmp_path / "nope.onnx", tmp_path / "q.onnx", QuantConfig(algorithm="rtn"))
+
+
+def test_unnamed_nodes_are_rewritten_one_by_one(tmp_path):
+    path, _, _ = _graph(tmp_path, tied=True)
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        node.name = ""
+    onnx.save(model, str(path))
+    out = tmp_path / "q.onnx"
+    summary = quantize_onnx(path, out, QuantConfig(bits=8, algorithm="rtn"))
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("MatMulNBits") == 2 and "GatherBlockQuantized" in ops and "Relu" in ops
+    assert "Transpose" not in ops and len(summary.embeddings) == 1
+    x = np.random.default_rng(9).standard_normal((2, K)).astype(np.float32)
+    ref, got = _run(path, x=x, ids=np.array([1, 2]))[0], _run(out, x=x, ids=np.array([1, 2]))[0]
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
