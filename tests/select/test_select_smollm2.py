@@ -19,8 +19,10 @@ pytestmark = pytest.mark.smollm2
 
 def test_folded_span_beats_the_plain_drop_and_reloads(tmp_path, smollm2):
     model, tokenizer = smollm2
-    windows = make_windows(tokenizer, load_texts(None), 9, 128, seed=0)
-    calib, held_out = windows[:8], windows[8:]
+    # 32 x 128 calibration tokens: with 8 x 128 (fewer tokens than twice the hidden size) the fitted map
+    # overfits and loses to the plain drop on held-out English text (3.93 against 3.68)
+    windows = make_windows(tokenizer, load_texts(None), 36, 128, seed=0)
+    calib, held_out = windows[:32], windows[32:]
     plan = linear_plan(model, "13-15", calib)
     plain = copy.deepcopy(model)
     drop_blocks_(plain, [13, 14, 15])
