@@ -35,17 +35,21 @@ def build(ckpt: Path, out: Path, options: list[str]) -> Path:
     return out
 
 
-def ours(model, tokenizer, out: Path, precision: str, data: Path | None, **quant) -> tuple[Path, dict]:
+def ours(model, tokenizer, out: Path, precision: str, data: Path | None, reuse: bool = False,
+         **quant) -> tuple[Path, dict]:
     import shutil
 
-    from compressor.export.run import export_model, quant_options
+    from compressor.export.run import SUMMARY_FILE, export_model, quant_options
 
+    if reuse and (out / SUMMARY_FILE).is_file():  # a folder this script wrote before: measure it again
+        q = json.loads((out / SUMMARY_FILE).read_text())["quantization"]
+        return out, {"quantize_s": round(q["seconds"], 1), "calibration_s": round(q["calibration_seconds"], 1),
+                     "algorithm": q["algorithm"], "bits": q["counts"], "reused": True}
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     config = quant_options(precision, **quant)[0] if quant else None
-    summary = export_model(model, tokenizer, out, precision=precision, validate=False, data=data, quant=config)
-    q = summary.quantization
+    q = export_model(model, tokenizer, out, precision=precision, validate=False, data=data, quant=config).quantization
     return out, {"quantize_s": round(q["seconds"], 1), "calibration_s": round(q["calibration_seconds"], 1),
                  "algorithm": q["algorithm"], "bits": q["counts"]}
 
@@ -128,6 +132,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--latency", action="store_true")
     p.add_argument("--minmax", action="store_true", help="also ours int4 --grid minmax (float zero points)")
+    p.add_argument("--reuse", action="store_true", help="measure our folders from an earlier run again")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
@@ -146,12 +151,13 @@ def main() -> None:
     for precision in ("int8", "int4"):
         name = f"compress export {precision}"
         if not only or name in only:
-            folders[name], info[name] = ours(model, tokenizer, args.work / f"ours-{precision}", precision, args.data)
+            folders[name], info[name] = ours(model, tokenizer, args.work / f"ours-{precision}", precision, args.data,
+                                             args.reuse)
             print(name, json.dumps(info[name]), file=sys.stderr, flush=True)
     if args.minmax:
         name = "compress export int4 --grid minmax"
         folders[name], info[name] = ours(model, tokenizer, args.work / "ours-int4-minmax", "int4", args.data,
-                                         grid="minmax")
+                                         args.reuse, grid="minmax", algorithm="mse")
     rows = {}
     for name, folder in folders.items():
         size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
