@@ -32,13 +32,14 @@ SLOWDOWN: dict[str, float] = {}
 
 
 def export_to(run, model, path: Path, fmt: str, validate: bool = True, precision: str = "fp32", quant=None):
-    """Export `model` into `path` (replaced atomically) as `fmt` at `precision`; returns the ExportSummary."""
+    """Export `model` into `path` (replaced atomically) as `fmt` at `precision`; returns the ExportSummary.
+    A quantized export calibrates on the run's text (--data) and is validated on its held-out end."""
     from compressor.export.run import export_model
 
     status(f"exporting to {path.name} ({fmt}, {precision})")
     with atomic_dir(path, overwrite=True) as tmp:
         summary = export_model(model, run.tokenizer, tmp, format=fmt, precision=precision, quant=quant,
-                               validate=validate, threads=run.cfg.threads)
+                               validate=validate, threads=run.cfg.threads, data=run.cfg.data)
     return summary
 
 
