@@ -47,11 +47,8 @@ def delivered_perplexities(compressed, backend, precision: str, evaluation: dict
     (its weights are not the PyTorch model's), the PyTorch model's at fp32."""
     if precision == "fp32":
         return perplexities(compressed, evaluation)
-    from compressor.evaluate import perplexity
-    from compressor.pipeline.data import PPL_STRIDE, PPL_WINDOW
-
     try:
-        return {name: perplexity(backend, ids, PPL_WINDOW, PPL_STRIDE).perplexity for name, ids in evaluation.items()}
+        return perplexities(backend, evaluation)
     finally:
         backend.close()
 

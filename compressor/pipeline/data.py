@@ -59,6 +59,7 @@ def _leading(texts: list[str], chars: int) -> list[str]:
 
 
 def perplexities(model, evaluation: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Perplexity of `model` on each evaluation text (strided windows)."""
+    """Perplexity of `model` (a torch model, or a benchmark backend: then through its runtime) on each
+    evaluation text (strided windows)."""
     return {name: perplexity(model, ids, max_length=PPL_WINDOW, stride=PPL_STRIDE).perplexity
             for name, ids in evaluation.items()}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from compressor.adapters import get_adapter
 from compressor.pipeline.calibrate import ProfileInputs, profile_inputs
-from compressor.pipeline.data import PPL_STRIDE, PPL_WINDOW, perplexities
+from compressor.pipeline.data import perplexities
 from compressor.pipeline.depth import TimingInputs, blocks_for_target, timing_inputs
 from compressor.pipeline.measure import backend_for, measure_speedup
 from compressor.pipeline.runner import inputs_of
@@ -193,8 +193,6 @@ def sweep_stage(run, data, profile, points: list[dict]) -> list[dict] | None:
 def _sweep(run, data, profile, points: list[dict]) -> list[dict]:
     """Training-free points at several depths on top of every candidate precision: plan (one search),
     perplexity (through the runtime for a quantized export), latency measured against the original."""
-    from compressor.evaluate import perplexity
-
     cfg = run.cfg
     n = get_adapter(run.model).num_blocks(run.model)
     levels = sorted({min(n - 1, round(level * n)) for level in cfg.sweep})
@@ -213,8 +211,7 @@ def _sweep(run, data, profile, points: list[dict]) -> list[dict]:
             name = "probe-original" if k == 0 else f"probe-sweep-{k}" if p == "fp32" else f"probe-sweep-{p}-{k}"
             probe = backend_for(run, model, name, p, quant=None)  # quantized as it would be delivered
             speed, _ = measure_speedup(run, original, probe)
-            ppl = perplexities(model, data.evaluation) if p == "fp32" else {
-                t: perplexity(probe, ids, PPL_WINDOW, PPL_STRIDE).perplexity for t, ids in data.evaluation.items()}
+            ppl = perplexities(model if p == "fp32" else probe, data.evaluation)  # a quantized one through the runtime
             probe.close()
             out.append({"precision": p, "blocks_removed": k, "fraction": k / n, "drop": plan.drop,
                         "latency_ms": speed.model_ms, "original_latency_ms": speed.original_ms,

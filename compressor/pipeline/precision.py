@@ -21,8 +21,7 @@ from pathlib import Path
 
 from compressor.adapters import get_adapter
 from compressor.errors import InvalidPlanError
-from compressor.evaluate import perplexity
-from compressor.pipeline.data import PPL_STRIDE, PPL_WINDOW, perplexities
+from compressor.pipeline.data import perplexities
 from compressor.pipeline.depth import TimingInputs, blocks_for_target, probe_name, timing_inputs
 from compressor.pipeline.measure import backend_for, measure_speedup
 from compressor.pipeline.runner import inputs_of
@@ -100,7 +99,7 @@ def _quantize_only(run, data) -> list[dict]:
         status(f"quantize only: {precision}")
         probe = backend_for(run, run.model, probe_name(precision, 0), precision, quant=None)  # as delivered
         speed, _ = measure_speedup(run, original, probe, cfg.target_speedup)
-        ppl = {name: perplexity(probe, ids, PPL_WINDOW, PPL_STRIDE).perplexity for name, ids in data.evaluation.items()}
+        ppl = perplexities(probe, data.evaluation)  # through the runtime
         probe.close()
         status(f"{precision} alone: {speed.text()}, perplexity "
                + ", ".join(f"{v:.3f} ({v / original_ppl[n] - 1:+.1%})" for n, v in ppl.items()))
