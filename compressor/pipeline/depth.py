@@ -61,6 +61,14 @@ def probe_name(precision: str, k: int) -> str:
     return f"probe-{k}" if precision == "fp32" else f"probe-{precision}-{k}"
 
 
+def time_depth(run, original, precision: str, k: int, target: float | None = None):
+    """(Speedup, its median round's results) of k blocks removed, spread over the depth, at `precision`,
+    against the `original` backend."""
+    n = get_adapter(run.model).num_blocks(run.model)
+    probe = backend_for(run, copy_without_blocks(run.model, spread_blocks(n, k)), probe_name(precision, k), precision)
+    return measure_speedup(run, original, probe, target)
+
+
 def blocks_for_target(run, precision: str = "fp32", base: float = 1.0) -> dict:
     """The fewest blocks whose removal, on top of `precision` (whose unpruned speedup is `base`), reaches
     the target (cached): {"k": blocks or None when out of reach, "attempts": the probes measured,
@@ -80,9 +88,7 @@ def _search(run, precision: str, base: float) -> dict:
 
     def measure(k: int) -> float:  # the speedup of k blocks removed, relative to the unpruned model at `precision`
         if k not in known:
-            model = copy_without_blocks(run.model, spread_blocks(n, k))
-            probe = backend_for(run, model, probe_name(precision, k), precision)
-            speed, pairs[k] = measure_speedup(run, original, probe, cfg.target_speedup)
+            speed, pairs[k] = time_depth(run, original, precision, k, cfg.target_speedup)
             known[k] = speed.value
             predicted = fitted[0].predict_speedup(k) if fitted else None
             attempts.append({"blocks_removed": k, "precision": precision, "predicted": predicted,

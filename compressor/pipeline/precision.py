@@ -19,10 +19,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from compressor.adapters import get_adapter
 from compressor.errors import InvalidPlanError
 from compressor.pipeline.data import perplexities
-from compressor.pipeline.depth import TimingInputs, blocks_for_target, probe_name, timing_inputs
+from compressor.pipeline.depth import TimingInputs, blocks_for_target, probe_name, time_depth, timing_inputs
 from compressor.pipeline.measure import backend_for, measure_speedup
 from compressor.pipeline.runner import inputs_of
 from compressor.util.progress import status
@@ -180,13 +179,7 @@ def choose_for_target(run, points: list[dict], depth_ppl, search=None) -> dict:
 
 def _time_depth(run, precision: str, k: int):
     """The measured Speedup of k blocks removed (spread over the depth) at `precision`."""
-    from compressor.blocks import spread_blocks
-    from compressor.surgery.edit import copy_without_blocks
-
-    n = get_adapter(run.model).num_blocks(run.model)
-    original = backend_for(run, run.model, "probe-original")
-    probe = backend_for(run, copy_without_blocks(run.model, spread_blocks(n, k)), probe_name(precision, k), precision)
-    return measure_speedup(run, original, probe)[0]
+    return time_depth(run, backend_for(run, run.model, "probe-original"), precision, k)[0]
 
 
 def _best_measured(points: list[dict], tried: list[dict]) -> str:
