@@ -61,6 +61,10 @@ def heal(
     autocast: Annotated[bool, typer.Option(
         "--autocast/--no-autocast",
         help="Train in bf16 autocast where native (CUDA; CPUs with AVX512-BF16 or AMX).")] = True,
+    quantization_aware: Annotated[str | None, typer.Option(
+        "--quantization-aware",
+        help="int4 or int8: train through the weights that export precision writes (QAT); "
+             "a later `compress export` of the result writes the trained integers.")] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     seed: SeedOpt = 0,
@@ -82,7 +86,7 @@ def heal(
         grad_accum=grad_accum, temperature=temperature, alpha=alpha, hidden_weight=hidden_weight,
         regularize_linearity=regularize_linearity,
         train=train, lora_rank=lora_rank, topk=topk, checkpoint_every=checkpoint_every, resume=resume,
-        seed=seed, distributed=distributed, autocast=autocast,
+        seed=seed, distributed=distributed, autocast=autocast, quantization_aware=quantization_aware,
     )
     if not result.is_main:
         return

@@ -12,6 +12,7 @@ TRAIN_CHOICES = ("touched", "all", "lora")
 # adapters take a high rate; the whole model a lower one.
 DEFAULT_LR = {"touched": 1e-3, "lora": 1e-3, "all": 2e-4}
 DISTRIBUTED_CHOICES = ("ddp", "fsdp")
+QUANTIZATION_AWARE_CHOICES = ("int4", "int8")
 
 
 @dataclass
@@ -38,6 +39,9 @@ class HealConfig:
     autocast: train in bfloat16 autocast where the device computes it natively (CUDA; CPUs with
         AVX512-BF16 or AMX, where a SmolLM2 step is about 1.6x faster than fp32). Weights, optimizer
         state and evaluation stay fp32.
+    quantization_aware: None, or "int4" / "int8": train through the fake-quantized weights that
+        `compress export --precision` of that name writes (compressor.heal.quantaware); the record
+        goes into model.config, so the export writes the trained integers.
     """
 
     steps: int = 200
@@ -67,6 +71,7 @@ class HealConfig:
     distributed: str = "ddp"
     log_every: int = 10
     eval_batch_size: int = 8
+    quantization_aware: str | None = None
 
     def __post_init__(self) -> None:
         if self.lr is None:
@@ -95,8 +100,23 @@ class HealConfig:
         if self.distributed not in DISTRIBUTED_CHOICES:
             choices = ", ".join(DISTRIBUTED_CHOICES)
             p.append(f"--distributed must be one of {choices} (got '{self.distributed}')")
+        p += self._quantization_aware_problems()
         if self.resume and self.checkpoint_dir is None:
             p.append("resuming needs a checkpoint directory")
+        return p
+
+    def _quantization_aware_problems(self) -> list[str]:
+        if self.quantization_aware is None:
+            return []
+        if self.quantization_aware not in QUANTIZATION_AWARE_CHOICES:
+            choices = " or ".join(QUANTIZATION_AWARE_CHOICES)
+            return [f"--quantization-aware must be {choices} (got '{self.quantization_aware}')"]
+        p = []
+        if self.train == "lora":
+            p.append("--quantization-aware trains the weights the export rounds, which LoRA leaves frozen: "
+                     "use --train all or touched")
+        if self.distributed == "fsdp":
+            p.append("--quantization-aware is not supported under FSDP: use --distributed ddp")
         return p
 
     def validate(self) -> None:
@@ -111,7 +131,8 @@ class HealConfig:
         one process of 4.
         """
         keys = ("steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "temperature", "alpha",
-                "hidden_weight", "regularize_linearity", "train", "lora_rank", "lora_alpha", "topk", "seed")
+                "hidden_weight", "regularize_linearity", "train", "lora_rank", "lora_alpha", "topk", "seed",
+                "quantization_aware")
         key = {k: getattr(self, k) for k in keys}
         key["global_batch"] = self.batch_size * self.grad_accum * world_size
         return key

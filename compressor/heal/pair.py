@@ -1,12 +1,12 @@
 """Whether a teacher can teach a student: the one check, for configs (before loading weights) and
-for loaded models (where the depth matters too)."""
+for loaded models (where the depth matters too); and whether token windows fit the student."""
 
 from __future__ import annotations
 
 import torch
 
 from compressor.adapters import get_adapter
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, DataError
 
 
 def check_teacher(student, teacher, cut_from: int | None = None) -> None:
@@ -34,3 +34,18 @@ def _sizes(model_or_config) -> dict:
     if isinstance(model_or_config, torch.nn.Module) and model_or_config.get_output_embeddings() is not None:
         vocab = model_or_config.get_output_embeddings().weight.shape[0]
     return {"vocabulary": vocab, "width": getattr(config, "hidden_size", None)}
+
+
+def vocab_size(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_windows(windows, vocab: int, what: str) -> None:
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
+        raise DataError(f"{what} windows must be a LongTensor [windows, tokens]: build them with make_windows")
+    if windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise DataError(f"no usable {what} windows (shape {tuple(windows.shape)}): give more text or a longer "
+                        "--seq-len")
+    if int(windows.max()) >= vocab or int(windows.min()) < 0:
+        raise DataError(f"{what} windows hold token ids outside the model's vocabulary ({vocab}): "
+                        "tokenize with the student's own tokenizer")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from compressor.errors import CompressorError, DataError
+from compressor.errors import CompressorError
 from compressor.heal.checkpoint import check_resumable, load_state, save_state, set_rng_state
 from compressor.heal.config import HealConfig, HealResult
 from compressor.heal.distributed import Runtime, make_runtime
@@ -28,7 +28,8 @@ from compressor.heal.losses import (
     hidden_loss,
     lm_loss,
 )
-from compressor.heal.pair import check_teacher
+from compressor.heal.pair import check_teacher, check_windows, vocab_size
+from compressor.heal.quantaware import quantization_aware
 from compressor.heal.schedule import (
     STEADY_STEPS,
     TIMING_STEPS,
@@ -68,14 +69,20 @@ def heal(student: torch.nn.Module, teacher: TeacherArg, train_windows: torch.Ten
         loaded only to fill the cache and dropped before training).
     train_windows / eval_windows: LongTensor [N, T] of token ids (eval: perplexity before and after).
     Under torchrun/accelerate launch every rank calls this with the same arguments.
+    config.quantization_aware: train through the export's fake quantizer (compressor.heal.quantaware).
     """
     config = config or HealConfig()
     config.validate()
+    with quantization_aware(student, teacher, config.quantization_aware, config.train):
+        return _heal(student, teacher, train_windows, eval_windows, config)
+
+
+def _heal(student, teacher: TeacherArg, train_windows, eval_windows, config: HealConfig) -> HealResult:
     started = time.monotonic()
-    vocab = _vocab_size(student)
-    _check_windows(train_windows, vocab, "training")
+    vocab = vocab_size(student)
+    check_windows(train_windows, vocab, "training")
     if eval_windows is not None:
-        _check_windows(eval_windows, vocab, "evaluation")
+        check_windows(eval_windows, vocab, "evaluation")
     device = config.device or next(student.parameters()).device
     runtime = make_runtime(config.distributed, device, student)
     if runtime.strategy == "fsdp" and config.train == "lora":
@@ -224,21 +231,6 @@ class _Loop:
 
 # --- the pieces heal() uses, in the order it uses them ---------------------------------------------
 
-def _vocab_size(model) -> int:
-    return model.get_output_embeddings().weight.shape[0]
-
-
-def _check_windows(windows, vocab: int, what: str) -> None:
-    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
-        raise DataError(f"{what} windows must be a LongTensor [windows, tokens]: build them with make_windows")
-    if windows.shape[0] == 0 or windows.shape[1] < 2:
-        raise DataError(f"no usable {what} windows (shape {tuple(windows.shape)}): give more text or a longer "
-                        "--seq-len")
-    if int(windows.max()) >= vocab or int(windows.min()) < 0:
-        raise DataError(f"{what} windows hold token ids outside the model's vocabulary ({vocab}): "
-                        "tokenize with the student's own tokenizer")
-
-
 def check_pair(student, teacher, points: list[CutPoint]) -> None:
     """The teacher must speak the student's vocabulary at the student's width (and depth for cuts)."""
     check_teacher(student, teacher, compressor_record(student)["blocks_original"] if points else None)
@@ -269,7 +261,7 @@ def _teacher_targets(teacher, student, windows, points, config: HealConfig, runt
         del model
     path = _broadcast_path(runtime, path)
     cached = CachedTeacher(path, runtime.device)
-    check_cache(cached, windows, _vocab_size(student))
+    check_cache(cached, windows, vocab_size(student))
     if not cached.complete:
         log.info("the teacher cache covers %d of %d windows: healing trains on those", len(cached.window_ids),
                  len(windows))
