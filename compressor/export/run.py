@@ -232,11 +232,15 @@ def _quantize(model, tokenizer, graph_dir: Path, out_dir: Path, precision: str, 
     import dataclasses
 
     from compressor.quantize import QuantConfig, quantize_onnx
+    from compressor.quantize.fake import follow_training
 
     bits = 8 if precision == "int8" else 4
     config = dataclasses.replace(quant or QuantConfig(), bits=bits)
+    # A model healed quantization-aware (compress heal --quantization-aware) gets the integers it trained.
+    config, notes = follow_training(model, graph_dir / ONNX_FILE, config)
     calibration = _calibration(tokenizer, config, texts)
     summary = quantize_onnx(graph_dir / ONNX_FILE, out_dir / ONNX_FILE, config, calibration=calibration)
+    summary.notes += notes
     for item in graph_dir.iterdir():
         if item.name not in (ONNX_FILE, ONNX_FILE + ".data"):
             shutil.move(str(item), out_dir / item.name)

@@ -213,3 +213,36 @@ def export_config(record: QuantAwareRecord, config, sources: dict[str, list[str]
                               int8_block_size=record.int8_block_size, keep_int8=",".join(int8) or "none")
     notes.append(f"quantization-aware: round to nearest on the trained grid, {len(int8)} MatMuls 8-bit as trained")
     return new, notes
+
+
+def graph_weights(path) -> dict:
+    """{MatMul node name: numpy [K, N]} of the weight MatMuls of the ONNX graph at `path`, named as
+    quantize_onnx names them (an unnamed node i: MatMul_i)."""
+    from pathlib import Path
+
+    from onnx import TensorProto, numpy_helper
+
+    from compressor.quantize.protos import load_model
+
+    graph = load_model(Path(path)).graph
+    inits = {t.name: t for t in graph.initializer}
+    out = {}
+    for i, node in enumerate(graph.node):
+        t = inits.get(node.input[1]) if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") else None
+        if t is not None and len(t.dims) == 2 and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            out[node.name or f"MatMul_{i}"] = numpy_helper.to_array(t)
+    return out
+
+
+def follow_training(model, onnx_path, config) -> tuple[object, list[str]]:
+    """(QuantConfig, notes) for quantizing the float graph `onnx_path` exported from `model`: `config`
+    unchanged, unless a quantization-aware healing of this precision left its record in model.config;
+    then the one that writes the trained integers (export_config)."""
+    record = record_of(model)
+    if record is None:
+        return config, []
+    if record.bits != config.bits:
+        note = f"quantization-aware healing trained for {record.precision}: a {config.bits}-bit export rounds as usual"
+        return config, [note]
+    weights = graph_weights(onnx_path)
+    return export_config(record, config, onnx_sources(weights, model), weights)
