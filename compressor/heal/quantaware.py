@@ -134,8 +134,8 @@ def quantization_aware(student: torch.nn.Module, teacher, precision: str | None,
             spec = record.spec(next(n for n, m in modules.items() if m is head))
             parametrize.register_parametrization(embedding, "weight", FakeQuantizer(*spec))
             wrapped.append(embedding)
-        log.info("quantization-aware: %d Linears at %d bits, %d at 8 (%s grid, block %d)", len(wrapped),
-                 record.bits, len(record.int8), record.grid, record.block_size)
+        log.info("quantization-aware: %d weights read through the %s fake quantizer, %d Linears of them 8-bit",
+                 len(wrapped), record.precision, len(record.int8) if record.bits == 4 else len(wrapped))
         yield record
         set_record(student, record)
     finally:
