@@ -95,6 +95,10 @@ def heal(
         return
     ppl = ""
     if result.ppl_before is not None:
-        ppl = f", perplexity {result.ppl_before:.2f} -> {result.ppl_after:.2f}"
+        through = f" (through {result.quantization_aware['precision']} weights)" if result.quantization_aware else ""
+        ppl = f", perplexity{through} {result.ppl_before:.2f} -> {result.ppl_after:.2f}"
     err.print(f"wrote {out}: {result.steps} steps in {result.seconds / 60:.1f} min "
               f"({result.tokens_per_second:.0f} tokens/s){ppl}")
+    if result.quantization_aware:
+        precision = result.quantization_aware["precision"]
+        err.print(f"trained through {precision} weights: `compress export {out} --precision {precision}` writes them")

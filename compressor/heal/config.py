@@ -164,6 +164,7 @@ class HealResult:
     model: object = field(default=None, repr=False)
     full_state_dict: dict | None = field(default=None, repr=False)
     is_main: bool = True
+    quantization_aware: dict | None = None  # the record (compressor.quantize.fake) the export follows
 
     def to_dict(self) -> dict:
         skip = {"model", "full_state_dict", "is_main"}

@@ -16,6 +16,7 @@ may be one MatMul (the builder fuses q, k and v), so here such Linears are chose
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 
 import torch
@@ -34,8 +35,6 @@ def plan_quantization(model: torch.nn.Module, precision: str, quant: QuantConfig
     if precision not in PRECISIONS:
         raise CompressorError(f"--quantization-aware must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     bits = PRECISIONS[precision]
-    import dataclasses
-
     config = dataclasses.replace(quant or QuantConfig(), bits=bits)
     config.validate()
     head = model.get_output_embeddings()

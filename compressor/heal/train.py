@@ -73,8 +73,10 @@ def heal(student: torch.nn.Module, teacher: TeacherArg, train_windows: torch.Ten
     """
     config = config or HealConfig()
     config.validate()
-    with quantization_aware(student, teacher, config.quantization_aware, config.train):
-        return _heal(student, teacher, train_windows, eval_windows, config)
+    with quantization_aware(student, teacher, config.quantization_aware, config.train) as record:
+        result = _heal(student, teacher, train_windows, eval_windows, config)
+    result.quantization_aware = record.to_dict() if record else None
+    return result
 
 
 def _heal(student, teacher: TeacherArg, train_windows, eval_windows, config: HealConfig) -> HealResult:

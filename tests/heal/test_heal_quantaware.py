@@ -87,6 +87,7 @@ def test_healing_trains_the_latent_weights_and_leaves_a_plain_model():
     assert "model.layers.0.self_attn.q_proj.weight" in moved
     record = record_of(student)
     assert record.precision == "int4" and "lm_head" in record.int8 and record.tied_embedding
+    assert result.quantization_aware == record.to_dict()
     # a plain healing afterwards moves the weights off that grid and drops the record
     heal(student, teacher, ids, None, HealConfig(steps=1, train="all", teacher_cache=None))
     assert record_of(student) is None
@@ -149,6 +150,7 @@ def test_export_writes_the_integers_the_healing_trained(tmp_path):
                   "--steps", "3", "--seq-len", "16", "--samples", "8", "--eval-samples", "2", "--batch-size", "2",
                   "--teacher-cache", "off")
     assert run.returncode == 0, run.stderr
+    assert "--precision int4` writes them" in run.stderr
     healed = AutoModelForCausalLM.from_pretrained(tmp_path / "healed")  # a standard checkpoint
     record = record_of(healed)
     assert record is not None and record.precision == "int4"
