@@ -160,6 +160,7 @@ def export_model(
     workspace_gb: float | None = None,
     threads: int | None = None,
     data: Path | str | None = None,
+    float_graph: Path | str | None = None,
 ) -> ExportSummary:
     """Export into `out_dir` (an existing, empty folder: the CLI passes atomic_dir's) and validate.
 
@@ -169,6 +170,8 @@ def export_model(
     route: auto | builder | dynamo (see `choose_route`). A failed validation raises unless allow_mismatch.
     data: the text that int8/int4 calibrate on (None: the bundled text); its end is held out and
     the quantized graph is validated there (`compressor.export.quality.split_text`).
+    float_graph: a folder from an earlier fp32 export of this same model (any route choice leads to
+    the same graph): int8/int4 quantize a copy of its graph instead of exporting the model again.
     """
     from compressor.surgery.edit import compressor_record
 
@@ -181,8 +184,11 @@ def export_model(
     graph_dir = out_dir / _STAGE if quantized else out_dir
     graph_dir.mkdir(parents=True, exist_ok=True)
     graph_precision = "fp32" if quantized or precision == "fp8" else precision
-    graph_seconds, optimized = _float_graph(model, tokenizer, graph_dir, chosen, graph_precision, opset,
-                                            optimize and not quantized)
+    if quantized and float_graph is not None:
+        graph_seconds, optimized = _copy_graph(Path(float_graph), graph_dir), None
+    else:
+        graph_seconds, optimized = _float_graph(model, tokenizer, graph_dir, chosen, graph_precision, opset,
+                                                optimize and not quantized)
     summary = ExportSummary(
         format=format, precision=precision, dtype=_TORCH_DTYPE.get(precision, "float32"), route=chosen,
         route_reason=reason, opset=opset, num_layers=num_blocks(model), record=compressor_record(model),
@@ -224,6 +230,19 @@ def _float_graph(model, tokenizer, out_dir: Path, route: str, precision: str, op
     cache = empty_cache_like(model, 1)[0]
     write_genai_config(model, out_dir, (int(cache.shape[1]), int(cache.shape[-1])))
     return exported.seconds, exported.optimized_size_bytes
+
+
+def _copy_graph(source: Path, graph_dir: Path) -> float:
+    """The fp32 graph and the files beside it, copied from an earlier export folder into graph_dir (onnx
+    refuses hard-linked external data); not that export's own records (export.json, validation) nor
+    hidden files (other tools' markers)."""
+    start = time.perf_counter()
+    if not (source / ONNX_FILE).is_file():
+        raise CompressorError(f"{source} holds no {ONNX_FILE} to quantize")
+    for item in source.iterdir():
+        if item.is_file() and item.name != SUMMARY_FILE and not item.name.startswith((".", "validation")):
+            shutil.copy2(item, graph_dir / item.name)
+    return round(time.perf_counter() - start, 2)
 
 
 def _quantize(model, tokenizer, graph_dir: Path, out_dir: Path, precision: str, quant, texts: list[str]) -> dict:

@@ -21,7 +21,9 @@ from compressor.util.progress import status
 
 log = logging.getLogger(__name__)
 
-PROBE_KEY = "probe.key"  # beside a probe export: which model (and format) it holds
+# Beside a probe export: which model (and format, precision) it holds. Hidden, so that an export
+# starting from the probe's float graph leaves it behind (export_model's float_graph).
+PROBE_KEY = ".probe.key"
 # A speedup this close to the target (or within its own measured spread) is measured again before a
 # decision rests on it: repeated measurements of one pair vary by a few percent on a busy CPU (a
 # probe of one depth measured up to 4% more than the final benchmark of the same depth in one run).
@@ -31,16 +33,38 @@ MAX_ROUNDS = 3
 SLOWDOWN: dict[str, float] = {}
 
 
-def export_to(run, model, path: Path, fmt: str, validate: bool = True, precision: str = "fp32", quant=None):
+def export_to(run, model, path: Path, fmt: str, validate: bool = True, precision: str = "fp32", quant=None,
+              model_id: str | None = None):
     """Export `model` into `path` (replaced atomically) as `fmt` at `precision`; returns the ExportSummary.
-    A quantized export calibrates on the run's text (--data) and is validated on its held-out end."""
+    A quantized export calibrates on the run's text (--data) and is validated on its held-out end; it
+    quantizes the fp32 graph of a probe that holds the same model, when there is one, instead of
+    exporting the model again. model_id: `identity(run, model)`, when the caller has it."""
     from compressor.export.run import export_model
 
-    status(f"exporting to {path.name} ({fmt}, {precision})")
+    graph = float_graph(run, model_id or identity(run, model), fmt) if precision in ("int8", "int4") else None
+    status(f"exporting to {path.name} ({fmt}, {precision})" + (f" from {graph.name}'s graph" if graph else ""))
     with atomic_dir(path, overwrite=True) as tmp:
         summary = export_model(model, run.tokenizer, tmp, format=fmt, precision=precision, quant=quant,
-                               validate=validate, threads=run.cfg.threads, data=run.cfg.data)
+                               validate=validate, threads=run.cfg.threads, data=run.cfg.data, float_graph=graph)
     return summary
+
+
+def identity(run, model) -> str:
+    """What a probe folder's key says of the model it holds. The original needs no fingerprint (every
+    weight read once, repeated on each of its many probes): the work directory itself is tied to it."""
+    from compressor.util.fingerprint import model_fingerprint
+
+    return "original" if model is run.model else model_fingerprint(model)
+
+
+def float_graph(run, model_identity: str, fmt: str) -> Path | None:
+    """A probe folder of this run holding `model_identity`'s fp32 ONNX graph, or None."""
+    if fmt != "onnx" or not run.work.is_dir():
+        return None
+    for key in sorted(run.work.glob(f"*/{PROBE_KEY}")):
+        if (_read(key) or "").startswith(f"{model_identity}-{fmt}-fp32-") and (key.parent / "export.json").is_file():
+            return key.parent
+    return None
 
 
 def probe_quant(precision: str):
@@ -62,17 +86,14 @@ def backend_for(run, model, name: str, precision: str = "fp32", quant="probe"):
         from compressor.evaluate.backends import TorchBackend
 
         return TorchBackend(model, device=cfg.device if cfg.device != "auto" else None, threads=cfg.threads)
-    from compressor.util.fingerprint import model_fingerprint
-
     path = run.work / name
     fmt = EXPORT_FOR_BACKEND[cfg.backend]
-    # A probe folder holds one model: reuse it only for that one. The original needs no fingerprint (every
-    # weight read once, repeated on each of its many probes): the work directory itself is tied to it.
-    identity = "original" if model is run.model else model_fingerprint(model)
+    # A probe folder holds one model: reuse it only for that one.
     quant = probe_quant(precision) if quant == "probe" else quant
-    key = f"{identity}-{fmt}-{precision}-{'default' if quant is None else quant.algorithm}"
+    model_id = identity(run, model)
+    key = f"{model_id}-{fmt}-{precision}-{'default' if quant is None else quant.algorithm}"
     if not (path / "export.json").is_file() or _read(path / PROBE_KEY) != key:
-        export_to(run, model, path, fmt, validate=False, precision=precision, quant=quant)
+        export_to(run, model, path, fmt, validate=False, precision=precision, quant=quant, model_id=model_id)
         (path / PROBE_KEY).write_text(key)
     backend = get_backend(cfg.backend, path, device=cfg.device, threads=cfg.threads)
     backend.precision = precision
