@@ -8,8 +8,8 @@ normal equations of a linear map, and the input Hessians of quantization all sum
 
 Memory is d x d whatever the number of tokens. Sums are float64. Products are float64 too unless
 `product_dtype` says otherwise (quantization computes them in float32, the dominant cost there, and
-only sums in float64). In float64 with d >= 256 only the upper block triangle of X'X is computed,
-about 30% fewer flops than the full product; reading `xtx` fills in the lower part.
+only sums in float64). With d >= 256 only the upper block triangle of X'X is computed, about 40%
+fewer flops than the full product; reading `xtx` fills in the lower part.
 """
 
 from __future__ import annotations
@@ -49,15 +49,21 @@ class Gram:
 
     def _add_upper(self, x: torch.Tensor) -> None:
         d = x.shape[1]
-        if x.dtype != F64:
-            self._xtx += (x.T @ x).to(F64)
-        elif d < 256:
-            self._xtx.addmm_(x.T, x)
-        else:
-            edges = [round(k * d / _PANELS) for k in range(_PANELS + 1)]
-            for a, b in itertools.pairwise(edges):
+        if d < 256:
+            if x.dtype != F64:
+                self._xtx += (x.T @ x).to(F64)
+            else:
+                self._xtx.addmm_(x.T, x)
+            return
+        # Upper block triangle only: 10/16 of the products (and of float32 products' float64 sums).
+        # float32 [1024, 1536] on one thread: 116-125 ms against 195-221 ms for the full product.
+        edges = [round(k * d / _PANELS) for k in range(_PANELS + 1)]
+        for a, b in itertools.pairwise(edges):
+            if x.dtype != F64:
+                self._xtx[a:b, a:] += (x[:, a:b].T @ x[:, a:]).to(F64)
+            else:
                 self._xtx[a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
-            self._lower_stale = True
+        self._lower_stale = True
 
     @property
     def xtx(self) -> torch.Tensor:

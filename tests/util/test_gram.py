@@ -32,16 +32,19 @@ def test_cross_products_and_output_energy():
     assert g.yy == pytest.approx(float((y64 * y64).sum()), rel=1e-12)
 
 
-def test_diagonal_and_float32_products():
+@pytest.mark.parametrize("d", [64, 300])  # 300: the upper block triangle only, read after each batch
+def test_diagonal_and_float32_products(d):
     torch.manual_seed(1)
-    x = torch.randn(200, 64) * 100  # large values: float32 products lose digits, float64 sums do not add more
-    diag = Gram(64, diagonal=True, product_dtype=torch.float32)
-    full = Gram(64, product_dtype=torch.float32)
+    x = torch.randn(200, d) * 100  # large values: float32 products lose digits, float64 sums do not add more
+    diag = Gram(d, diagonal=True, product_dtype=torch.float32)
+    full = Gram(d, product_dtype=torch.float32)
     for a in (0, 100):
         diag.add(x[a:a + 100])
         full.add(x[a:a + 100])
+        torch.testing.assert_close(full.xtx, x[:a + 100].to(F64).T @ x[:a + 100].to(F64), rtol=0,
+                                   atol=1e-6 * float((x[:a + 100].to(F64) ** 2).sum(0).max()))
     x64 = x.to(F64)
-    assert diag.xtx.shape == (64,)
+    assert diag.xtx.shape == (d,)
     torch.testing.assert_close(diag.xtx, (x64 * x64).sum(0), rtol=1e-6, atol=0)
     torch.testing.assert_close(full.xtx, x64.T @ x64, rtol=0, atol=1e-6 * float((x64 * x64).sum(0).max()))
     assert full.xtx.dtype == F64
