@@ -39,6 +39,8 @@ REFUSED = [
     (["--eval-tokens", "1", *BUDGET], "--eval-tokens must be 2 or more"),
     (["--sweep", "0,10,20", *BUDGET], "--sweep 10 is ambiguous: write 10% or 0.1"),
     (["--sweep", "0,x", *BUDGET], "cannot read --sweep 'x'"),
+    (["--heal-quantization-aware", "--heal-train", "lora", *BUDGET], "use --heal-train touched or all, not lora"),
+    (["--heal-quantization-aware", "--precision", "fp32", *BUDGET], "--heal-quantization-aware needs an int8 or int4"),
 ]
 if not torch.cuda.is_available():
     REFUSED.append((["--device", "cuda", *BUDGET], "--device cuda needs a cuda gpu"))

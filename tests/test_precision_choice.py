@@ -168,3 +168,20 @@ def test_auto_follows_the_measurement_and_a_pinned_precision_is_honoured(tiny_di
     assert "int8 alone: no block needed removing" in (out / "report.md").read_text()
     assert "Against quantizing alone" in (out / "report.html").read_text()
     assert json.loads((out / "report.json").read_text())["baselines"][0]["kind"] == "quantize-only"
+
+
+def test_heal_quantization_aware_trains_for_the_chosen_precision_and_the_export_follows(tiny_dir, tmp_path):
+    """--heal-quantization-aware with int8 pinned: healing trains through the int8 fake quantizer, and the
+    delivered export rounds on that grid (its integers are the trained ones: tests/heal). int8, because a
+    random tiny model's near-uniform outputs fail int4's top-1 bound whatever the healing."""
+    import compressor
+    from compressor.quantize.fake import CONFIG_KEY
+
+    out = tmp_path / "run"
+    report = compressor.compress(tiny_dir, max_ppl_increase=100.0, out=out, precision="int8",
+                                 heal_quantization_aware=True, **ORT_FAST)
+    assert report.precision == "int8" and report.blocks_removed and report.heal is not None
+    assert report.heal["quantization_aware"]["precision"] == "int8"
+    assert json.loads((out / "model" / "config.json").read_text())[CONFIG_KEY]["bits"] == 8
+    quantization = json.loads((out / "onnx" / "export.json").read_text())["quantization"]
+    assert any("round to nearest on the trained grid" in n for n in quantization["notes"])

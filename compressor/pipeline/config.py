@@ -34,6 +34,7 @@ class PipelineConfig:
     heal_minutes: float = 4.0
     heal_train: str = "touched"       # see HealConfig.train
     heal_lr: float | None = None      # None: HealConfig's default for heal_train
+    heal_quantization_aware: bool = False  # heal through the chosen int8/int4 export's fake quantizer
     format: str = "onnx"
     precision: str = "auto"           # auto: measured, with the depth (pipeline.precision); or one pinned
     max_probes: int = 4               # measured depths when confirming the target speedup
@@ -94,6 +95,11 @@ def _problems(cfg: PipelineConfig) -> list[str]:
     if cfg.format not in (*FORMATS, "none"):
         problems.append(f"unknown format '{cfg.format}': choose one of {', '.join(FORMATS)}, none")
     problems += _precision_problems(cfg)
+    if cfg.heal_quantization_aware and cfg.heal_train == "lora":
+        problems.append("--heal-quantization-aware trains the quantized weights themselves: use --heal-train "
+                        "touched or all, not lora")
+    if cfg.heal_quantization_aware and cfg.precision == "fp32":
+        problems.append("--heal-quantization-aware needs an int8 or int4 export: --precision auto, int8 or int4")
     if cfg.heal_train not in TRAIN_CHOICES:
         problems.append(f"--heal-train must be one of {', '.join(TRAIN_CHOICES)} (got '{cfg.heal_train}')")
     if cfg.heal_lr is not None and not cfg.heal_lr > 0:

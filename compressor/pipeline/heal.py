@@ -17,20 +17,25 @@ class HealInputs:
     heal_minutes: float
     heal_train: str
     heal_lr: float | None
+    quantization_aware: str | None
 
 
-def heal_stage(run, student, windows, plan: PlanInputs) -> dict | None:
+def heal_stage(run, student, windows, plan: PlanInputs, precision: str = "fp32") -> dict | None:
     """Heal `student` (the plan `plan` keys applied) in place against the original; its result as a
-    dictionary (None: no healing, or nothing removed to heal)."""
+    dictionary (None: no healing, or nothing removed to heal). With --heal-quantization-aware and an
+    int8/int4 `precision`, through that export's fake quantizer (compress heal --quantization-aware):
+    the export then writes the integers it trained."""
     cfg = run.cfg
     if cfg.heal_steps <= 0 or plan.blocks == 0:
         return None
     from compressor.heal import HealConfig, heal
 
-    status(f"healing ({cfg.heal_steps} steps, at most {cfg.heal_minutes} min)")
-    state = run.work / f"heal-state-{key_of(inputs_of(HealInputs, cfg, plan=plan))}"
+    aware = precision if cfg.heal_quantization_aware and precision in ("int8", "int4") else None
+    status(f"healing ({cfg.heal_steps} steps, at most {cfg.heal_minutes} min"
+           + (f", through the {aware} quantizer)" if aware else ")"))
+    state = run.work / f"heal-state-{key_of(inputs_of(HealInputs, cfg, plan=plan, quantization_aware=aware))}"
     config = HealConfig(steps=cfg.heal_steps, max_minutes=cfg.heal_minutes, train=cfg.heal_train, lr=cfg.heal_lr,
-                        checkpoint_dir=state, resume=state.exists())
+                        checkpoint_dir=state, resume=state.exists(), quantization_aware=aware)
     start = time.perf_counter()
     result = heal(student, run.model, windows, None, config)
     run.runner.seconds["heal"] = round(time.perf_counter() - start, 2)

@@ -102,7 +102,7 @@ def _stages(run: Run, dest: Path | None):
     if plan.drop or plan.linearize:  # a precision alone may meet the target
         apply_plan_(compressed, plan)
     pruned_ppl = perplexities(compressed, data.evaluation)
-    heal = heal_stage(run, compressed, data.healing, plan_inputs(run.cfg, choice))
+    heal = heal_stage(run, compressed, data.healing, plan_inputs(run.cfg, choice), choice["precision"])
     save_stage(run, compressed)
     exports = export_stage(run, compressed, choice["precision"])
     report = build_report(run, plan=plan, compressed=compressed, data=data, pruned_ppl=pruned_ppl, heal=heal,
