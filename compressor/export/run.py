@@ -185,6 +185,7 @@ def export_model(
     graph_dir.mkdir(parents=True, exist_ok=True)
     graph_precision = "fp32" if quantized or precision == "fp8" else precision
     if quantized and float_graph is not None:
+        log.info("quantizing a copy of the fp32 graph in %s", float_graph)
         graph_seconds, optimized = _copy_graph(Path(float_graph), graph_dir), None
     else:
         graph_seconds, optimized = _float_graph(model, tokenizer, graph_dir, chosen, graph_precision, opset,

@@ -7,6 +7,7 @@ PyTorch model's logits (validation), and a client we did not write (onnxruntime-
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -158,6 +159,37 @@ def test_quantized_exports_keep_their_bounds_and_run_in_genai(precision, shared)
     assert not (folder / ".float-graph").exists()
     tokens = genai_generate(folder, [5, 6, 7, 8], 8)
     assert 1 <= len(tokens) <= 8 and all(0 <= t < 128 for t in tokens)
+
+
+def test_quantizing_an_earlier_float_graph_writes_what_a_fresh_export_writes(shared, tmp_path, caplog):
+    """export_model(float_graph=): the int8 export quantizes a copy of the fp32 builder folder's graph, and
+    its files equal those of an int8 export that built its own graph; the fp32 folder is left as it was."""
+    import onnx
+    from onnx import numpy_helper
+
+    quant, bounds = quant_options("int8", min_top1=0.0, max_kl=0.02)
+    model, _, fresh = shared("int8", precision="int8", quant=quant, bounds=bounds)
+    source = shared("builder")[2]
+    before = sorted(p.name for p in source.iterdir())
+    with caplog.at_level(logging.INFO, logger="compressor"):
+        summary, reused = export(model, tmp_path, precision="int8", quant=quant, validate=False, float_graph=source)
+    assert f"quantizing a copy of the fp32 graph in {source}" in caplog.text
+    assert "building the fp32 graph" not in caplog.text and "tracing" not in caplog.text  # none built
+    assert sorted(p.name for p in source.iterdir()) == before
+    assert summary.quantization["counts"] == json.loads((fresh / SUMMARY_FILE).read_text())["quantization"]["counts"]
+
+    def files(folder):
+        return {p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("validation")}
+
+    assert files(reused) == files(fresh)
+
+    def weights(folder):
+        graph = onnx.load(str(folder / "model.onnx")).graph
+        return {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+    mine, theirs = weights(reused), weights(fresh)
+    assert mine.keys() == theirs.keys()
+    assert all(np.array_equal(mine[k], theirs[k]) for k in mine)
 
 
 def test_quantized_export_failing_its_bounds_is_an_error_with_the_numbers(tmp_path):
