@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from int4 import perplexity, workload  # bench/int4.py's plain ORT loop (this folder is on sys.path when run)
 
 from compressor.data import load_texts, make_windows
 from compressor.loading import resolve
 from compressor.quantize import QuantConfig, measure_hessians, quantize_onnx
-from compressor.quantize.calibration import _feeds
 
 # name -> QuantConfig fields
 CANDIDATES = {
@@ -49,58 +49,6 @@ def build(ckpt: Path, out: Path, precision: str) -> Path:
                         "-p", precision, "-e", "cpu", "-c", str(out) + ".cache"], check=True,
                        stdout=subprocess.DEVNULL)
     return out
-
-
-def perplexity(folder: Path, ids: np.ndarray, threads: int, max_length=512, stride=256) -> float:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-    head = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
-    nll, count, prev_end = 0.0, 0, 0
-    for begin in range(0, len(ids), stride):
-        end = min(begin + max_length, len(ids))
-        window = ids[begin:end][None]
-        logits = session.run(["logits"], _feeds(session, window, head))[0][0]
-        first = max(prev_end, 1) - begin  # score only tokens no earlier window scored
-        logp = logits[first - 1 : -1].astype(np.float64)
-        targets = ids[begin + first : end]
-        logp = logp - logp.max(-1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        nll -= logp[np.arange(len(targets)), targets].sum()
-        count += len(targets)
-        prev_end = end
-        if end == len(ids):
-            break
-    return float(np.exp(nll / count))
-
-
-def workload(folder: Path, prompt: np.ndarray, new_tokens: int, threads: int, repeats: int) -> dict:
-    import onnxruntime_genai as og
-
-    cfg_path = folder / "genai_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
-    cfg_path.write_text(json.dumps(cfg, indent=4))
-    model = og.Model(str(folder))
-    best = None
-    for _ in range(repeats + 1):  # the first run warms up
-        params = og.GeneratorParams(model)
-        total = len(prompt) + new_tokens
-        params.set_search_options(max_length=total, min_length=total, do_sample=False)
-        gen = og.Generator(model, params)
-        t0 = time.perf_counter()
-        gen.append_tokens(prompt.astype(np.int32)[None])
-        t1 = time.perf_counter()
-        while not gen.is_done():
-            gen.generate_next_token()
-        t2 = time.perf_counter()
-        run = {"prefill_ms": (t1 - t0) * 1e3, "decode_ms_per_token": (t2 - t1) * 1e3 / new_tokens,
-               "workload_ms": (t2 - t0) * 1e3}
-        best = run if best is None or run["workload_ms"] < best["workload_ms"] else best
-        del gen
-    return best
 
 
 def candidate(name: str, fp32: Path, work: Path, windows) -> tuple[Path, dict]:
