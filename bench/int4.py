@@ -8,6 +8,11 @@ the folder's size (every file, tokenizer included; MB = 10^6 bytes) and, with --
 (prompt 512 + 128 greedy tokens, batch 1, --threads threads, onnxruntime-genai's generator), best of
 --repeats per round over --rounds alternating rounds, printed with the spread across rounds.
 
+--int4 '{"act_order": false}' measures our int4 row with QuantConfig fields changed; --hqq adds ONNX
+Runtime's own HQQ quantizer (`matmul_nbits_quantizer`, training-free, every MatMul 4-bit, float zero
+points) on the builder's fp32 graph. (Its k-quant config needs Intel Neural Compressor, which is not
+installed; the builder's k_quant_mixed row is the same algorithm.)
+
     .venv/bin/python bench/int4.py                # perplexity and size
     .venv/bin/python bench/int4.py --latency      # and timings (on a quiet machine)
 """
@@ -36,7 +41,8 @@ def build(ckpt: Path, out: Path, options: list[str]) -> Path:
 
 
 def ours(model, tokenizer, out: Path, precision: str, data: Path | None, reuse: bool = False,
-         **quant) -> tuple[Path, dict]:
+         fields: dict | None = None, **quant) -> tuple[Path, dict]:
+    import dataclasses
     import shutil
 
     from compressor.export.run import SUMMARY_FILE, export_model, quant_options
@@ -48,10 +54,34 @@ def ours(model, tokenizer, out: Path, precision: str, data: Path | None, reuse: 
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    config = quant_options(precision, **quant)[0] if quant else None
+    config = quant_options(precision, **quant)[0] if quant or fields else None
+    if fields:  # QuantConfig fields that quant_options (the CLI's) does not take
+        config = dataclasses.replace(config, **fields)
     q = export_model(model, tokenizer, out, precision=precision, validate=False, data=data, quant=config).quantization
     return out, {"quantize_s": round(q["seconds"], 1), "calibration_s": round(q["calibration_seconds"], 1),
                  "algorithm": q["algorithm"], "bits": q["counts"]}
+
+
+def hqq(fp32: Path, out: Path, block_size: int = 32) -> tuple[Path, dict]:
+    """ONNX Runtime's HQQ (4-bit, every MatMul, block_size along K) on the fp32 graph in `fp32`."""
+    import shutil
+
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    if not (out / "model.onnx").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32 / "model.onnx")), algo_config=HQQWeightOnlyQuantConfig(
+            block_size=block_size, bits=4), accuracy_level=4)
+        quantizer.process()
+        onnx.save(quantizer.model.model, str(out / "model.onnx"), save_as_external_data=True,
+                  location="model.onnx.data")
+        (out / "quantize_s").write_text(f"{time.perf_counter() - start:.1f}")
+        for f in fp32.iterdir():
+            if f.is_file() and not f.name.startswith("model.onnx"):
+                shutil.copy2(f, out / f.name)
+    return out, {"quantize_s": float((out / "quantize_s").read_text())}
 
 
 def _feeds(session, window: np.ndarray, head: int) -> dict:
@@ -138,6 +168,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--latency", action="store_true")
     p.add_argument("--minmax", action="store_true", help="also ours int4 --grid minmax (float zero points)")
+    p.add_argument("--int4", type=json.loads, default=None, help="QuantConfig fields for our int4 row (JSON)")
+    p.add_argument("--hqq", action="store_true", help="also ONNX Runtime's HQQ int4 (block 32) on builder fp32")
     p.add_argument("--reuse", action="store_true", help="measure our folders from an earlier run again")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2)
@@ -158,12 +190,15 @@ def main() -> None:
         name = f"compress export {precision}"
         if not only or name in only:
             folders[name], info[name] = ours(model, tokenizer, args.work / f"ours-{precision}", precision, args.data,
-                                             args.reuse)
+                                             args.reuse, args.int4 if precision == "int4" else None)
             print(name, json.dumps(info[name]), file=sys.stderr, flush=True)
     if args.minmax:
         name = "compress export int4 --grid minmax"
         folders[name], info[name] = ours(model, tokenizer, args.work / "ours-int4-minmax", "int4", args.data,
                                          args.reuse, grid="minmax", algorithm="mse")
+    if args.hqq:
+        name = "onnxruntime HQQ int4 (block 32, all MatMuls)"
+        folders[name], info[name] = hqq(folders["builder fp32"], args.work / "ort-hqq-int4")
     rows = {}
     for name, folder in folders.items():
         size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())

@@ -194,15 +194,16 @@ def _result(codes, scale, zp, bits, block_size, k, symmetric) -> BlockQuant:
 
 
 def gptq(
-    w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetric: bool, damp: float | None = None
+    w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetric: bool, damp: float | None = None,
+    act_order: bool = False,
 ) -> BlockQuant:
     """GPTQ of one [K, N] weight with the [K, K] Hessian of its inputs (see gptq_many)."""
-    return gptq_many([w], [hessian], bits, block_size, symmetric, damp)[0]
+    return gptq_many([w], [hessian], bits, block_size, symmetric, damp, act_order)[0]
 
 
 def gptq_many(
     ws: list[np.ndarray], hessians: list[np.ndarray], bits: int, block_size: int, symmetric: bool,
-    damp: float | None = None,
+    damp: float | None = None, act_order: bool = False,
 ) -> list[BlockQuant]:
     """GPTQ (Frantar et al. 2022) on the ORT block grid: quantize input rows one at a time and push
     each row's error onto the rows not yet quantized, weighted by the inverse Hessian of the
@@ -210,9 +211,14 @@ def gptq_many(
 
     Weights of one shape are done together as a batch (one Python loop over K for all 30 layers'
     gate projections, say): the loop is sequential in K, so batching is what makes it fast.
-    Each block's grid is taken from the already-updated weights when its first row is reached, so
-    the grid and the error feedback agree. `damp` times the mean diagonal is added to H so a
-    nearly singular H (dead inputs, few tokens) stays invertible.
+    Without act_order, rows go in input order and each block's grid is taken from the
+    already-updated weights when its first row is reached, so the grid and the error feedback agree.
+    act_order: rows go by decreasing Hessian diagonal (each weight of the batch its own order), so
+    the inputs that carry the most energy are rounded while there is the most freedom left to
+    compensate them; with "static groups": every block's grid is fixed beforehand from the original
+    weights, so the blocks still run along the input dimension as MatMulNBits stores them. `damp`
+    times the mean diagonal is added to H so a nearly singular H (dead inputs, few tokens) stays
+    invertible.
     """
     damp = DAMP if damp is None else damp
     k, n = ws[0].shape
@@ -228,26 +234,41 @@ def gptq_many(
     if pad:  # padded rows are zeros with no inputs: identity Hessian, quantized to exact zeros
         wk = torch.nn.functional.pad(wk, (0, 0, 0, pad))
         h = torch.stack([torch.block_diag(x, torch.eye(pad, dtype=h.dtype)) for x in h])
-    hinv = _upper_cholesky_of_inverse(h).float()
     batch, kp = wk.shape[0], wk.shape[1]
+    perm = None
+    if act_order:
+        # Static groups: [B, n_blocks, N] grids of the original blocks, before any error feedback.
+        fixed = grid(wk.reshape(batch, kp // block_size, block_size, n).transpose(2, 3), bits, symmetric)
+        perm = torch.argsort(torch.diagonal(h, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
+        wk = wk.gather(1, perm[:, :, None].expand(-1, -1, n))
+        h = h.gather(1, perm[:, :, None].expand(-1, -1, kp)).gather(2, perm[:, None, :].expand(-1, kp, -1))
+    hinv = _upper_cholesky_of_inverse(h).float()
     codes = torch.empty_like(wk)
     scales = torch.empty(batch, kp // block_size, n)
     zps = torch.empty_like(scales)
-    span = block_size  # lazy batch: rank-1 updates inside one block, one matmul for the rest
+    span = block_size  # lazy batch: rank-1 updates inside one span of rows, one matmul for the rest
     for a in range(0, kp, span):
         b = a + span
         w1, err = wk[:, a:b].clone(), torch.empty(batch, span, n)
         h1 = hinv[:, a:b, a:b]
-        s, z = grid(w1.transpose(1, 2), bits, symmetric)  # [B, N]: this block's grid
-        scales[:, a // block_size], zps[:, a // block_size] = s, z
+        if perm is None:  # this block's grid, from its updated weights
+            s, z = grid(w1.transpose(1, 2), bits, symmetric)  # [B, N]
+            scales[:, a // block_size], zps[:, a // block_size] = s, z
+            s, z = s[:, None].expand(-1, span, -1), z[:, None].expand(-1, span, -1)
+        else:  # each row's grid is that of the block it came from
+            at = (perm[:, a:b] // block_size)[:, :, None].expand(-1, -1, n)
+            s, z = fixed[0].gather(1, at), fixed[1].gather(1, at)  # [B, span, N]
         for i in range(span):
-            q = quantize_codes(w1[:, i], s, z, bits)
+            q = quantize_codes(w1[:, i], s[:, i], z[:, i], bits)
             codes[:, a + i] = q
-            e = (w1[:, i] - (q - z) * s) / h1[:, i, i, None]
+            e = (w1[:, i] - (q - z[:, i]) * s[:, i]) / h1[:, i, i, None]
             w1[:, i:].baddbmm_(h1[:, i, i:, None], e[:, None, :], alpha=-1)
             err[:, i] = e
         if b < kp:
             wk[:, b:].baddbmm_(hinv[:, a:b, b:].transpose(1, 2), err, alpha=-1)
+    if perm is not None:  # rows back in input order
+        codes = torch.empty_like(codes).scatter_(1, perm[:, :, None].expand(-1, -1, n), codes)
+        scales, zps = fixed
     # [B, K, N] -> per weight [N, n_blocks, block_size]; scales [B, n_blocks, N] -> [N, n_blocks]
     codes = codes.reshape(batch, kp // block_size, block_size, n).permute(0, 3, 1, 2)
     scales, zps = scales.transpose(1, 2), zps.transpose(1, 2)

@@ -42,6 +42,10 @@ class QuantConfig:
     int8_block_size: block size of the MatMuls kept 8-bit in a 4-bit model (and of an embedding
         table that shares one); None: block_size. 64 (measured, compressor.quantize): 1.8 MB less
         than 32 on SmolLM2 for +0.04 points of perplexity.
+    act_order: GPTQ quantizes the input rows by decreasing calibrated energy (Hessian diagonal)
+        instead of in order, each block's grid fixed beforehand from its original weights
+        (compressor.quantize.blockwise.gptq_many); the export layout is the same. On by default
+        (measured, compressor.quantize: SmolLM2 int4 +5.6% against +7.8% perplexity).
     embeddings: "auto" quantizes the token embedding table (GatherBlockQuantized; a tied table shares
         the output projection's quantized weight, 8-bit when that is), "float" keeps it as it is.
     """
@@ -55,6 +59,7 @@ class QuantConfig:
     embeddings: str = "auto"
     int8_block_size: int | None = 64
     int8_fraction: float = 0.25
+    act_order: bool = True
 
     def problems(self) -> list[str]:
         """Every reason this config cannot be used, each with what to do instead."""
@@ -73,6 +78,8 @@ class QuantConfig:
             out.append(f"algorithm must be one of {', '.join((*ALGORITHMS, 'auto'))}, not {self.algorithm!r}")
         if not 0 <= self.int8_fraction <= 1:
             out.append(f"int8_fraction must lie in [0, 1] (e.g. 0.25), not {self.int8_fraction}")
+        if not isinstance(self.act_order, bool):
+            out.append(f"act_order must be True or False, not {self.act_order!r}")
         if self.grid not in (*GRIDS, "auto"):
             out.append(f"grid must be one of {', '.join((*GRIDS, 'auto'))}, not {self.grid!r}")
         if self.embeddings not in EMBEDDINGS:
