@@ -100,7 +100,7 @@ def test_perplexity_budget_picks_the_deepest_plan_within_it():
 
 
 def test_interrupted_run_resumes_from_its_stages(tiny_dir, tmp_path, caplog):
-    """Interrupted at a known point (Ctrl-C as the latency model is about to be measured): the work
+    """Interrupted at a known point (Ctrl-C as the depth lines are about to be measured): the work
     directory keeps the profile, and the rerun reuses it instead of calibrating again."""
     import compressor
     from compressor.util.progress import use_tracker
@@ -109,7 +109,7 @@ def test_interrupted_run_resumes_from_its_stages(tiny_dir, tmp_path, caplog):
     settings = dict(target_speedup=1.05, out=out, heal_steps=2, **API_FAST)
 
     def ctrl_c(message):
-        if message.startswith("measuring the latency model"):
+        if message.startswith("timing a copy with one block left"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt), use_tracker(lambda items, total, description: items, on_status=ctrl_c):
@@ -297,6 +297,14 @@ def test_depth_search_counts_and_respects_known_measurements():
     assert search_depth(28, lambda k: 1.0 + 0.001 * k, 1.5, 30, 4) is None
     # both neighbours known: nothing left to measure
     assert search_depth(5, lambda k: 1 / 0, 1.3, 30, 4, known={7: speedup(7), 8: speedup(8)}) == 8
+    # a latency model's prediction replaces the secant: one that puts 7 blocks within 1% of the target gets
+    # it measured; one that puts it far short does not
+    probed.clear()
+    got = search_depth(8, lambda k: probed.append(k) or speedup(k), 1.3, 30, 4, predict=lambda k: 1.3 * 0.995)
+    assert got == want and probed == [8, 7]
+    probed.clear()
+    got = search_depth(8, lambda k: probed.append(k) or speedup(k), 1.3, 30, 4, predict=lambda k: 1.2)
+    assert got == want and probed == [8]
 
 
 def test_one_split_rule_for_calibration_healing_and_evaluation():

@@ -31,8 +31,9 @@ def depth_model(per_block=0.035, ppl_per_block=0.05):
     `ppl_per_block` perplexity (relative); the searches asked for are recorded."""
     asked = []
 
-    def search(precision, base):
+    def search(precision):
         asked.append(precision)
+        base = next(p["speedup"] for p in fake.points if p["precision"] == precision)
         for k in range(1, 16):
             speedup = base / (1 - per_block * k)
             if speedup >= fake.goal:
@@ -43,13 +44,13 @@ def depth_model(per_block=0.035, ppl_per_block=0.05):
     def depth_ppl(k):
         return {"t": 17.58 * (1 + ppl_per_block) ** k}
 
-    fake = SimpleNamespace(search=search, depth_ppl=depth_ppl, asked=asked, goal=None)
+    fake = SimpleNamespace(search=search, depth_ppl=depth_ppl, asked=asked, goal=None, points=POINTS)
     return fake
 
 
 def choose(target, precision="auto", points=POINTS, **model):
     fake = depth_model(**model)
-    fake.goal = target * 1.02
+    fake.goal, fake.points = target * 1.02, points
     return choose_for_target(fake_run(target, precision), points, fake.depth_ppl, fake.search), fake.asked
 
 
@@ -70,6 +71,42 @@ def test_beyond_every_precision_alone_the_lowest_estimated_perplexity_wins():
     k, estimate = estimates[chosen["precision"]]
     ratio = next(p for p in POINTS if p["precision"] == chosen["precision"])["perplexity"]["t"] / 17.58
     assert estimate == pytest.approx(17.58 * 1.05 ** k * ratio)
+
+
+class Scored:
+    """A training-free perplexity that records the depths it scored (`TrainingFree`'s interface)."""
+
+    def __init__(self, fn):
+        self.fn, self.looked = fn, {}
+
+    @property
+    def scored(self):
+        return sorted(self.looked)
+
+    def __call__(self, k):
+        self.looked.setdefault(k, self.fn(k))
+        return self.looked[k]
+
+
+def test_a_depth_a_shallower_one_already_bounds_out_is_never_scored():
+    """int4 needs few blocks, fp32 many: the fp32 depth's perplexity is at least that of int8's shallower
+    depth, which already exceeds int4's estimate, so it is not scored; the choice is the same as when every
+    depth is scored."""
+    fake = depth_model(ppl_per_block=0.2)
+    fake.goal = 2.0 * 1.02
+    scored = Scored(fake.depth_ppl)
+    chosen = choose_for_target(fake_run(2.0), POINTS, scored, fake.search)
+    everything, _ = choose(2.0, ppl_per_block=0.2)
+    assert (chosen["precision"], chosen["blocks"]) == (everything["precision"], everything["blocks"])
+    fp32 = next(c for c in chosen["candidates"] if c["precision"] == "fp32")
+    assert fp32["blocks"] not in scored.scored and fp32["estimate"] == {}
+    shallower = max(k for k in scored.scored if k < fp32["blocks"])
+    assert fp32["at_least"]["t"] == pytest.approx(fake.depth_ppl(shallower)["t"])
+    assert fp32["at_least"]["t"] > chosen["estimate"]["t"]
+    # a depth that could still win is scored: with depth nearly free, every candidate is
+    scored = Scored(depth_model(ppl_per_block=0.0001).depth_ppl)
+    chosen = choose_for_target(fake_run(2.0), POINTS, scored, fake.search)
+    assert all(c["estimate"] for c in chosen["candidates"])
 
 
 def test_a_slower_measurement_changes_the_choice():

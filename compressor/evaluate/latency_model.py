@@ -235,17 +235,18 @@ def parameter_guess(model: torch.nn.Module, n: int, target: float) -> int:
 
 
 def search_depth(first: int, measure, target: float, n: int, max_probes: int = 4,
-                 known: dict[int, float] | None = None, trust: float = 0.02) -> int | None:
+                 known: dict[int, float] | None = None, trust: float = 0.02, predict=None) -> int | None:
     """The fewest blocks (of n) whose measured speedup `measure(k)` reaches `target`, starting from
     the guess `first`; None if no probed depth reached it. Each measurement corrects the per-block
     gain (a secant step through 0 blocks = 1.0x), and the next probe lies between the deepest depth
     that fell short and the shallowest that reached the target, so the search goes both ways.
     `known` holds depths measured before the search (they bound it and count as probes).
 
-    The depth just below the shallowest that reached the target is not measured when the secant
-    through that measurement predicts it falls short by more than `trust` (a fraction of the target):
-    the fitted latency model is within about 1 % on the backends measured, so such a probe would only
-    confirm the miss, at the price of an export and a benchmark."""
+    The depth just below the shallowest that reached the target is not measured when `predict(k)` (a
+    latency model's speedup; without one, the secant through that measurement) falls short by more
+    than `trust` (a fraction of the target): the fitted latency model is within about 1 % on the
+    backends measured, so such a probe would only confirm the miss, at the price of an export and a
+    benchmark."""
     known = dict(known or {})
     short = max((k for k, v in known.items() if v < target), default=0)
     reached = min((k for k, v in known.items() if v >= target), default=None)
@@ -265,7 +266,7 @@ def search_depth(first: int, measure, target: float, n: int, max_probes: int = 4
             break  # the depths on both sides of the target are measured
         k = min(max(guess, short + 1), upper)  # a guess at or past `reached` checks the depth just below it
         if reached is not None and k == reached - 1:
-            predicted = 1 / (1 - _saved_per_block(reached, known[reached]) * k)
+            predicted = predict(k) if predict else 1 / (1 - _saved_per_block(reached, known[reached]) * k)
             if predicted < target / (1 + trust):
                 log.info("%d blocks would give about %.3fx, short of %.3fx: not measured", k, predicted, target)
                 break

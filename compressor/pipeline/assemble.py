@@ -13,6 +13,7 @@ from compressor.pipeline.config import EXPORT_FOR_BACKEND
 from compressor.pipeline.data import perplexities
 from compressor.pipeline.deliver import CHECKPOINT
 from compressor.pipeline.measure import backend_for, measure_speedup, open_backend, workload_ms
+from compressor.pipeline.precision import original_perplexity
 from compressor.report import (
     Attempt,
     BackendInfo,
@@ -61,7 +62,7 @@ def build_report(run, *, plan, compressed, data, pruned_ppl: dict, heal: dict | 
     cfg = run.cfg
     speed, (ra, rb), backend = bench
     precision = choice["precision"]
-    original_ppl = perplexities(run.model, data.evaluation)
+    original_ppl = original_perplexity(points)  # scored by the precision stage, on the same texts
     healed_ppl = perplexities(compressed, data.evaluation) if heal else pruned_ppl
     compressed_ppl = delivered_perplexities(compressed, backend, precision, data.evaluation)
     met = (speed.value >= cfg.target_speedup) if cfg.target_speedup else all(
@@ -109,11 +110,18 @@ def _baselines(points: list[dict], choice: dict, speed, compressed_ppl: dict, he
     if d:
         out.append(Baseline(kind="depth-only", precision="fp32", blocks_removed=d["blocks"], speedup=d.get("speedup"),
                             spread=d.get("spread"), latency_ms=at(d.get("speedup")), perplexity=d.get("estimate") or {},
-                            note=d.get("why") or "training-free"))
+                            note=d.get("why") or _bound_note(d), perplexity_at_least=d.get("at_least") or {}))
     out.append(Baseline(kind="chosen", precision=choice["precision"], blocks_removed=choice["blocks"],
                         speedup=speed.value, spread=speed.spread, latency_ms=at(speed.value),
                         perplexity=compressed_ppl, healed=healed))
     return out
+
+
+def _bound_note(d: dict) -> str:
+    if not d.get("at_least"):
+        return "training-free"
+    return ("training-free; not scored: a shallower plan already scores above the chosen combination's "
+            "estimate, so its perplexity is at least that (perplexity_at_least)")
 
 
 def _notes(plan, rounds: list[float], choice: dict) -> list[str]:

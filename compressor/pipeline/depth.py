@@ -1,25 +1,27 @@
 """How many blocks to remove for the target speedup, on top of a precision, *measured* on the target backend.
 
-A first guess from parameter counts (the LM head does not shrink with depth) is measured first: a
-copy with that many blocks removed, spread over the depth, exported at the precision and timed
-against the original fp32 model in alternation. At fp32 that pair fits the latency model (fixed +
-per-block cost on this backend and device), which finds an unreachable target with its ceiling and
-makes the next guess; then `latency_model.search_depth` corrects the guess from each probe's own
-measurement, both ways, within `max_probes` probes (the first included). On top of a quantized
-precision the search runs on speedups relative to that precision's unpruned model.
+Latency falls along a straight line in the blocks kept (`evaluate.latency_model`). At each precision
+that line runs through two measurements, both against the original fp32 model in alternation: the
+unpruned model at that precision (its quantize-only point) and a copy with one block left, exported
+at the precision (`depth_lines`: every precision's copy in one alternation, cached; the copies are
+small, so this costs far less than a probe). The line names the first probe: a copy with that many
+blocks removed, spread over the depth, exported at the precision and timed against the original;
+`latency_model.search_depth` corrects the guess from each probe's own measurement, both ways, within
+`max_probes` probes, and skips the depth just below one that reached the target when the line puts
+it clearly short. A target beyond the line's reach (even one block left falls short) is out of reach
+without a probe. On top of a quantized precision the search runs on speedups relative to that
+precision's unpruned model.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from compressor.adapters import get_adapter
 from compressor.blocks import spread_blocks
-from compressor.errors import InvalidPlanError
-from compressor.evaluate import LatencyModel, Workload, fit_latency_model
-from compressor.evaluate.latency_model import parameter_guess, search_depth
-from compressor.pipeline.measure import backend_for, measure_speedup
+from compressor.evaluate.latency_model import search_depth
+from compressor.pipeline.measure import backend_for, bench_group, measure_speedup, workload_ms
 from compressor.pipeline.runner import inputs_of
 from compressor.surgery.edit import copy_without_blocks
 from compressor.util.progress import status
@@ -69,68 +71,110 @@ def time_depth(run, original, precision: str, k: int, target: float | None = Non
     return measure_speedup(run, original, probe, target)
 
 
-def blocks_for_target(run, precision: str = "fp32", base: float = 1.0) -> dict:
-    """The fewest blocks whose removal, on top of `precision` (whose unpruned speedup is `base`), reaches
-    the target (cached): {"k": blocks or None when out of reach, "attempts": the probes measured,
-    "why": why it is out of reach}."""
-    name = "blocks" if precision == "fp32" else f"blocks-{precision}"
-    return run.runner.cached(name, depth_inputs(run.cfg, precision), lambda: _search(run, precision, base))
+@dataclass
+class DepthLine:
+    """Workload time at `precision` as a fraction of the original fp32 model's, a line in the blocks kept
+    (fixed + per_block x kept) through the unpruned model and the copy with one block left."""
+
+    precision: str
+    blocks: int                     # depth of the full model
+    fixed: float
+    per_block: float
+    unpruned: float                 # the two measured speedups the line runs through
+    one_left: float
+
+    @classmethod
+    def through(cls, precision: str, n: int, unpruned: float, one_left: float) -> DepthLine:
+        per_block = (1 / unpruned - 1 / one_left) / max(n - 1, 1)
+        return cls(precision, n, 1 / one_left - per_block, per_block, unpruned, one_left)
+
+    def speedup(self, k: int) -> float:
+        """Predicted speedup (against the original fp32 model) with k blocks removed at this precision."""
+        t = self.fixed + self.per_block * (self.blocks - k)
+        return 1 / t if t > 0 else float("inf")
+
+    def fewest(self, goal: float) -> int | None:
+        """The fewest blocks whose predicted speedup reaches `goal`; None if even one block left falls short."""
+        return next((k for k in range(self.blocks) if self.speedup(k) >= goal), None)
+
+    def explain(self) -> str:
+        if self.per_block <= 0 or self.fixed <= 0:
+            return (f"at {self.precision} the copy with one block left measured {self.one_left:.2f}x against "
+                    f"{self.unpruned:.2f}x unpruned: the timings are too noisy to fit a line; measure with more "
+                    "--timing-seconds on a quiet machine")
+        share = self.fixed / (self.fixed + self.per_block * self.blocks)
+        return (f"at {self.precision} the fixed cost (embeddings, head and overhead, which do not shrink with "
+                f"depth) is {share:.0%} of the unpruned time, so even one block left gives {self.one_left:.2f}x")
 
 
-def _search(run, precision: str, base: float) -> dict:
-    cfg = run.cfg
+@dataclass(frozen=True)
+class LineInputs:
+    timing: TimingInputs
+    precisions: tuple[str, ...]
+
+
+def depth_lines(run, points: list[dict]) -> dict[str, DepthLine]:
+    """Each point's precision -> its DepthLine (cached): the copy with one block left, exported at every
+    precision, timed against the original fp32 model in one alternation."""
+    inputs = LineInputs(timing_inputs(run.cfg), tuple(p["precision"] for p in points))
+    lines = run.runner.cached("depth_lines", inputs, lambda: _depth_lines(run, points))
+    return {p: DepthLine(**line) for p, line in lines.items()}
+
+
+def _depth_lines(run, points: list[dict]) -> dict[str, dict]:
     n = get_adapter(run.model).num_blocks(run.model)
+    precisions = [p["precision"] for p in points]
+    status(f"timing a copy with one block left at {', '.join(precisions)} against the original")
+    one = copy_without_blocks(run.model, spread_blocks(n, n - 1))
+    original = backend_for(run, run.model, "probe-original")
+    probes = [backend_for(run, one, probe_name(p, n - 1), p) for p in precisions]
+    results = bench_group(run, [original, *probes], ["original", *precisions])
+    lines = {}
+    for point, result in zip(points, results[1:]):
+        line = DepthLine.through(point["precision"], n, point["speedup"], workload_ms(results[0]) / workload_ms(result))
+        log.info("%s: %s; %d blocks removed would give %.3fx", point["precision"], line.explain(), n // 4,
+                 line.speedup(n // 4))
+        lines[point["precision"]] = asdict(line)
+    return lines
+
+
+def blocks_for_target(run, line: DepthLine) -> dict:
+    """The fewest blocks whose removal, on top of `line.precision`, reaches the target (cached): {"k": blocks
+    or None when out of reach, "attempts": the probes measured, "why": why it is out of reach}."""
+    precision = line.precision
+    name = "blocks" if precision == "fp32" else f"blocks-{precision}"
+    return run.runner.cached(name, depth_inputs(run.cfg, precision), lambda: _search(run, line))
+
+
+def _search(run, line: DepthLine) -> dict:
+    cfg = run.cfg
+    precision, n, base = line.precision, line.blocks, line.unpruned
     original = backend_for(run, run.model, "probe-original")
     attempts: list[dict] = []
-    pairs: dict[int, tuple] = {}
     known: dict[int, float] = {}
-    fitted: list[LatencyModel] = []
 
     def measure(k: int) -> float:  # the speedup of k blocks removed, relative to the unpruned model at `precision`
         if k not in known:
-            speed, pairs[k] = time_depth(run, original, precision, k, cfg.target_speedup)
+            speed, _ = time_depth(run, original, precision, k, cfg.target_speedup)
             known[k] = speed.value
-            predicted = fitted[0].predict_speedup(k) if fitted else None
-            attempts.append({"blocks_removed": k, "precision": precision, "predicted": predicted,
+            attempts.append({"blocks_removed": k, "precision": precision, "predicted": line.speedup(k),
                              "measured": speed.value, "spread": speed.spread, "rounds": speed.rounds,
                              "latency_ms": [speed.original_ms, speed.model_ms]})
-            status(f"{precision}, {k} blocks removed: {speed.text()} measured"
-                   + (f" ({predicted:.3f}x predicted)" if predicted else ""))
+            status(f"{precision}, {k} blocks removed: {speed.text()} measured ({line.speedup(k):.3f}x predicted)")
         return known[k] / base
 
     goal = cfg.target_speedup * (1 + cfg.speedup_margin)
-    if precision == "fp32":
-        status(f"measuring the latency model on {cfg.backend}/{cfg.device}")
-        first_guess = parameter_guess(run.model, n, cfg.target_speedup)
-        info = run.runner.cached("latency_model", timing_inputs(cfg),
-                                 lambda: _latency_model(run, n, first_guess, measure, pairs))
-        fitted.append(LatencyModel.from_dict(info))
-        try:
-            first = min(max(fitted[0].blocks_for_speedup(cfg.target_speedup), 1), n - 1)
-        except InvalidPlanError as exc:  # beyond the latency model's ceiling
-            return {"k": None, "attempts": attempts, "why": str(exc)}
-        for attempt in attempts:  # the latency model's own probe counts as the search's first measurement
-            attempt["predicted"] = fitted[0].predict_speedup(attempt["blocks_removed"])
-    else:
-        first = parameter_guess(run.model, n, max(goal / base, 1.0 + 1e-6))
-    reached = search_depth(first, measure, goal / base, n, cfg.max_probes, {k: v / base for k, v in known.items()})
+    first = line.fewest(goal)
+    if first is None:  # beyond the line's reach: the copy with one block left is the best there is
+        attempts.append({"blocks_removed": n - 1, "precision": precision, "predicted": line.one_left,
+                         "measured": line.one_left, "spread": 0.0, "rounds": [line.one_left], "latency_ms": []})
+        return {"k": None, "attempts": attempts,
+                "why": f"{cfg.target_speedup:.2f}x is out of reach by removing blocks at {precision}: {line.explain()}"}
+    reached = search_depth(max(first, 1), measure, goal / base, n, cfg.max_probes,
+                           predict=lambda k: line.speedup(k) / base)
     if reached is not None:
         return {"k": reached, "attempts": attempts, "why": None}
     best = max(attempts, key=lambda a: a["measured"])
     why = (f"the best measured at {precision} was {best['measured']:.3f}x with {best['blocks_removed']} blocks "
-           "removed" + (f" ({fitted[0].explain()})" if fitted else ""))
+           f"removed ({line.explain()})")
     return {"k": None, "attempts": attempts, "why": why}
-
-
-def _latency_model(run, n: int, k: int, measure, pairs: dict) -> dict:
-    """Fixed and per-block cost on the target backend, from the full model and k blocks removed."""
-    cfg = run.cfg
-    measure(k)
-    ra, rb = pairs[k]
-    result = fit_latency_model(
-        [(n, ra.prefill[0]["p50_ms"]), (n - k, rb.prefill[0]["p50_ms"])],
-        [(n, ra.decode[0]["p50_ms"]), (n - k, rb.decode[0]["p50_ms"])],
-        n, Workload(cfg.prefill_tokens, cfg.new_tokens, cfg.batch), cfg.backend, cfg.device,
-        versions=ra.versions, settings=ra.settings)
-    log.info("latency model: %s", result.explain())
-    return result.to_dict()

@@ -29,6 +29,10 @@ PROBE_KEY = ".probe.key"
 # probe of one depth measured up to 4% more than the final benchmark of the same depth in one run).
 REMEASURE_BAND = 0.05
 MAX_ROUNDS = 3
+# Timed prefills per model and round (decode takes one sample per position, 32 or more): the prefill is a
+# small share of the workload (512 + 128 tokens: about an eighth on SmolLM2), so five samples bound its
+# median well enough, and the sixth to tenth would cost more than the decoding measured beside them.
+PREFILL_RUNS = 5
 # Test seam: workload latency multiplied per precision, so a test can make one precision slower.
 SLOWDOWN: dict[str, float] = {}
 
@@ -179,16 +183,22 @@ def settle(measure, speedup, target: float | None, band=lambda _: REMEASURE_BAND
 
 def bench_pair(run, a, b):
     """Benchmark two backends in alternation on the workload's shapes; returns (A, B) results."""
+    ra, rb = bench_group(run, [a, b], ["original", "compressed"])
+    return ra, rb
+
+
+def bench_group(run, backends: list, labels: list[str]) -> list:
+    """Benchmark backends in alternation on the workload's shapes; one result each, in order."""
     cfg = run.cfg
     config = BenchConfig(prefill=f"{cfg.batch}x{cfg.prefill_tokens}",
                          decode=f"{cfg.batch}x{cfg.prefill_tokens}+{min(32, cfg.new_tokens)}",
-                         timing=TimingConfig(min_seconds=cfg.timing_seconds), perplexity=False)
-    ra, rb = benchmark([a, b], ["original", "compressed"], config, run.tokenizer)
-    for r, backend in ((ra, a), (rb, b)):
+                         timing=TimingConfig(min_seconds=cfg.timing_seconds, min_runs=PREFILL_RUNS), perplexity=False)
+    results = benchmark(backends, labels, config, run.tokenizer)
+    for r, backend in zip(results, backends):
         r.timing["workload_new_tokens"] = cfg.new_tokens
         slowdown = SLOWDOWN.get(getattr(backend, "precision", "fp32"))
         if slowdown:
             r.timing["slowdown"] = slowdown
-    return ra, rb
+    return results
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from compressor.adapters import get_adapter
 from compressor.pipeline.calibrate import ProfileInputs, profile_inputs
 from compressor.pipeline.data import perplexities
-from compressor.pipeline.depth import TimingInputs, blocks_for_target, timing_inputs
+from compressor.pipeline.depth import TimingInputs, blocks_for_target, depth_lines, timing_inputs
 from compressor.pipeline.measure import backend_for, measure_speedup
 from compressor.pipeline.runner import inputs_of
 from compressor.util.progress import status
@@ -70,41 +70,66 @@ def choice_stage(run, data, profile, points: list[dict]) -> dict:
 
     def compute():
         target = run.cfg.target_speedup is not None
-        if target:  # the depth each precision needs (and fp32's, the depth-only baseline), searched as one set
-            fp32 = blocks_for_target(run, "fp32")
-            searched = sorted({k for k in [*_depth_candidates(run, points), fp32["k"]] if k})
+        if target:  # the depth each precision needs (and fp32's, the depth-only baseline)
+            lines = depth_lines(run, points)
+            fp32 = blocks_for_target(run, lines["fp32"])
+            ks = sorted({k for k in [*_depth_candidates(run, points, lines), fp32["k"]] if k})
+            depth_ppl = TrainingFree(run, data, profile, ks, defer_deepest=True)
+            choice = choose_for_target(run, points, depth_ppl, lambda precision: blocks_for_target(run, lines[precision]))
+            depth_only = _depth_only(fp32, depth_ppl, choice)
         else:
-            searched = list(range(1, _deepest(run) + 1))
-        looked: dict[int, dict] = {}
-
-        def depth_ppl(k: int) -> dict:
-            if k not in looked:
-                model = training_free(run, data, profile, k, tuple(searched))
-                looked[k] = perplexities(model, data.evaluation)
-            return looked[k]
-
-        if target:
-            choice = choose_for_target(run, points, depth_ppl)
-            depth_only = _depth_only(fp32, depth_ppl)
-        else:
+            depth_ppl = TrainingFree(run, data, profile, list(range(1, _deepest(run) + 1)))
             choice = choose_within_budget(run, points, _budget_curve(run, data, points, depth_ppl))
             depth_only = next(c for c in choice["candidates"] if c["precision"] == "fp32")
-        return {**choice, "depth_only": depth_only, "searched": searched,
-                "depth_perplexity": {str(k): v for k, v in looked.items()}}
+        return {**choice, "depth_only": depth_only, "searched": depth_ppl.searched,
+                "depth_perplexity": {str(k): v for k, v in depth_ppl.looked.items()}}
 
     return run.runner.cached("choice", choice_inputs(run.cfg), compute)
 
 
-def _depth_only(search: dict, depth_ppl) -> dict:
-    """The fp32 depth search as a baseline: its depth, measured speedup and training-free perplexity."""
+class TrainingFree:
+    """k -> the training-free fp32 perplexity (per text) of the plan removing k blocks, each scored once.
+    The plans for `ks` are searched together; with `defer_deepest`, the deepest is left out of the search
+    until it is asked for (a choice whose shallower depths already bound it out never searches it)."""
+
+    def __init__(self, run, data, profile, ks: list[int], defer_deepest: bool = False):
+        self.run, self.data, self.profile, self.ks = run, data, profile, sorted(ks)
+        self.searched = self.ks[:-1] if defer_deepest and len(self.ks) > 1 else list(self.ks)
+        self.looked: dict[int, dict] = {}
+
+    @property
+    def scored(self) -> list[int]:
+        return sorted(self.looked)
+
+    def __call__(self, k: int) -> dict:
+        if k not in self.looked:
+            if k and k not in self.searched:
+                self.searched = sorted({*self.ks, k})
+                status(f"searching the plans for {', '.join(map(str, self.searched))} blocks together")
+            model = training_free(self.run, self.data, self.profile, k, tuple(self.searched))
+            self.looked[k] = perplexities(model, self.data.evaluation)
+        return self.looked[k]
+
+
+def _depth_only(search: dict, depth_ppl: TrainingFree, choice: dict) -> dict:
+    """The fp32 depth search as a baseline: its depth, measured speedup and training-free perplexity, or a
+    lower bound on it where the choice's shallower depths already put it above the chosen estimate."""
+    from compressor.pipeline.precision import bound_at, first_value
+
     if search["k"] is None:
         return {"precision": "fp32", "blocks": None, "why": search["why"]}
     attempt = next(a for a in search["attempts"] if a["blocks_removed"] == search["k"])
-    return {"precision": "fp32", "blocks": search["k"], "speedup": attempt["measured"], "spread": attempt["spread"],
-            "estimate": depth_ppl(search["k"])}
+    out = {"precision": "fp32", "blocks": search["k"], "speedup": attempt["measured"], "spread": attempt["spread"]}
+    known = next((c for c in choice["candidates"] if (c["precision"], c["blocks"]) == ("fp32", search["k"])), None)
+    if known is not None:
+        return {**out, "estimate": known["estimate"], **({"at_least": known["at_least"]} if "at_least" in known else {})}
+    bound = bound_at(search["k"], {n: 1.0 for n in choice["estimate"]}, depth_ppl)
+    if bound is not None and first_value(bound) > first_value(choice["estimate"]):
+        return {**out, "estimate": {}, "at_least": bound}
+    return {**out, "estimate": depth_ppl(search["k"])}
 
 
-def _depth_candidates(run, points: list[dict]) -> list[int]:
+def _depth_candidates(run, points: list[dict], lines: dict) -> list[int]:
     """The depth each undominated precision needs (its search is cached, so choose_for_target reuses it)."""
     from compressor.pipeline.precision import allowed, undominated
 
@@ -113,7 +138,7 @@ def _depth_candidates(run, points: list[dict]) -> list[int]:
     for point in undominated(allowed(run, points)):
         if point["speedup"] >= goal:
             break
-        ks.append(blocks_for_target(run, point["precision"], base=point["speedup"])["k"])
+        ks.append(blocks_for_target(run, lines[point["precision"]])["k"])
     return ks
 
 

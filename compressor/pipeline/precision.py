@@ -4,7 +4,8 @@
    unpruned model, timed against the original fp32 model in alternation and scored for perplexity
    on the evaluation texts through the runtime itself. No training, so this is cheap.
 2. For each precision no other one dominates (faster *and* no worse), the fewest blocks removed on
-   top of it for the target (`depth.blocks_for_target`), or under a perplexity budget the most
+   top of it for the target (`depth.blocks_for_target`: a line per precision through its unpruned
+   point and a copy with one block left names the depth, probes confirm it), or under a perplexity budget the most
    blocks that keep it within the budget.
 3. Target: the combination that reaches it with the lowest perplexity; budget: the fastest
    combination within it. A combination's perplexity is the training-free perplexity of its plan at
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from compressor.errors import InvalidPlanError
 from compressor.pipeline.data import perplexities
-from compressor.pipeline.depth import TimingInputs, blocks_for_target, probe_name, time_depth, timing_inputs
+from compressor.pipeline.depth import TimingInputs, probe_name, time_depth, timing_inputs
 from compressor.pipeline.measure import backend_for, measure_speedup
 from compressor.pipeline.runner import inputs_of
 from compressor.util.progress import status
@@ -140,13 +141,12 @@ def original_perplexity(points: list[dict]) -> dict:
     return next(p for p in points if p["precision"] == "fp32")["perplexity"]
 
 
-def choose_for_target(run, points: list[dict], depth_ppl, search=None) -> dict:
+def choose_for_target(run, points: list[dict], depth_ppl, search) -> dict:
     """{"precision", "blocks", "speedup", "spread", "estimate", "candidates", "tried"}: the combination that
     reaches the target with the lowest estimated perplexity, among the precisions the run may deliver.
     `depth_ppl(k)` is the training-free fp32 perplexity (per text) of the plan removing k blocks; `search(
-    precision, base)` finds the blocks on top of a precision (`depth.blocks_for_target`'s result)."""
+    precision)` finds the blocks on top of a precision (`depth.blocks_for_target`'s result)."""
     cfg = run.cfg
-    search = search or (lambda precision, base: blocks_for_target(run, precision, base=base))
     goal = cfg.target_speedup * (1 + cfg.speedup_margin)
     original_ppl = original_perplexity(points)
     found, tried = [], []
@@ -157,24 +157,48 @@ def choose_for_target(run, points: list[dict], depth_ppl, search=None) -> dict:
                           "estimate": point["perplexity"]})
             tried.append({"precision": p, "blocks": 0, "reached": True, "why": None})
             break  # every later precision has a higher perplexity already, before any block goes
-        depth = search(p, point["speedup"])
+        depth = search(p)
         tried.append({"precision": p, "blocks": depth["k"], "reached": depth["k"] is not None, "why": depth["why"],
                       "attempts": depth["attempts"]})
         if depth["k"] is None:
             continue
         attempt = next(a for a in depth["attempts"] if a["blocks_removed"] == depth["k"])
-        r = ratio(point, original_ppl)
         found.append({"precision": p, "blocks": depth["k"], "speedup": attempt["measured"],
-                      "spread": attempt["spread"],
-                      "estimate": {n: v * r[n] for n, v in depth_ppl(depth["k"]).items()}})
+                      "spread": attempt["spread"], "ratio": ratio(point, original_ppl)})
     if not found:
         best = _best_measured(allowed(run, points), tried)
         raise InvalidPlanError(
             f"a {cfg.target_speedup:.2f}x speedup was not reached on {cfg.backend}/{cfg.device} by any precision "
             f"and depth: the best measured was {best}; " + "; ".join(t["why"] for t in tried if t["why"])
             + "; ask for less")
-    chosen = min(found, key=lambda c: (first_value(c["estimate"]), c["blocks"]))
+    estimate_(found, depth_ppl)
+    chosen = min((c for c in found if c["estimate"]), key=lambda c: (first_value(c["estimate"]), c["blocks"]))
     return {**chosen, "candidates": found, "tried": tried}
+
+
+def estimate_(candidates: list[dict], depth_ppl) -> None:
+    """Give each candidate its estimated perplexity ("estimate", per text), shallowest first, or, where a
+    shallower depth already bounds it above the best estimate so far, "at_least" (and an empty estimate):
+    the searches remove blocks one at a time, so a deeper plan scores no better than a shallower one, and
+    the deepest plan (often the depth-only one at fp32) is then never searched nor scored."""
+    best = None
+    for c in sorted(candidates, key=lambda c: c["blocks"]):
+        r = c.pop("ratio", None)
+        if "estimate" in c:  # a precision alone: its own measured perplexity
+            best = c if best is None or first_value(c["estimate"]) < first_value(best["estimate"]) else best
+            continue
+        bound = bound_at(c["blocks"], r, depth_ppl)
+        if best is not None and bound is not None and first_value(bound) > first_value(best["estimate"]):
+            c["estimate"], c["at_least"] = {}, bound
+            continue
+        c["estimate"] = {n: v * r[n] for n, v in depth_ppl(c["blocks"]).items()}
+        best = c if best is None or first_value(c["estimate"]) < first_value(best["estimate"]) else best
+
+
+def bound_at(k: int, r: dict, depth_ppl) -> dict | None:
+    """A lower bound on the estimate of k blocks removed: the deepest shallower depth already scored."""
+    shallower = [j for j in getattr(depth_ppl, "scored", []) if j < k]
+    return {n: v * r[n] for n, v in depth_ppl(max(shallower)).items()} if shallower else None
 
 
 def _time_depth(run, precision: str, k: int):

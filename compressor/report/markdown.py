@@ -79,7 +79,8 @@ def baseline_rows(report: Report) -> list[list[str]]:
                 "chosen": "chosen (healed)" if b.healed else "chosen"}.get(b.kind, b.kind)
         speed = f"{b.speedup:.3f}x +-{(b.spread or 0) * b.speedup:.3f}" if b.speedup else "out of reach"
         blocks = "-" if b.blocks_removed is None else str(b.blocks_removed)
-        ppl = [f"{b.perplexity[n]:.3f}" if n in b.perplexity else "-" for n in names]
+        ppl = [f"{b.perplexity[n]:.3f}" if n in b.perplexity else f">= {b.perplexity_at_least[n]:.3f}"
+               if n in b.perplexity_at_least else "-" for n in names]
         rows.append([what, b.precision, blocks, speed, *ppl])
     return rows
 

@@ -79,7 +79,8 @@ class Baseline:
     """A point the delivered model is compared with, or the delivered model itself: the unpruned model at
     one precision ("quantize-only"), blocks removed at fp32 ("depth-only", training-free; blocks_removed
     None when out of reach, with why in `note`), and the delivered combination ("chosen").
-    latency_ms: the final benchmark's original latency over the point's own measured speedup."""
+    latency_ms: the final benchmark's original latency over the point's own measured speedup.
+    perplexity_at_least: a lower bound, where the point was not scored (`perplexity` is then empty)."""
 
     kind: str
     precision: str
@@ -90,6 +91,7 @@ class Baseline:
     perplexity: dict[str, float] = field(default_factory=dict)
     healed: bool = False
     note: str = ""
+    perplexity_at_least: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)

@@ -67,6 +67,7 @@ def atomic_file(path: Path | str):
     tmp.chmod(0o666 & ~_umask())  # mkstemp makes it 0600: the delivered file follows the umask
     try:
         yield tmp
+        tmp.chmod(0o666 & ~_umask())  # again: a writer that replaces the file (safetensors) makes it 0600
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

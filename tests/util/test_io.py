@@ -4,6 +4,8 @@ import os
 import stat
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from compressor.util.io import atomic_dir, atomic_file, write_json
 
@@ -25,11 +27,14 @@ def test_outputs_follow_the_umask_not_mkdtemp(tmp_path, umask_022):
     write_json(tmp_path / "report.json", {"a": 1})
     with atomic_file(tmp_path / "report.html") as tmp:
         tmp.write_text("<html/>")
+    with atomic_file(tmp_path / "maps.safetensors") as tmp:  # safetensors writes a new file in the path's place
+        save_file({"m": torch.zeros(2)}, tmp)
     plain_dir, plain_file = tmp_path / "plain", tmp_path / "plain.txt"  # what os.mkdir / open make under 022
     plain_dir.mkdir()
     plain_file.write_text("")
     assert mode(tmp_path / "model") == mode(plain_dir) == 0o755
     assert mode(tmp_path / "report.json") == mode(tmp_path / "report.html") == mode(plain_file) == 0o644
+    assert mode(tmp_path / "maps.safetensors") == 0o644
 
 
 def test_a_stricter_umask_is_honoured(tmp_path):
