@@ -307,6 +307,27 @@ def test_depth_search_counts_and_respects_known_measurements():
     assert got == want and probed == [8]
 
 
+def test_a_precision_line_through_two_measurements_predicts_every_depth():
+    """Latency (as a fraction of the original's) = fixed + per_block x kept: the line through the unpruned
+    point and the copy with one block left gives back both, and every depth in between by the formula."""
+    from compressor.pipeline.depth import DepthLine
+
+    n, fixed, per_block = 30, 0.06, 0.02  # e.g. int4: 1 / (0.06 + 0.6) = 1.515x unpruned
+
+    def truth(k):
+        return 1 / (fixed + per_block * (n - k))
+
+    line = DepthLine.through("int4", n, truth(0), truth(n - 1))
+    assert line.fixed == pytest.approx(fixed) and line.per_block == pytest.approx(per_block)
+    assert all(line.speedup(k) == pytest.approx(truth(k)) for k in range(n))
+    goal = 2.0
+    assert line.fewest(goal) == next(k for k in range(n) if truth(k) >= goal)
+    assert line.fewest(truth(n - 1) * 1.01) is None  # beyond one block left: out of reach, no probe
+    assert f"{fixed / (fixed + per_block * n):.0%} of the unpruned time" in line.explain()
+    noisy = DepthLine.through("fp32", n, 1.0, 0.9)  # one block left measured slower than the whole model
+    assert noisy.fewest(1.1) is None and "too noisy" in noisy.explain()
+
+
 def test_one_split_rule_for_calibration_healing_and_evaluation():
     """hold_out cuts the joined text at the last whitespace before the held-out fraction: nothing is lost or
     shared, no word is split."""
