@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -44,6 +45,9 @@ def export(
     embeddings: Annotated[str, typer.Option("--embeddings", help=_Q + "auto (quantize the embedding table, shared "
                                             "with a tied lm_head) or float.")] = "auto",
     data: DataOpt = None,
+    eval_file: Annotated[Path | None, typer.Option(
+        "--eval", help="int8/int4: text the quality bounds are scored on (.txt, .jsonl or a directory of .txt; "
+        "default: the held-out end of --data, which calibration never reads).")] = None,
     accuracy_level: Annotated[int, typer.Option("--accuracy-level", help=_Q + "MatMulNBits compute type "
                                                 "(1 fp32, 2 fp16, 3 bf16, 4 int8).")] = 4,
     quant_algorithm: Annotated[str, typer.Option("--quant-algorithm", help=_Q + "rtn, gptq, mse, or auto "
@@ -74,6 +78,7 @@ def export(
     json: JsonOpt = False,
 ) -> None:
     """Export to ONNX (with KV cache, an onnxruntime-genai folder) or a TensorRT engine, validated."""
+    from compressor.data import load_texts
     from compressor.export.run import check_export_options, export_model, quant_options
     from compressor.loading import load_model
     from compressor.util.io import atomic_dir, check_output
@@ -90,12 +95,15 @@ def export(
 
         profile = TrtProfile.parse(trt_batch, trt_seq, trt_past)
     check_output(out_dir, overwrite)
+    for text in (data, eval_file):  # a missing or empty text is found before any model is loaded
+        if text is not None:
+            load_texts(text)
     loaded, tokenizer = load_model(model, dtype="float32", allow_pickle=allow_pickle)
     with atomic_dir(out_dir, overwrite) as tmp:
         summary = export_model(loaded, tokenizer, tmp, format=format, precision=precision, route=route,
                                quant=quant, bounds=bounds, opset=opset, optimize=optimize, validate=validate,
                                allow_mismatch=allow_mismatch, profile=profile, workspace_gb=trt_workspace_gb,
-                               data=data)
+                               data=data, eval=eval_file)
     data = {"out": str(out_dir), **summary.to_dict()}
     if json:
         emit_json(data)
@@ -122,8 +130,6 @@ def _print_summary(data: dict) -> None:
 
 
 def _table(report: dict) -> Table:
-    from pathlib import Path
-
     tol = report["tolerance"]
     table = Table(title=f"{Path(report['file']).name} vs PyTorch ({report['runtime']}, {report['dtype']}, "
                         f"tolerance {tol['abs']:g} + {tol['rel']:g} x scale)")

@@ -104,6 +104,15 @@ def split_text(data: Path | str | None) -> tuple[list[str], str]:
     return [kept], held
 
 
+def validation_text(data: Path | str | None, eval: Path | str | None = None) -> tuple[list[str], str]:
+    """(calibration texts, validation text): `split_text(data)`, with the `eval` text (a file or folder, as
+    --data) validated on instead of the held-out end when it is given."""
+    from compressor.data import load_texts
+
+    texts, held = split_text(data)
+    return texts, ("\n\n".join(load_texts(eval)) if eval is not None else held)
+
+
 def quality_tokens(model, tokenizer, count: int, text: str | None = None) -> tuple[torch.Tensor, list[str]]:
     """`count` tokens of `text` (default: the held-out end of the bundled text), or random ids
     (with a note) without a tokenizer or when the text is too short."""
@@ -115,7 +124,7 @@ def quality_tokens(model, tokenizer, count: int, text: str | None = None) -> tup
             ids = token_stream(tokenizer, [text])[:count]
             if ids.numel() >= count:
                 return ids, notes
-            notes.append(f"the held-out end of the calibration text has {ids.numel()} tokens, fewer than {count}: "
+            notes.append(f"the validation text has {ids.numel()} tokens, fewer than {count}: "
                          "validated on the held-out end of the bundled text instead")
         ids = token_stream(tokenizer, [split_text(None)[1]])[:count]
         if ids.numel() >= count:

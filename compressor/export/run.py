@@ -161,6 +161,7 @@ def export_model(
     threads: int | None = None,
     data: Path | str | None = None,
     float_graph: Path | str | None = None,
+    eval: Path | str | None = None,
 ) -> ExportSummary:
     """Export into `out_dir` (an existing, empty folder: the CLI passes atomic_dir's) and validate.
 
@@ -170,6 +171,7 @@ def export_model(
     route: auto | builder | dynamo (see `choose_route`). A failed validation raises unless allow_mismatch.
     data: the text that int8/int4 calibrate on (None: the bundled text); its end is held out and
     the quantized graph is validated there (`compressor.export.quality.split_text`).
+    eval: a text (file or folder, as `data`) the quantized graph is validated on instead of that end.
     float_graph: a folder from an earlier fp32 export of this same model (any route choice leads to
     the same graph): int8/int4 quantize a copy of its graph instead of exporting the model again.
     """
@@ -199,9 +201,9 @@ def export_model(
         summary.warnings.append("--optimize applies to fp32/fp16 torch.onnx graphs only; not written")
     held_out = None
     if quantized:
-        from compressor.export.quality import split_text
+        from compressor.export.quality import validation_text
 
-        texts, held_out = split_text(data)
+        texts, held_out = validation_text(data, eval)
         summary.quantization = _quantize(model, tokenizer, graph_dir, out_dir, precision, quant, texts)
     if validate:
         _validate(model, tokenizer, out_dir, precision, bounds, allow_mismatch, threads, summary, held_out)

@@ -54,3 +54,35 @@ def test_validation_reads_the_given_held_out_text():
     text = _document(4000, 3)
     ids, notes = quality_tokens(None, make_tokenizer(), 2000, text)
     assert notes == [] and torch.equal(ids, token_stream(make_tokenizer(), [text])[:2000])
+
+
+def test_eval_text_is_what_the_quantized_export_is_scored_on(tmp_path):
+    """--eval replaces the held-out end as the quality gate's text: the gate's PyTorch reference is the
+    perplexity of the --eval text's first tokens, not of the held-out end's; a missing --eval is one line,
+    exit 2, before any model is loaded, and leaves nothing."""
+    from compressor.evaluate.perplexity import perplexity
+    from compressor.loading import load_model
+
+    model_dir = tmp_path / "llama"
+    tiny_model("llama", hidden_size=64, head_dim=16, num_hidden_layers=2).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(["module value list"] * 1500))  # a text unlike the bundled English
+    done = run_cli("export", model_dir, "--out", tmp_path / "int8", "--precision", "int8", "--eval", other,
+                   "--allow-mismatch", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    validation = json.loads(done.stdout)["validation"]
+    model, tokenizer = load_model(str(model_dir))
+    ids = token_stream(tokenizer, [other.read_text()])
+    window = min(512, model.config.max_position_embeddings)  # the gate's windows: the context, at most 512
+    on_eval = perplexity(model, ids[:validation["tokens"]], max_length=window, stride=window // 2).perplexity
+    held = token_stream(tokenizer, [split_text(None)[1]])
+    on_held = perplexity(model, held[:validation["tokens"]], max_length=window, stride=window // 2).perplexity
+    assert validation["perplexity_reference"] == pytest.approx(on_eval, rel=1e-5)
+    assert abs(on_eval / on_held - 1) > 0.01  # the two texts tell apart
+    assert validation["notes"] == []
+
+    missing = run_cli("export", model_dir, "--out", tmp_path / "nope", "--precision", "int8", "--eval",
+                      tmp_path / "absent.txt")
+    assert missing.returncode == 2 and "absent.txt does not exist" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "nope").exists()
