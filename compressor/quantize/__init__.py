@@ -55,12 +55,23 @@ same perplexity loop; "wiki" = calibrated on wiki.train.txt, held out from the w
 | act-order, damping 1% of the median diagonal instead of the mean       |         | +5.8% | 115.2   |
 | act-order, int8 chosen by full-Hessian output error (not its diagonal) |         | +9.2% | 115.3   |
 | act-order, static grid range-searched per block (rtn_search, H diagonal)|         | +7.0% | 115.2   |
+| act-order, damping 3% of the mean diagonal (not 1%)                   |         | +5.0% | 115.2   |
 | act-order, 18% int8                                                    |         | +5.7% | 112.1   |
+| act-order, 17% int8                                                    |         | +5.6% | 111.7   |
+| act-order, 17% int8, damping 10%                                       |         | +5.6% | 111.7   |
+| act-order, 17% int8, damping 3%  (= the default)                       | +5.8%   | +5.5% | 111.7   |
+| act-order, int4 block 64, 28.5% int8                                   |         | +7.3% | 111.5   |
 | act-order, 22% int8 at int8 block 128 (576 inputs pad to 640)         |         | +5.7% | 117.9   |
 
 Act-order (rows by decreasing Hessian diagonal, each block's scale and zero point fixed beforehand
 from its original weights, so the MatMulNBits layout is unchanged) is the default: it won on both
 calibration texts, at the same size and GPTQ time (24-38 s for all 151 MatMuls on one thread).
+The default spends 17% of the weights on int8 (not 25%), which fits the folder in 112 MB, and damps
+by 3% of the mean diagonal (better than 1% and 10% there). bench/int4.py --data wiki.train.txt
+--threads 1 gave the same +5.5% (18.578 against 17.615) and 111.7 MB: 93 s to quantize, of which
+65 s calibration (ORT's own 2 threads) and the rest GPTQ (torch, 1 thread) and writing. Issue 23's
++5% is not reached at 112 MB; it was at 115.2 MB (+5.0%, 25% int8, damping 3%).
+bench/results/int4-smollm2.txt has every run.
 """
 
 from compressor.quantize.calibration import Hessians, input_hessians

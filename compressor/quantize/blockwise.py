@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-DAMP = 0.01  # GPTQ's default dampening (fraction of the mean Hessian diagonal)
+DAMP = 0.01  # GPTQ's usual dampening (fraction of the mean Hessian diagonal); QuantConfig.damp sets ours
 
 
 @dataclass

@@ -142,7 +142,7 @@ def _quantize_all(candidates, weights, bits, hessians, config, algorithm) -> dic
         for i in range(0, len(items), per):
             chunk = items[i : i + per]
             qs = blockwise.gptq_many([c[1] for c in chunk], [c[2] for c in chunk], b, config.block_for(b),
-                                     config.resolved_grid(b), act_order=config.act_order)
+                                     config.resolved_grid(b), damp=config.damp, act_order=config.act_order)
             for (names, _, _), q in zip(chunk, qs, strict=True):
                 parts = blockwise.split(q, [weights[n].shape[1] for n in names])
                 out.update(zip(names, parts, strict=True))

@@ -208,6 +208,8 @@ def test_gptq_beats_rtn_on_calibrated_inputs(tmp_path):
     (QuantConfig(block_size=20), "power of two"),
     (QuantConfig(algorithm="awq9"), "algorithm must be one of"),
     (QuantConfig(accuracy_level=7), "accuracy_level"),
+    (QuantConfig(damp=0.0), "damp must be"),
+    (QuantConfig(act_order="yes"), "act_order must be"),
     (QuantConfig(algorithm="gptq"), "needs calibration"),
     (QuantConfig(keep_int8="nosuch"), "not weight MatMuls"),
 ])
