@@ -326,8 +326,9 @@ def _tensorrt(model, tokenizer, out_dir, onnx_path, summary, profile, workspace_
 def quant_options(precision: str, block_size: int = 32, grid: str = "auto", accuracy_level: int = 4,
                   algorithm: str = "auto", keep_int8: str = "auto", max_ppl_increase_pct: float | None = None,
                   min_top1: float | None = None, max_kl: float | None = None, embeddings: str = "auto",
-                  int8_fraction: float = 0.25):
-    """(QuantConfig, QualityBounds) for an int8/int4 export, checked; (None, None) for the others."""
+                  int8_fraction: float | None = None):
+    """(QuantConfig, QualityBounds) for an int8/int4 export, checked; (None, None) for the others. None:
+    QuantConfig's (measured) default."""
     import dataclasses
 
     if precision not in ("int8", "int4"):
@@ -337,7 +338,7 @@ def quant_options(precision: str, block_size: int = 32, grid: str = "auto", accu
 
     config = QuantConfig(bits=8 if precision == "int8" else 4, block_size=block_size, grid=grid,
                          accuracy_level=accuracy_level, algorithm=algorithm, keep_int8=keep_int8, embeddings=embeddings,
-                         int8_fraction=int8_fraction)
+                         **({} if int8_fraction is None else {"int8_fraction": int8_fraction}))
     changes = {k: v for k, v in (("max_ppl_increase", None if max_ppl_increase_pct is None
                                   else max_ppl_increase_pct / 100), ("min_top1", min_top1), ("max_kl", max_kl))
                if v is not None}
