@@ -101,7 +101,7 @@ def _stages(run: Run, dest: Path | None):
     compressed = copy.deepcopy(run.model)
     if plan.drop or plan.linearize:  # a precision alone may meet the target
         apply_plan_(compressed, plan)
-    pruned_ppl = _training_free_perplexity(run, compressed, data, points, choice)
+    pruned_ppl = _training_free_perplexity(compressed, data, points, choice)
     heal = heal_stage(run, compressed, data.healing, plan_inputs(run.cfg, choice), choice["precision"])
     save_stage(run, compressed)
     exports = export_stage(run, compressed, choice["precision"])
@@ -111,7 +111,7 @@ def _stages(run: Run, dest: Path | None):
     return report, profile
 
 
-def _training_free_perplexity(run, compressed, data, points: list[dict], choice: dict) -> dict:
+def _training_free_perplexity(compressed, data, points: list[dict], choice: dict) -> dict:
     """The compressed model's perplexity before healing: the choice scored this very plan already (the
     plan it estimated with is the plan applied), and with no block removed it is the original's."""
     from compressor.pipeline.precision import original_perplexity
