@@ -324,6 +324,8 @@ def test_a_precision_line_through_two_measurements_predicts_every_depth():
     assert line.fewest(goal) == next(k for k in range(n) if truth(k) >= goal)
     assert line.fewest(truth(n - 1) * 1.01) is None  # beyond one block left: out of reach, no probe
     assert f"{fixed / (fixed + per_block * n):.0%} of the unpruned time" in line.explain()
+    # a probe that measured 5% above the line moves the prediction of its neighbour by as much
+    assert line.anchored(6, {7: truth(7) * 1.05, 20: truth(20)}) == pytest.approx(truth(6) * 1.05)
     noisy = DepthLine.through("fp32", n, 1.0, 0.9)  # one block left measured slower than the whole model
     assert noisy.fewest(1.1) is None and "too noisy" in noisy.explain()
 

@@ -7,8 +7,8 @@ at the precision (`depth_lines`: every precision's copy in one alternation, cach
 small, so this costs far less than a probe). The line names the first probe: a copy with that many
 blocks removed, spread over the depth, exported at the precision and timed against the original;
 `latency_model.search_depth` corrects the guess from each probe's own measurement, both ways, within
-`max_probes` probes, and skips the depth just below one that reached the target when the line puts
-it clearly short. A target beyond the line's reach (even one block left falls short) is out of reach
+`max_probes` probes, and skips the depth just below one that reached the target when the line, scaled
+to agree with the nearest measured depth, puts it clearly short. A target beyond the line's reach (even one block left falls short) is out of reach
 without a probe. On top of a quantized precision the search runs on speedups relative to that
 precision's unpruned model.
 """
@@ -93,6 +93,11 @@ class DepthLine:
         t = self.fixed + self.per_block * (self.blocks - k)
         return 1 / t if t > 0 else float("inf")
 
+    def anchored(self, k: int, measured: dict[int, float]) -> float:
+        """The predicted speedup of k blocks removed, scaled to agree with the nearest depth `measured`."""
+        j = min(measured, key=lambda m: (abs(m - k), m))
+        return self.speedup(k) * measured[j] / self.speedup(j)
+
     def fewest(self, goal: float) -> int | None:
         """The fewest blocks whose predicted speedup reaches `goal`; None if even one block left falls short."""
         return next((k for k in range(self.blocks) if self.speedup(k) >= goal), None)
@@ -171,7 +176,7 @@ def _search(run, line: DepthLine) -> dict:
         return {"k": None, "attempts": attempts,
                 "why": f"{cfg.target_speedup:.2f}x is out of reach by removing blocks at {precision}: {line.explain()}"}
     reached = search_depth(max(first, 1), measure, goal / base, n, cfg.max_probes,
-                           predict=lambda k: line.speedup(k) / base)
+                           predict=lambda k: line.anchored(k, known) / base)
     if reached is not None:
         return {"k": reached, "attempts": attempts, "why": None}
     best = max(attempts, key=lambda a: a["measured"])
