@@ -360,3 +360,15 @@ def test_a_speedup_within_the_noise_of_the_target_is_measured_again_and_the_medi
     assert settle(rounds(1.31, 1.27, 1.29), same, 1.3) == (1.29, [1.27, 1.29, 1.31])  # so does a lucky pass
     assert settle(rounds(1.31), same, 1.3, band=lambda _: 0.005) == (1.31, [1.31])  # a narrow measured spread
     assert settle(rounds(1.28), same, None) == (1.28, [1.28])            # a perplexity budget: nothing to reach
+
+
+def test_a_final_speedup_short_of_the_target_within_its_spread_is_not_a_miss():
+    from compressor.pipeline.measure import Speedup
+
+    def speed(value, spread):
+        return Speedup(value, spread, [value], 100.0, 100.0 / value)
+
+    assert speed(1.51, 0.03).against(1.5) == "met"
+    assert speed(1.49, 0.028).against(1.5) == "within the noise"  # 1.49 x 1.028 = 1.532 covers 1.5
+    assert speed(1.49, 0.005).against(1.5) == "missed"             # a tight measurement: a real miss
+    assert speed(1.40, 0.05).against(1.5) == "missed"

@@ -65,8 +65,11 @@ def build_report(run, *, plan, compressed, data, pruned_ppl: dict, heal: dict | 
     original_ppl = original_perplexity(points)  # scored by the precision stage, on the same texts
     healed_ppl = perplexities(compressed, data.evaluation) if heal else pruned_ppl
     compressed_ppl = delivered_perplexities(compressed, backend, precision, data.evaluation)
-    met = (speed.value >= cfg.target_speedup) if cfg.target_speedup else all(
-        compressed_ppl[n] <= original_ppl[n] * (1 + cfg.max_ppl_increase) for n in original_ppl)
+    if cfg.target_speedup:
+        verdict = speed.against(cfg.target_speedup)
+    else:
+        verdict = "met" if all(compressed_ppl[n] <= original_ppl[n] * (1 + cfg.max_ppl_increase)
+                               for n in original_ppl) else "missed"
     sizes = None
     if isinstance(run.source, Path):
         sizes = Pair(original=dir_size(run.source), compressed=dir_size(run.work / CHECKPOINT))
@@ -76,7 +79,7 @@ def build_report(run, *, plan, compressed, data, pruned_ppl: dict, heal: dict | 
         tool=f"compressor {__version__}", model=str(cfg.model), model_source=str(run.source),
         target_speedup=cfg.target_speedup, max_ppl_increase=cfg.max_ppl_increase, speedup_measured=speed.value,
         speedup_spread=speed.spread, precision=precision,
-        target_met=met, blocks_original=plan.blocks_original, blocks_removed=plan.drop,
+        target_met=verdict != "missed", target_verdict=verdict, blocks_original=plan.blocks_original, blocks_removed=plan.drop,
         blocks_linearized=plan.linearize,
         perplexity=Perplexities(original=original_ppl, pruned_before_heal=pruned_ppl, compressed=compressed_ppl,
                                 healed_full_precision=healed_ppl if precision != "fp32" else {}),

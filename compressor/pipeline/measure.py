@@ -147,6 +147,14 @@ class Speedup:
     def text(self) -> str:
         return f"{self.value:.3f}x +-{self.spread * self.value:.3f}"
 
+    def against(self, target: float) -> str:
+        """"met"; "within the noise": short of `target`, which lies inside the measured spread, so the
+        measurement cannot tell this from a pass (the probe of the same graph may have measured above it);
+        or "missed": short by more than the spread."""
+        if self.value >= target:
+            return "met"
+        return "within the noise" if self.value * (1 + self.spread) >= target else "missed"
+
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 

@@ -36,7 +36,9 @@ def headline(report: Report) -> str:
     parts = []
     if report.speedup_measured is not None:
         target = report.target_speedup
-        goal = f" (target {target:.2f}x, {'met' if report.target_met else 'NOT met'})" if target else ""
+        verdict = report.target_verdict or ("met" if report.target_met else "missed")
+        words = {"met": "met", "missed": "NOT met", "within the noise": "within the measured noise of it, not a miss"}
+        goal = f" (target {target:.2f}x, {words.get(verdict, verdict)})" if target else ""
         spread = f" +-{report.speedup_spread * report.speedup_measured:.3f}" if report.speedup_spread else ""
         parts.append(f"speedup {report.speedup_measured:.3f}x{spread}{goal}")
     if report.perplexity_increase:

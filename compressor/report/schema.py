@@ -114,7 +114,8 @@ class Report:
     speedup_measured: float | None = None
     speedup_spread: float | None = None         # relative: two standard errors, or half the rounds' range
     precision: str = "fp32"                     # of the delivered export
-    target_met: bool | None = None
+    target_met: bool | None = None              # False only when missed by more than the measured spread
+    target_verdict: str | None = None           # "met", "within the noise" (Speedup.against) or "missed"
     blocks_original: int
     blocks_removed: list[int]
     blocks_linearized: list[dict] = field(default_factory=list)
