@@ -221,19 +221,6 @@ def median(samples: list[float]) -> float:
 
 # --- choosing the depth: the fewest blocks whose *measured* speedup reaches a target -------------
 
-def parameter_guess(model: torch.nn.Module, n: int, target: float) -> int:
-    """Blocks to remove for `target` if time were proportional to the parameters each token passes
-    through: every block, plus the LM head, which never shrinks (embeddings are a lookup)."""
-    head = model.get_output_embeddings()
-    head_params = head.weight.numel() if head is not None else 0
-    blocks = get_adapter(model).blocks_of(model)
-    block_params = sum(p.numel() for p in blocks.parameters())
-    fixed = head_params / max(head_params + block_params, 1)
-    if 1 / target <= fixed:
-        return max(1, n // 2)  # out of reach by this estimate: measure half the depth, the fit will say
-    return min(n - 1, max(1, math.ceil(n * (1 - (1 / target - fixed) / (1 - fixed)) - 1e-9)))
-
-
 def search_depth(first: int, measure, target: float, n: int, max_probes: int = 4,
                  known: dict[int, float] | None = None, trust: float = 0.02, predict=None) -> int | None:
     """The fewest blocks (of n) whose measured speedup `measure(k)` reaches `target`, starting from
