@@ -4,7 +4,7 @@ The builder (Microsoft's `onnxruntime_genai.models.builder`) writes graphs with 
 fused contrib ops (GroupQueryAttention with rotary inside, SkipSimplifiedLayerNormalization), which
 decode faster on ONNX Runtime CPU than torch.onnx's graphs of the same model. It builds offline from
 a local Hugging Face directory, so compressor saves the (pruned) model as a checkpoint and runs it
-in a subprocess: the builder prints progress on stdout, which `--json` must keep clean.
+in a child process (`_build`): the builder prints progress on stdout, which `--json` must keep clean.
 
 Which adapter families it exports is the adapter table's `genai_builder` column; `builder_refusal`
 adds the limits of its CPU kernels. Every ONNX folder compressor writes is a genai model folder:
@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -78,19 +79,69 @@ def run_builder(model, tokenizer, out_dir: Path, precision: str = "fp32") -> flo
         status("saving the checkpoint for onnxruntime-genai's builder")
         save_checkpoint(model, tokenizer, checkpoint)
         status(f"building the {builder_precision} graph with onnxruntime-genai's builder")
-        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint),
-                   "-o", str(out_dir), "-p", builder_precision, "-e", provider, "-c", str(cache)]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=_BUILDER_TIMEOUT_S, check=False)
-        except subprocess.TimeoutExpired:
-            raise BuilderError(f"onnxruntime-genai's builder did not finish within {_BUILDER_TIMEOUT_S:g} s and "
-                               "was stopped: export with --route dynamo instead") from None
-    log.debug("builder output:\n%s\n%s", done.stdout[-4000:], done.stderr[-4000:])
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        raise BuilderError(f"onnxruntime-genai's builder failed: {lines[-1] if lines else done.returncode} "
+        argv = ["-i", str(checkpoint), "-o", str(out_dir), "-p", builder_precision, "-e", provider, "-c", str(cache)]
+        code, output = _build(argv, Path(tmp) / "builder.log")
+    log.debug("builder output:\n%s", output[-8000:])
+    if code is None:
+        raise BuilderError(f"onnxruntime-genai's builder did not finish within {_BUILDER_TIMEOUT_S:g} s and "
+                           "was stopped: export with --route dynamo instead")
+    if code != 0:
+        lines = [line for line in output.splitlines() if line.strip()]
+        raise BuilderError(f"onnxruntime-genai's builder failed: {lines[-1] if lines else code} "
                            "(use --route dynamo, or COMPRESSOR_DEBUG=1 for its output)")
     return round(time.perf_counter() - start, 2)
+
+
+def _build(argv: list[str], log_file: Path) -> tuple[int | None, str]:
+    """Run `python -m onnxruntime_genai.models.builder ARGV` in a child process: (exit code, or None when it ran
+    past _BUILDER_TIMEOUT_S and was killed; its stdout and stderr together).
+
+    Where the platform forks, the child comes from a fork server that imported the builder once (torch,
+    transformers, onnx: about 6 s a process on two cores), so each later build starts in a fraction of a
+    second; elsewhere it is a fresh interpreter. Either way the builder runs in its own process, with this
+    process's environment, and its output goes to `log_file`."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        with open(log_file, "w") as sink:
+            try:
+                done = subprocess.run([sys.executable, "-m", _BUILDER, *argv], stdout=sink, stderr=subprocess.STDOUT,
+                                      timeout=_BUILDER_TIMEOUT_S, check=False)
+                code = done.returncode
+            except subprocess.TimeoutExpired:
+                code = None
+        return code, log_file.read_text(errors="replace")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([_BUILDER])
+    child = context.Process(target=_builder_child, args=(argv, str(log_file), dict(os.environ)), daemon=True)
+    child.start()
+    try:
+        child.join(_BUILDER_TIMEOUT_S)
+    finally:
+        timed_out = child.is_alive()  # past its time, or this process was interrupted
+        if timed_out:
+            child.kill()
+            child.join()
+    return (None if timed_out else child.exitcode), log_file.read_text(errors="replace") if log_file.is_file() else ""
+
+
+_BUILDER = "onnxruntime_genai.models.builder"
+
+
+def _builder_child(argv: list[str], log_file: str, environ: dict) -> None:
+    """In the child: the builder's own `__main__`, its output in `log_file` (it prints progress, which must
+    not reach this tool's stdout). An exception or sys.exit sets the exit code, as in a fresh interpreter."""
+    import runpy
+
+    os.environ.clear()
+    os.environ.update(environ)
+    sink = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.dup2(sink, 1)
+    os.dup2(sink, 2)
+    sys.argv = [_BUILDER, *argv]
+    runpy.run_module(_BUILDER, run_name="__main__", alter_sys=True)
 
 
 def write_genai_config(model, out_dir: Path, cache_shape: tuple[int, int], filename: str = "model.onnx") -> Path:

@@ -64,7 +64,10 @@ def build_report(run, *, plan, compressed, data, pruned_ppl: dict, heal: dict | 
     precision = choice["precision"]
     original_ppl = original_perplexity(points)  # scored by the precision stage, on the same texts
     healed_ppl = perplexities(compressed, data.evaluation) if heal else pruned_ppl
-    compressed_ppl = delivered_perplexities(compressed, backend, precision, data.evaluation)
+    if precision == "fp32" and heal:
+        compressed_ppl = healed_ppl  # at fp32 what is delivered is the healed PyTorch model: scored once
+    else:
+        compressed_ppl = delivered_perplexities(compressed, backend, precision, data.evaluation)
     if cfg.target_speedup:
         verdict = speed.against(cfg.target_speedup)
     else:
