@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import CompressorError
-from compressor.quantize import blockwise, embedding, mixed
+from compressor.quantize import awq, blockwise, embedding, mixed
 from compressor.quantize.calibration import Hessians, input_hessians
 from compressor.quantize.config import QuantConfig, QuantConfigError, QuantSummary
 from compressor.quantize.protos import load_model, save_model
@@ -252,12 +252,23 @@ def quantize_onnx(src: Path, dst: Path, config: QuantConfig, calibration=None) -
     inits = {t.name: t for t in graph.initializer}
     weights = {name: numpy_helper.to_array(inits[node.input[1]]) for name, node in candidates.items()}
     quants = _quantize_all(candidates, weights, bits, hessians, config, algorithm)
+    promoted = {}
     if config.bits == 4 and config.keep_int8.strip() == "auto" and config.int8_fraction > 0:
         promoted = mixed.most_sensitive(candidates, weights, quants, hessians, bits, config.int8_fraction)
         bits.update(dict.fromkeys(promoted, 8))
-        quants.update(_quantize_all({n: candidates[n] for n in promoted}, weights, bits, hessians, config, algorithm))
         summary.notes.append(f"keep_int8=auto: {len(promoted)} most sensitive MatMuls 8-bit (relative output error "
                              f"{min(promoted.values(), default=0):.2e} and up, {config.int8_fraction:.0%} of the weights)")
+    if config.awq and config.bits == 4 and algorithm == "gptq":
+        # After the choice of 8-bit MatMuls, which is made on the weights as they are: scaled first,
+        # the unscaled ones would look worst and take the 8-bit budget (measured, compressor.quantize).
+        hessians = dict(hessians)  # the caller's Hessians stay those of the graph it measured
+        folded = awq.fold_scales_(graph, candidates, hessians, config.block_for(4), config.resolved_grid(4))
+        summary.notes.append(f"awq: scales folded into the writers of {len(folded)} MatMul inputs "
+                             f"(alpha {min(folded.values(), default=0):.2f}-{max(folded.values(), default=0):.2f})")
+        weights = {name: numpy_helper.to_array(inits[node.input[1]]) for name, node in candidates.items()}
+        quants = _quantize_all(candidates, weights, bits, hessians, config, algorithm)
+    elif promoted:
+        quants.update(_quantize_all({n: candidates[n] for n in promoted}, weights, bits, hessians, config, algorithm))
     _rewrite(model, candidates, weights, quants, config, summary)
     save_model(model, dst)
     summary.seconds = time.perf_counter() - start

@@ -95,3 +95,32 @@ def test_int4_folder_runs_in_onnxruntime_genai(built, tmp_path):
     first = int(_logits(folder / "model.onnx", np.array([prompt]))[0, -1].argmax())
     tokens = genai_generate(folder, prompt, 4)
     assert tokens and tokens[0] == first
+
+
+def test_awq_folds_into_norms_and_up_and_leaves_the_logits_unchanged(built, tmp_path):
+    """On the builder's graph: scales go into the norms before qkv and gate/up and into up before
+    down (not through attention, nor into the final norm before the tied lm_head). The folded float
+    graph computes the logits of the original, and its Hessians are the ones measured on it again."""
+    from compressor.quantize import awq
+    from compressor.quantize.graph import _weight_matmuls
+    from compressor.quantize.protos import load_model, save_model
+
+    _, path = built
+    ids = torch.randint(4, 128, (4, 24), generator=torch.Generator().manual_seed(2))
+    hessians = dict(measure_hessians(path, ids).sums)
+    model = load_model(path)
+    matmuls = _weight_matmuls(model.graph)
+    folded = awq.fold_scales_(model.graph, matmuls, hessians, 32, "asymmetric")
+    layers = len([x for x in hessians if x.endswith("mlp/Mul/output_0")])
+    kinds = ("input_layernorm/output_0", "post_attention_layernorm/output_0", "mlp/Mul/output_0")
+    assert set(folded) <= {f"/model/layers.{i}/{x}" for i in range(layers) for x in kinds}  # alpha 0 stays out
+    assert all(any(x.endswith(kind) for x in folded) for kind in kinds)
+    out = tmp_path / "folded" / "model.onnx"
+    out.parent.mkdir()
+    save_model(model, out)
+    fresh = torch.randint(4, 128, (2, 24), generator=torch.Generator().manual_seed(3)).numpy()
+    ref = _logits(path, fresh)
+    np.testing.assert_allclose(_logits(out, fresh), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    again = measure_hessians(out, ids).sums
+    for name in folded:
+        np.testing.assert_allclose(hessians[name], again[name], rtol=1e-3, atol=1e-5 * np.abs(again[name]).max())
