@@ -204,3 +204,9 @@ def run_cli(*args, env: dict | None = None) -> CliResult:
         root.setLevel(root_level)
         pkg.setLevel(pkg_level)
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def pytest_collection_modifyitems(config, items):
+    """The SmolLM2 tests, the longest, first; the rest in their usual order. pytest-xdist's two workers
+    then finish together: the short tests fill in at the end, instead of one long test running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("smollm2") is None)

@@ -71,29 +71,34 @@ def test_the_child_process_sees_sigint_as_python_expects():
     assert "default_int_handler" in probe.stdout, probe.stdout
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_a_signal_keeps_the_work_directory_and_says_where(tiny_dir, tmp_path, sig):
+def test_a_signal_keeps_the_work_directory_and_says_where(tiny_dir, tmp_path):
+    """Ctrl-C during healing, then SIGTERM during the rerun's healing (the rerun resumes from the stages the
+    first run finished): each exits 130, keeps the work directory and says how to resume."""
     out, work = tmp_path / "run", tmp_path / ".run.work"
     args = [tiny_dir, "--target-speedup", "1.05", "--out", out, *CLI_FAST,
             "--heal-steps", "100000", "--heal-minutes", "10"]  # healing outlasts the wait below
-    process = subprocess.Popen([sys.executable, "-c", LAUNCH, "model", *map(str, args)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 300
-        while not (work / "plan.stage.json").exists() and process.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        assert process.poll() is None, process.communicate()[1]
-        time.sleep(1.0)  # into healing
-        process.send_signal(sig)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 130, stderr
-    assert "interrupted" in stderr and str(work) in stderr and "resume" in stderr, stderr
-    assert "Aborted" not in stderr and "Traceback" not in stderr
-    assert work.is_dir() and (work / "plan.stage.json").is_file() and not out.exists()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        process = subprocess.Popen([sys.executable, "-c", LAUNCH, "model", *map(str, args)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            before = []
+            for line in process.stderr:  # the log, line by line, until healing starts (or the process ends)
+                before.append(line)
+                if "healing (" in line:
+                    break
+            assert process.poll() is None, "".join(before) + process.communicate()[1]
+            time.sleep(1.0)  # into the training steps
+            process.send_signal(sig)
+            stderr = "".join(before) + process.communicate(timeout=120)[1]
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        assert process.returncode == 130, stderr
+        assert "interrupted" in stderr and str(work) in stderr and "resume" in stderr, stderr
+        assert "Aborted" not in stderr and "Traceback" not in stderr
+        assert work.is_dir() and (work / "plan.stage.json").is_file() and not out.exists()
+        assert ("resuming: plan" in stderr) == (sig == signal.SIGTERM), stderr  # the rerun resumed
 
 
 def test_stage_keys_follow_the_content_of_the_files_they_name(tmp_path):

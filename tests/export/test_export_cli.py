@@ -98,16 +98,15 @@ def test_precisions_that_cannot_run_exit_2_before_loading(tmp_path, one_block_di
     assert not (tmp_path / "out").exists()
 
 
-def test_quantized_export_failing_validation_leaves_nothing(tmp_path, one_block_dir):
+def test_quantized_export_failing_validation_leaves_nothing(tmp_path, tiny_dir):
+    """Through the builder route (head size 16), the one most users get."""
     out = tmp_path / "int4"
-    result = compress(one_block_dir, "--out", out, "--precision", "int4", "--max-kl", "0",
-                      "--min-top1", "0.5")
+    result = compress(tiny_dir, "--out", out, "--precision", "int4", "--max-kl", "0", "--min-top1", "0.5")
     assert result.returncode == 2, result.stderr
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]  # after the progress lines
     assert last.startswith("error:") and "outside its bounds" in last and "--allow-mismatch" in last, last
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-    kept = compress(one_block_dir, "--out", out, "--precision", "int4", "--max-kl", "0", "--allow-mismatch",
-                    "--json")
+    kept = compress(tiny_dir, "--out", out, "--precision", "int4", "--max-kl", "0", "--allow-mismatch", "--json")
     assert kept.returncode == 0, kept.stderr
     data = json.loads(kept.stdout)
     assert data["precision"] == "int4" and not data["validation"]["passed"] and (out / "model.onnx").is_file()
