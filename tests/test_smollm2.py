@@ -22,11 +22,28 @@ def fixed_text_ids(tokenizer, n=256):
 
 
 def test_gguf_conversion_is_cached_and_standard(smollm2_pair):
+    """The cached checkpoint is a plain one whose weights are gguf's own dequantization of the file (the
+    conversion reads the file once, not three times: `loading._one_gguf_reader`), and gguf is left as it was."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from compressor.loading import PACKAGED
+
     path = resolve("smollm2-135m")
     assert (path / "model.safetensors").is_file()
     config = AutoModelForCausalLM.from_pretrained(path).config
     assert config.num_hidden_layers == 30
     assert getattr(config, "quantization_config", None) is None
+    assert gguf.GGUFReader is gguf.gguf_reader.GGUFReader
+    assert gguf.get_tensor_name_map is gguf.tensor_mapping.get_tensor_name_map
+    import importlib.metadata as md
+
+    dist, rel, _ = PACKAGED["smollm2-135m"]
+    reader = gguf.GGUFReader(md.distribution(dist).locate_file(rel))
+    tensor = next(t for t in reader.tensors if t.name == "blk.7.ffn_down.weight")
+    expected = torch.from_numpy(gguf.dequantize(tensor.data, tensor.tensor_type).copy())
+    got = load_file(path / "model.safetensors")["model.layers.7.mlp.down_proj.weight"]
+    torch.testing.assert_close(got, expected.reshape(got.shape), rtol=0, atol=0)
 
 
 def test_prune_30_to_24_reloads_identically(smollm2, tmp_path):
