@@ -32,11 +32,11 @@ def gpu_build(monkeypatch):
     return asked
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnxscript") is None, reason="needs the onnx extra")
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="needs onnxruntime-genai")
 def test_device_cpu_runs_on_the_cpu_provider_only(tmp_path, gpu_build):
-    from compressor.export.onnx import export_onnx
+    from compressor.export.genai import run_builder
 
-    export_onnx(tiny_model("llama"), make_tokenizer(), tmp_path / "onnx")
+    run_builder(tiny_model("llama", head_dim=16), make_tokenizer(), tmp_path / "onnx")  # the fast route
     backend = get_backend("onnxruntime", tmp_path / "onnx", device="cpu", threads=1)
     assert gpu_build == [[CPU]]
     assert backend.runner.session.get_providers() == [CPU] and backend.settings()["providers"] == [CPU]
