@@ -20,17 +20,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # `make test`: what CI runs: everything but the tests marked slow, and the GPU and TensorRT ones (they
-# skip themselves on a machine without either). The SmolLM2 integration tests stay in. Two pytest-xdist
-# workers run the suite, one thread each; then the tests marked `serial` (they assert measured speedups,
-# or are heavy SmolLM2 runs) run alone, so another worker's load cannot move their numbers. Both share
-# one empty cache, removed at the end. `make test-all`: every test, every marker, in one process.
+# skip themselves on a machine without either). The SmolLM2 integration tests stay in, and run first
+# (tests/conftest.py orders them: they are the longest). Two pytest-xdist workers run the suite, one
+# thread each, on one empty cache, removed at the end. `make test-all`: every test, every marker, in one process.
 CI_MARKERS ?= not slow and not gpu and not tensorrt
 TEST_WORKERS ?= 2
 
 test: setup
 	@cache=$$(mktemp -d); trap 'rm -rf "$$cache"' EXIT; \
-	COMPRESSOR_TEST_CACHE="$$cache" $(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist worksteal -m "($(CI_MARKERS)) and not serial" --durations=15 && \
-	COMPRESSOR_TEST_CACHE="$$cache" $(PY) -m pytest -q -x -m "($(CI_MARKERS)) and serial" --durations=5
+	COMPRESSOR_TEST_CACHE="$$cache" $(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist worksteal -m "$(CI_MARKERS)" --durations=20
 
 test-all: setup optimum-env
 	$(PY) -m pytest -q --durations=15

@@ -24,7 +24,6 @@ def compress(*args):
     return run_cli("model", *args)
 
 
-@pytest.mark.serial  # asserts a measured speedup
 def test_end_to_end_tiny_model(tiny_dir, tmp_path):
     out = tmp_path / "run"
     result = compress(tiny_dir, "--target-speedup", "1.05", "--out", out, *FAST, "--sweep", "0,50%",

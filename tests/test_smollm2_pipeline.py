@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM
 pytestmark = pytest.mark.smollm2
 
 
-@pytest.mark.serial  # a whole SmolLM2 run: beside another worker it took 140 s instead of 58
 def test_smollm2_compresses_within_a_budget_and_reports(tmp_path, smollm2_pair):
     """smollm2_pair: the packaged model is converted into the cache once (or the test skips, saying why).
 
@@ -22,7 +21,7 @@ def test_smollm2_compresses_within_a_budget_and_reports(tmp_path, smollm2_pair):
     out = tmp_path / "run"
     result = run_cli(
         "model", "smollm2-135m", "--max-ppl-increase", "20%", "--out", str(out),
-        "--backend", "torch", "--threads", "2", "--workload", "1x32+4", "--samples", "8", "--seq-len", "128",
+        "--backend", "torch", "--threads", "1", "--workload", "1x32+4", "--samples", "8", "--seq-len", "128",
         "--strategy", "angular", "--format", "none",
         "--heal-steps", "2", "--min-seconds", "0.2", "--eval-tokens", "512", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
