@@ -265,8 +265,11 @@ def quantize_onnx(src: Path, dst: Path, config: QuantConfig, calibration=None) -
         folded = awq.fold_scales_(graph, candidates, hessians, config.block_for(4), config.resolved_grid(4))
         summary.notes.append(f"awq: scales folded into the writers of {len(folded)} MatMul inputs "
                              f"(alpha {min(folded.values(), default=0):.2f}-{max(folded.values(), default=0):.2f})")
-        weights = {name: numpy_helper.to_array(inits[node.input[1]]) for name, node in candidates.items()}
-        quants = _quantize_all(candidates, weights, bits, hessians, config, algorithm)
+        scaled = {name: numpy_helper.to_array(inits[node.input[1]]) for name, node in candidates.items()}
+        # Again only where the weights or the bits changed (the tied lm_head and o keep theirs).
+        redo = {n: candidates[n] for n in candidates if n in promoted or not np.array_equal(scaled[n], weights[n])}
+        weights = scaled
+        quants.update(_quantize_all(redo, weights, bits, hessians, config, algorithm))
     elif promoted:
         quants.update(_quantize_all({n: candidates[n] for n in promoted}, weights, bits, hessians, config, algorithm))
     _rewrite(model, candidates, weights, quants, config, summary)
