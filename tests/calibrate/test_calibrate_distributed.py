@@ -33,7 +33,9 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    # forked, not spawned: the ranks start with this process's imports instead of importing torch again
+    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
     single = calibrate(tiny_model("llama"), _windows(), **SETTINGS)
     for rank in (0, 1):
         stats = Stats.load(tmp_path / f"stats{rank}.safetensors")
@@ -83,7 +85,8 @@ def test_cli_under_torchrun_joins_the_group_and_rank0_writes(tmp_path, monkeypat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_cli_worker, args=(2, str(tmp_path), str(model_dir), port), nprocs=2, join=True)
+    mp.start_processes(_cli_worker, args=(2, str(tmp_path), str(model_dir), port), nprocs=2, join=True,
+                       start_method="fork")
     monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache-single"))
     _cli_calibrate(model_dir, tmp_path / "single")
     ranks = json.loads((tmp_path / "ranks" / "profile.json").read_text())

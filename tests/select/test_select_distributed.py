@@ -94,8 +94,8 @@ def test_two_ranks_make_the_one_process_plans(tmp_path, monkeypatch):
     model_dir = tmp_path / "tiny-llama"
     tiny_model("llama").save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), str(model_dir), _free_port()),
-             nprocs=2, join=True)
+    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), str(model_dir), _free_port()),
+                       nprocs=2, join=True, start_method="fork")
 
     monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache-single"))
     single, single_maps = _results(tiny_model("llama"))
