@@ -143,13 +143,15 @@ def test_a_probe_export_is_reused_only_for_the_model_it_holds(tmp_path):
     from compressor.pipeline.measure import backend_for
     from compressor.pipeline.runner import Run, Runner
 
-    run = Run(PipelineConfig(target_speedup=1.2, threads=1), Runner(tmp_path), tiny_model("gpt2", n_layer=2),
-              make_tokenizer())
+    def llama(seed):  # head size 16: the builder route, as for most users
+        return tiny_model("llama", head_dim=16, num_hidden_layers=2, seed=seed)
+
+    run = Run(PipelineConfig(target_speedup=1.2, threads=1), Runner(tmp_path), llama(0), make_tokenizer())
     backend_for(run, run.model, "probe-x").close()
     first = (tmp_path / "probe-x" / "export.json").stat().st_mtime_ns
     backend_for(run, run.model, "probe-x").close()  # the same model: reused
     assert (tmp_path / "probe-x" / "export.json").stat().st_mtime_ns == first
-    other = tiny_model("gpt2", n_layer=2, seed=3)
+    other = llama(3)
     ids = torch.tensor([[5, 6, 7]])
     with backend_for(run, other, "probe-x") as backend:
         logits = backend.logits(ids)
