@@ -274,9 +274,11 @@ class RunnerBackend:
         config = getattr(runner, "config", None)
         if config is not None:
             self.vocab_size = int(config.get_text_config().vocab_size)
-        else:
+        else:  # config.json, or genai_config.json in a folder the builder wrote alone
             raw = _read_config(path)
-            self.vocab_size = int(raw.get("vocab_size") or raw.get("text_config", {}).get("vocab_size", 0))
+            genai = _read_config(path, "genai_config.json").get("model", {})
+            self.vocab_size = int(raw.get("vocab_size") or raw.get("text_config", {}).get("vocab_size")
+                                  or genai.get("vocab_size") or 0)
         self.tokenizer = _maybe_tokenizer(path)
 
     def versions(self) -> dict[str, str]:
@@ -381,8 +383,8 @@ def _model_dir(path: Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def _read_config(path: Path) -> dict:
-    config = _model_dir(path) / "config.json"
+def _read_config(path: Path, name: str = "config.json") -> dict:
+    config = _model_dir(path) / name
     return json.loads(config.read_text()) if config.is_file() else {}
 
 
