@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -113,8 +114,14 @@ def _build(argv: list[str], log_file: Path) -> tuple[int | None, str]:
         return code, log_file.read_text(errors="replace")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([_BUILDER])
-    child = context.Process(target=_builder_child, args=(argv, str(log_file), dict(os.environ)), daemon=True)
-    child.start()
+    child = context.Process(target=_builder_child, args=(argv, str(log_file), dict(os.environ)))
+    # multiprocessing re-runs the caller's main script in the child (a user's script without a
+    # `__name__ == "__main__"` guard would compress again there); the builder needs none of it
+    main, sys.modules["__main__"] = sys.modules["__main__"], types.ModuleType("__main__")
+    try:
+        child.start()
+    finally:
+        sys.modules["__main__"] = main
     try:
         child.join(_BUILDER_TIMEOUT_S)
     finally:
@@ -129,8 +136,9 @@ _BUILDER = "onnxruntime_genai.models.builder"
 
 
 def _builder_child(argv: list[str], log_file: str, environ: dict) -> None:
-    """In the child: the builder's own `__main__`, its output in `log_file` (it prints progress, which must
-    not reach this tool's stdout). An exception or sys.exit sets the exit code, as in a fresh interpreter."""
+    """In the child (multiprocessing has moved it to the caller's working directory): the builder's own
+    `__main__`, with the caller's environment, its output in `log_file` (it prints progress, which must not
+    reach this tool's stdout). An exception or sys.exit sets the exit code, as in a fresh interpreter."""
     import runpy
 
     os.environ.clear()
