@@ -37,6 +37,7 @@ GENAI_CONFIG = "genai_config.json"
 # builder precision and execution provider per compressor precision
 BUILDER_TARGETS = {"fp32": ("fp32", "cpu"), "fp16": ("fp16", "cuda"), "bf16": ("bf16", "cuda")}
 _BUILDER_TIMEOUT_S = 3600
+_BUILDER = "onnxruntime_genai.models.builder"
 
 
 class BuilderError(CompressorError):
@@ -130,9 +131,6 @@ def _build(argv: list[str], log_file: Path) -> tuple[int | None, str]:
             child.kill()
             child.join()
     return (None if timed_out else child.exitcode), log_file.read_text(errors="replace") if log_file.is_file() else ""
-
-
-_BUILDER = "onnxruntime_genai.models.builder"
 
 
 def _builder_child(argv: list[str], log_file: str, environ: dict) -> None:
