@@ -41,8 +41,17 @@ def test_compress_a_model_in_memory_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("COMPRESSOR_CACHE", str(cache))
     model, tokenizer = tiny_model("llama"), make_tokenizer()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = compressor.compress(model, tokenizer, max_ppl_increase=0.5, **FAST)
+    threads = torch.get_num_threads()
+    pinned = 1 if threads != 1 else 2
+    report = compressor.compress(model, tokenizer, max_ppl_increase=0.5, **{**FAST, "threads": pinned})
     assert isinstance(report, compressor.Report)
+    # torch's process-wide thread count is the caller's again: every backend the run opened was closed
+    from compressor.evaluate.backends import TorchBackend
+
+    assert torch.get_num_threads() == threads
+    with TorchBackend(model, threads=pinned):
+        assert torch.get_num_threads() == pinned
+    assert torch.get_num_threads() == threads
     assert report.blocks_original == 4 and 1 <= len(report.blocks_removed) <= 2
     # the user's model is left as it was
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

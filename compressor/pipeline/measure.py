@@ -89,7 +89,9 @@ def backend_for(run, model, name: str, precision: str = "fp32", quant="probe"):
     if cfg.backend == "torch":
         from compressor.evaluate.backends import TorchBackend
 
-        return TorchBackend(model, device=cfg.device if cfg.device != "auto" else None, threads=cfg.threads)
+        backend = TorchBackend(model, device=cfg.device if cfg.device != "auto" else None, threads=cfg.threads)
+        run.backends.append(backend)
+        return backend
     path = run.work / name
     fmt = EXPORT_FOR_BACKEND[cfg.backend]
     # A probe folder holds one model: reuse it only for that one.
@@ -99,9 +101,7 @@ def backend_for(run, model, name: str, precision: str = "fp32", quant="probe"):
     if not (path / "export.json").is_file() or _read(path / PROBE_KEY) != key:
         export_to(run, model, path, fmt, validate=False, precision=precision, quant=quant, model_id=model_id)
         (path / PROBE_KEY).write_text(key)
-    backend = get_backend(cfg.backend, path, device=cfg.device, threads=cfg.threads)
-    backend.precision = precision
-    return backend
+    return open_backend(run, path, precision)
 
 
 def _read(path: Path) -> str | None:
@@ -109,8 +109,10 @@ def _read(path: Path) -> str | None:
 
 
 def open_backend(run, path: Path, precision: str = "fp32"):
+    """The target backend on an exported file; the run closes it when it ends (`Run.close_backends`)."""
     backend = get_backend(run.cfg.backend, path, device=run.cfg.device, threads=run.cfg.threads)
     backend.precision = precision
+    run.backends.append(backend)
     return backend
 
 

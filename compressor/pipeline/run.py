@@ -60,6 +60,7 @@ def _run(cfg: PipelineConfig, runner: Runner, model, tokenizer, dest: Path | Non
 
     # An in-memory model has no identity a later run could check, so its work never resumes.
     runner.prepare(cfg.model, asdict(cfg), fresh=model is not None)
+    run = None
     try:
         run = _load(cfg, runner, model, tokenizer)
         report, profile = _stages(run, dest)
@@ -70,6 +71,9 @@ def _run(cfg: PipelineConfig, runner: Runner, model, tokenizer, dest: Path | Non
         exc.args = ((f"{exc} (the work directory {runner.work} is kept: fix this and rerun the same command "
                     "to resume from the finished stages)"),)
         raise
+    finally:
+        if run is not None:
+            run.close_backends()
     if dest is not None:
         write_reports(report, runner.work, profile.to_dict())
         write_json(runner.work / "profile.json", profile.to_dict())

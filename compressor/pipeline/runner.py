@@ -109,6 +109,12 @@ class Run:
     tokenizer: object
     source: Path | str | None = None
     plans: dict = field(default_factory=dict)  # depths searched together -> their PlanSearch (plan.plans_for)
+    backends: list = field(default_factory=list)  # every backend the stages opened; closed when the run ends
+
+    def close_backends(self) -> None:
+        """Close what the stages opened (a torch backend holds the process's thread count until closed)."""
+        while self.backends:
+            self.backends.pop().close()
 
     @property
     def work(self) -> Path:
