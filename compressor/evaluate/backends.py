@@ -266,17 +266,13 @@ class RunnerBackend:
     cuda_events = False
 
     def __init__(self, runner, path: Path, device: str, threads: int | None):
-        self.runner = runner
-        self.path = path
-        self.device = device
-        self.threads = threads
+        self.runner, self.path, self.device, self.threads = runner, path, device, threads
         self.num_blocks = int(runner.num_layers)
         config = getattr(runner, "config", None)
         if config is not None:
             self.vocab_size = int(config.get_text_config().vocab_size)
         else:  # config.json, or genai_config.json in a folder the builder wrote alone
-            raw = _read_config(path)
-            genai = _read_config(path, "genai_config.json").get("model", {})
+            raw, genai = _read_config(path), _read_config(path, "genai_config.json").get("model", {})
             self.vocab_size = int(raw.get("vocab_size") or raw.get("text_config", {}).get("vocab_size")
                                   or genai.get("vocab_size") or 0)
         self.tokenizer = _maybe_tokenizer(path)
