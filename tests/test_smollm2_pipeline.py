@@ -21,9 +21,9 @@ def test_smollm2_compresses_within_a_budget_and_reports(tmp_path, smollm2_pair):
     out = tmp_path / "run"
     result = run_cli(
         "model", "smollm2-135m", "--max-ppl-increase", "20%", "--out", str(out),
-        "--backend", "torch", "--threads", "1", "--workload", "1x32+4", "--samples", "8", "--seq-len", "128",
+        "--backend", "torch", "--threads", "1", "--workload", "1x16+2", "--samples", "8", "--seq-len", "128",
         "--strategy", "angular", "--format", "none",
-        "--heal-steps", "2", "--min-seconds", "0.2", "--eval-tokens", "512", "--json")
+        "--heal-steps", "1", "--min-seconds", "0.2", "--eval-tokens", "512", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["target_met"] and report["max_ppl_increase"] == pytest.approx(0.2)
