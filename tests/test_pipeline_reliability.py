@@ -7,6 +7,7 @@ import logging
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -80,6 +81,8 @@ def test_a_signal_keeps_the_work_directory_and_says_where(tiny_dir, tmp_path):
     for sig in (signal.SIGINT, signal.SIGTERM):
         process = subprocess.Popen([sys.executable, "-c", LAUNCH, "model", *map(str, args)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        watchdog = threading.Timer(300, process.kill)  # a run that neither heals nor ends fails, not hangs
+        watchdog.start()
         try:
             before = []
             for line in process.stderr:  # the log, line by line, until healing starts (or the process ends)
@@ -91,6 +94,7 @@ def test_a_signal_keeps_the_work_directory_and_says_where(tiny_dir, tmp_path):
             process.send_signal(sig)
             stderr = "".join(before) + process.communicate(timeout=120)[1]
         finally:
+            watchdog.cancel()
             if process.poll() is None:
                 process.kill()
                 process.wait()
