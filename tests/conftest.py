@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,6 +168,30 @@ def smollm2(smollm2_pair):
 
     model, tokenizer = smollm2_pair
     return copy.deepcopy(model), tokenizer
+
+
+# --- folders built once per test run ------------------------------------------------------------
+
+def shared_folder(name: str, build, dest) -> Path:
+    """Build a folder once per test run and copy it to `dest` (a new path) for the caller.
+
+    `build(folder)` fills an empty folder. pytest-xdist's workers share the run's cache: the first to
+    ask builds under a lock, the others wait and copy (a torch.onnx trace of a tiny model costs 10 s,
+    so tests of one module that land on both workers would otherwise trace it twice). Each caller gets
+    its own copy, so tests may write into theirs. `name` must say everything `build` depends on."""
+    import fcntl
+
+    root = Path(os.environ["COMPRESSOR_CACHE"]) / "test-folders"
+    root.mkdir(parents=True, exist_ok=True)
+    done = root / name
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_dir():
+            work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+            build(work)
+            work.rename(done)
+    shutil.copytree(done, dest)
+    return Path(dest)
 
 
 # --- the CLI in this process ---------------------------------------------------------------------

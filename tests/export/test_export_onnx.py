@@ -1,7 +1,7 @@
 """ONNX export of tiny models, checked against PyTorch through ONNX Runtime.
 
-Each model is traced once per session (`exported`): tracing is the slow part, so the tests that
-look at an export share it.
+Each model is traced once per test run (`exported`, through conftest's `shared_folder`): tracing is
+the slow part, so the tests that look at an export share it, whichever pytest-xdist worker runs them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIGS, make_tokenizer, tiny_model
+from conftest import TINY_CONFIGS, make_tokenizer, shared_folder, tiny_model
 
 from compressor.adapters import ADAPTERS
 from compressor.errors import CompressorError
@@ -58,8 +58,9 @@ def exported(tmp_path_factory):
         key = (arch, blocks, tuple(sorted(kwargs.items())))
         if key not in _EXPORTS:
             model = small(arch, blocks)
-            folder = tmp_path_factory.mktemp(f"onnx-{arch}")
-            export_onnx(model, make_tokenizer(), folder, **kwargs)
+            name = "-".join(["onnx", arch, str(blocks), *(f"{k}={v}" for k, v in sorted(kwargs.items()))])
+            folder = shared_folder(name, lambda out: export_onnx(model, make_tokenizer(), out, **kwargs),
+                                   tmp_path_factory.mktemp(f"onnx-{arch}") / "export")
             _EXPORTS[key] = (model, folder)
         return _EXPORTS[key]
 

@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime_genai")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from conftest import make_tokenizer, tiny_model
+from conftest import make_tokenizer, shared_folder, tiny_model
 
 from compressor.quantize import QuantConfig, measure_hessians, quantize_onnx
 from compressor.quantize.calibration import _feeds, head_size
@@ -19,13 +19,16 @@ from compressor.quantize.calibration import _feeds, head_size
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("builder")
     model = tiny_model("llama", hidden_size=64, head_dim=16, intermediate_size=128)  # GQA: head_size % 16 == 0
-    model.save_pretrained(root / "hf")
-    make_tokenizer().save_pretrained(root / "hf")
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(root / "hf"), "-o",
-                    str(root / "fp32"), "-p", "fp32", "-e", "cpu", "-c", str(root / "cache")],
-                   check=True, capture_output=True)
+
+    def build(root):
+        model.save_pretrained(root / "hf")
+        make_tokenizer().save_pretrained(root / "hf")
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(root / "hf"), "-o",
+                        str(root / "fp32"), "-p", "fp32", "-e", "cpu", "-c", str(root / "cache")],
+                       check=True, capture_output=True)
+
+    root = shared_folder("builder-llama-64", build, tmp_path_factory.mktemp("builder") / "built")
     return model, root / "fp32" / "model.onnx"
 
 
