@@ -7,25 +7,39 @@ images), nothing would then cache the compiled modules, and every process of the
 compile torch again; this step leaves the modules that are used compiled, and only those.
 """
 
+import compileall
 import importlib
 import importlib.util
+import os
 
-MODULES = [
+# Large packages, compiled as far as they are imported: most of torch and transformers never is.
+IMPORTED = [
     "compressor.cli", "compressor.pipeline.run", "compressor.export.run", "compressor.heal", "compressor.quantize",
-    "compressor.report", "torch.onnx", "torch.export", "onnx", "onnxscript", "onnxruntime",
+    "compressor.report", "torch.onnx", "torch.export", "torch.distributed.run", "onnx", "onnxscript", "onnxruntime",
     "onnxruntime_genai.models.builder", "peft", "matplotlib.pyplot", "gguf", "safetensors.torch", "accelerate",
     "pytest", "xdist",
+]
+# Packages compiled whole: small, or imported in pieces that are hard to name (pytest's plugins, the
+# rank processes' torch.distributed).
+WHOLE = [
+    "compressor", "_pytest", "xdist", "execnet", "pydantic", "anyio", "annotated_types", "typing_inspection", "PIL",
+    "typer", "click", "rich", "torch.distributed", "numpy",
 ]
 
 
 def main() -> None:
     from compressor.adapters import ADAPTERS
 
-    for name in MODULES:
+    for name in IMPORTED:
         importlib.import_module(name)
     for family in ADAPTERS:  # the transformers model of every family the adapter table claims
         if importlib.util.find_spec(f"transformers.models.{family}"):
             importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    for name in WHOLE:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            for folder in spec.submodule_search_locations:
+                compileall.compile_dir(folder, quiet=1, workers=os.cpu_count() or 1)
 
 
 if __name__ == "__main__":
