@@ -10,11 +10,16 @@
 - A prefill sample is one forward pass over a batch x sequence of random tokens (fixed seed),
   building the KV cache. A decode sample is one new token with the cache, after a prompt whose
   prefill is not timed; samples from every position of the generated continuation are pooled,
-  and models alternate token by token, so drift cancels at the scale of one step.
+  and models alternate token by token, so drift cancels at the scale of one step. The prompt is
+  prefilled once per model: each pass over the continuation restarts from a copy of that state (a
+  512-token prefill costs as much as dozens of decoded tokens, and its cache is the same each time).
+- A model that has its samples and time stops; the others go on alternating. Otherwise the slowest
+  model would be timed for as long as the fastest one needs to fill its time (many times its own).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import resource
 import sys
@@ -136,15 +141,19 @@ def decode_trial(backend, spec: DecodeSpec, seed: int = 0, warmup_tokens: int = 
     """One timed decoding step per call, so that models alternate token by token.
 
     The prompt's prefill is not timed; after `new_tokens` steps the next call starts over from a
-    fresh prefill, so samples cover positions prompt .. prompt + new_tokens - 1 in turn. A
-    warm-up call decodes `warmup_tokens` tokens and leaves the next timed call to start afresh.
+    copy of the prompt's state (prefilled once), so samples cover positions prompt .. prompt +
+    new_tokens - 1 in turn. A warm-up call decodes `warmup_tokens` tokens and leaves the next timed
+    call to start afresh.
     """
     prompt = random_tokens(backend.vocab_size, spec.batch, spec.prompt, seed)
-    cursor = {"state": None, "made": spec.new_tokens}
+    cursor = {"prompt": None, "state": None, "made": spec.new_tokens}
 
     def step() -> float:
         if cursor["made"] >= spec.new_tokens:
-            cursor["state"], cursor["made"] = backend.prefill(prompt), 0
+            if cursor["prompt"] is None:
+                cursor["prompt"] = backend.prefill(prompt)
+            # a copy: a torch cache grows in place as it decodes
+            cursor["state"], cursor["made"] = copy.deepcopy(cursor["prompt"]), 0
         ms, cursor["state"] = timed(backend, lambda: backend.decode_step(cursor["state"]))
         cursor["made"] += 1
         return ms
@@ -161,15 +170,19 @@ def decode_trial(backend, spec: DecodeSpec, seed: int = 0, warmup_tokens: int = 
 
 
 def measure(trials: list[Trial], timing: TimingConfig) -> list[list[float]]:
-    """Samples (ms) of each trial, run in alternation until each has enough samples and time."""
+    """Samples (ms) of each trial, run in alternation; each stops once it has enough samples and time."""
     for _ in range(timing.warmup):
         for trial in trials:
             trial(True)
     samples: list[list[float]] = [[] for _ in trials]
     spent = [0.0] * len(trials)
     order = list(range(len(trials)))
-    while any(len(s) < timing.min_runs or t < timing.min_seconds * 1000.0 for s, t in zip(samples, spent)):
-        for i in order:
+
+    def pending(i: int) -> bool:
+        return len(samples[i]) < timing.min_runs or spent[i] < timing.min_seconds * 1000.0
+
+    while any(pending(i) for i in order):
+        for i in [i for i in order if pending(i)]:
             taken = trials[i](False)
             samples[i].extend(taken)
             spent[i] += sum(taken)

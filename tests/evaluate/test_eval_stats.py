@@ -41,12 +41,57 @@ def test_measure_alternates_and_stops_when_runs_and_time_are_met():
     a, b = measure([trial("a", 10.0, 1), trial("b", 30.0, 1)], timing)
     assert calls[:2] == [("a", True), ("b", True)]
     timed = [name for name, warmup in calls if not warmup]
-    assert timed == ["a", "b", "b", "a"] * (len(timed) // 4) + ["a", "b"] * (len(timed) % 4 // 2)
-    # a needs 5 samples of 10 ms to reach 50 ms; b is measured in the same rounds
-    assert len(a) == len(b) == 5
+    # b has its 4 runs (120 ms) after 4 rounds and stops; a needs a fifth sample of 10 ms to reach 50 ms
+    assert timed == ["a", "b", "b", "a", "a", "b", "b", "a", "a"]
+    assert (len(a), len(b)) == (5, 4)
     # a trial that yields many samples (decode) satisfies min_runs at once
     (c,) = measure([trial("c", 1.0, 64)], TimingConfig(warmup=0, min_runs=10, min_seconds=0.0))
     assert len(c) == 64
+
+
+def test_a_slow_model_is_not_timed_for_as_long_as_a_fast_one_needs():
+    calls = {"slow": 0, "fast": 0}
+
+    def trial(name, ms):
+        def run(warmup):
+            calls[name] += 1
+            return [ms]
+        return run
+
+    slow, fast = measure([trial("slow", 100.0), trial("fast", 1.0)], TimingConfig(warmup=0, min_runs=3, min_seconds=0.5))
+    assert len(fast) == 500 and len(slow) == 5 and calls == {"slow": 5, "fast": 500}
+
+
+def test_decoding_prefills_the_prompt_once_and_restarts_from_its_state():
+    """Three passes over a 4-token continuation from one prefill. A torch cache grows in place, so each pass
+    must start from a copy: every pass decodes the tokens that a fresh prefill of the prompt leads to."""
+    from conftest import tiny_model
+
+    from compressor.evaluate.backends import TorchBackend
+    from compressor.evaluate.latency import DecodeSpec, decode_trial, random_tokens
+
+    class Counting(TorchBackend):
+        prefills, tokens = 0, []
+
+        def prefill(self, input_ids):
+            self.prefills += 1
+            return super().prefill(input_ids)
+
+        def decode_step(self, state):
+            cache, next_ids = super().decode_step(state)
+            self.tokens.append(int(next_ids))
+            return cache, next_ids
+
+    backend = Counting(tiny_model("llama"), threads=1)
+    state = backend.prefill(random_tokens(backend.vocab_size, 1, 12, seed=0))  # the reference: by hand
+    for _ in range(4):
+        state = backend.decode_step(state)
+    expected, backend.tokens, backend.prefills = backend.tokens, [], 0
+    run = decode_trial(backend, DecodeSpec(1, 12, 4), seed=0)
+    samples = [ms for _ in range(12) for ms in run(False)]
+    assert len(samples) == 12 and all(ms > 0 for ms in samples)
+    assert backend.prefills == 1 and backend.tokens == expected * 3
+    backend.close()
 
 
 def test_parse_shapes():
