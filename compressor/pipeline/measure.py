@@ -200,9 +200,12 @@ def bench_pair(run, a, b):
 def bench_group(run, backends: list, labels: list[str]) -> list:
     """Benchmark backends in alternation on the workload's shapes; one result each, in order."""
     cfg = run.cfg
+    # Decoding covers the workload's own positions (the prompt is prefilled once per model, so a longer
+    # continuation costs nothing more); one untimed prefill warms each model up before its timed ones.
     config = BenchConfig(prefill=f"{cfg.batch}x{cfg.prefill_tokens}",
-                         decode=f"{cfg.batch}x{cfg.prefill_tokens}+{min(32, cfg.new_tokens)}",
-                         timing=TimingConfig(min_seconds=cfg.timing_seconds, min_runs=PREFILL_RUNS), perplexity=False)
+                         decode=f"{cfg.batch}x{cfg.prefill_tokens}+{cfg.new_tokens}",
+                         timing=TimingConfig(warmup=1, min_seconds=cfg.timing_seconds, min_runs=PREFILL_RUNS),
+                         perplexity=False)
     results = benchmark(backends, labels, config, run.tokenizer)
     for r, backend in zip(results, backends):
         r.timing["workload_new_tokens"] = cfg.new_tokens
