@@ -39,7 +39,7 @@ test-all: setup optimum-env
 	$(PY) -m pytest -q --durations=15
 
 demo: setup
-	$(VENV)/bin/compress model --target-speedup 1.5 --out demo-out --overwrite
+	$(VENV)/bin/compress model --target-speedup 1.5 --eval-tokens 4096 --heal-minutes 2 --out demo-out --overwrite
 
 lint: setup
 	$(VENV)/bin/ruff check compressor tests bench examples
