@@ -23,7 +23,6 @@ $(STAMP): pyproject.toml
 	PYTHONDONTWRITEBYTECODE= $(PY) tests/precompile.py
 	touch $(STAMP)
 
-
 # `make test`: what CI runs: everything but the tests marked slow, and the GPU and TensorRT ones (they
 # skip themselves on a machine without either). The SmolLM2 integration tests stay in, and run first
 # (tests/conftest.py orders them: they are the longest). Two pytest-xdist workers run the suite, one

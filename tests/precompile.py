@@ -31,15 +31,27 @@ def main() -> None:
     from compressor.adapters import ADAPTERS
 
     for name in IMPORTED:
-        importlib.import_module(name)
+        _import(name)
     for family in ADAPTERS:  # the transformers model of every family the adapter table claims
-        if importlib.util.find_spec(f"transformers.models.{family}"):
-            importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        _import(f"transformers.models.{family}.modeling_{family}")
     for name in WHOLE:
-        spec = importlib.util.find_spec(name)
+        spec = _find(name)
         if spec is not None and spec.submodule_search_locations:
             for folder in spec.submodule_search_locations:
                 compileall.compile_dir(folder, quiet=1, workers=os.cpu_count() or 1)
+
+
+def _find(name: str):
+    try:
+        return importlib.util.find_spec(name)
+    except ImportError:  # a parent package that is not installed
+        return None
+
+
+def _import(name: str) -> None:
+    """Import `name` when it is installed (`make setup EXTRAS=...` may leave an extra out)."""
+    if _find(name) is not None:
+        importlib.import_module(name)
 
 
 if __name__ == "__main__":
