@@ -71,7 +71,9 @@ def test_decoding_prefills_the_prompt_once_and_restarts_from_its_state():
     from compressor.evaluate.latency import DecodeSpec, decode_trial, random_tokens
 
     class Counting(TorchBackend):
-        prefills, tokens = 0, []
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.prefills, self.tokens = 0, []
 
         def prefill(self, input_ids):
             self.prefills += 1
