@@ -14,6 +14,7 @@ is a seeded permutation: the same text, tokenizer, sizes and seed give the same 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import re
@@ -126,17 +127,54 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
-    """All texts as one 1-D token tensor, documents separated by EOS (when the tokenizer has one)."""
+    """All texts as one 1-D token tensor, documents separated by EOS (when the tokenizer has one).
+
+    Each document is encoded in pieces of 65,536 characters, so a single huge file does not trip length
+    warnings. A fast tokenizer's stream of a long text is kept in this process (keyed by the tokenizer's
+    own definition and the texts' content): a run's stages and a test session's tests tokenize the
+    bundled English once, not once each."""
+    key = _stream_key(tokenizer, texts)
+    stream = _STREAMS.get(key) if key else None
+    if stream is None:
+        stream = _tokenize(tokenizer, texts)
+        if key:
+            while len(_STREAMS) >= _KEEP:
+                _STREAMS.pop(next(iter(_STREAMS)))
+            _STREAMS[key] = stream
+    return stream.clone()
+
+
+_PIECE = 1 << 16
+_STREAMS: dict[str, torch.Tensor] = {}  # this process's streams of long texts, by key, the oldest dropped first
+_KEEP = 4
+_MIN_KEPT_CHARS = 1 << 16  # shorter texts tokenize in milliseconds
+
+
+def _tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     eos = getattr(tokenizer, "eos_token_id", None)
+    pieces = [[text[start:start + _PIECE] for start in range(0, len(text), _PIECE)] for text in texts]
+    flat = [piece for doc in pieces for piece in doc]  # one call: a fast tokenizer encodes a batch on every core
+    encoded = iter(tokenizer(flat, add_special_tokens=False, verbose=False)["input_ids"] if flat else [])
     ids: list[int] = []
-    for text in texts:
-        # One call per document, in pieces, so a single huge file does not trip length warnings.
-        for start in range(0, len(text), 1 << 16):
-            ids.extend(tokenizer(text[start:start + (1 << 16)], add_special_tokens=False,
-                                 verbose=False)["input_ids"])
+    for doc in pieces:
+        for _ in doc:
+            ids.extend(next(encoded))
         if eos is not None:
             ids.append(int(eos))
     return torch.tensor(ids, dtype=torch.long)
+
+
+def _stream_key(tokenizer, texts: list[str]) -> str | None:
+    """What a stream depends on: the fast tokenizer's definition, its EOS and the texts (None: not kept)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or sum(map(len, texts)) < _MIN_KEPT_CHARS:
+        return None
+    digest = hashlib.sha256(f"{_PIECE}:{getattr(tokenizer, 'eos_token_id', None)}:".encode())
+    digest.update(backend.to_str().encode())
+    for text in texts:
+        digest.update(f"\0{len(text)}\0".encode())
+        digest.update(text.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
 
 
 def make_windows(tokenizer, texts: list[str], samples: int, seq_len: int, seed: int = 0,

@@ -60,7 +60,7 @@ def test_end_to_end_tiny_model(tiny_dir, tmp_path):
 
 
 API_FAST = {"backend": "torch", "threads": 1, "prefill_tokens": 32, "new_tokens": 8, "samples": 8, "seq_len": 32,
-            "timing_seconds": 0.2, "format": "none"}
+            "timing_seconds": 0.2, "format": "none", "eval_max_tokens": 2048}
 
 
 def test_perplexity_budget_picks_the_deepest_plan_within_it():
@@ -74,7 +74,8 @@ def test_perplexity_budget_picks_the_deepest_plan_within_it():
     from compressor.surgery.plan import apply_plan_
 
     model, tokenizer = tiny_model("llama", num_hidden_layers=8, initializer_range=1.0), make_tokenizer()
-    data = load_data(PipelineConfig(max_ppl_increase=0.1, heal_steps=0, **API_FAST), tokenizer)
+    fast = {**API_FAST, "eval_max_tokens": 8192}  # its premise (a depth that scores worse) needs the long texts
+    data = load_data(PipelineConfig(max_ppl_increase=0.1, heal_steps=0, **fast), tokenizer)
     profile = profile_for(model, data.calibration, seed=0)
     found = plan_blocks(model, data.calibration, range(1, 5), "auto", profile=profile,
                         settings=SelectSettings(search_windows=16))
@@ -93,7 +94,7 @@ def test_perplexity_budget_picks_the_deepest_plan_within_it():
     assert 1 < first_over, increase                            # ... and it is not the first
     budget = increase[first_over] / 2
     want = max(k for k in range(1, first_over) if increase[k] <= budget)
-    report = compressor.compress(model, tokenizer, max_ppl_increase=budget, heal_steps=0, **API_FAST)
+    report = compressor.compress(model, tokenizer, max_ppl_increase=budget, heal_steps=0, **fast)
     assert report.blocks_removed == found[want].drop, (increase, budget)
     for name in base:
         assert report.perplexity.pruned_before_heal[name] <= report.perplexity.original[name] * (1 + budget)

@@ -20,20 +20,20 @@ def test_smollm2_compresses_within_a_budget_and_reports(tmp_path, smollm2_pair):
     test_export_smollm2."""
     out = tmp_path / "run"
     result = run_cli(
-        "model", "smollm2-135m", "--max-ppl-increase", "20%", "--out", str(out),
+        "model", "smollm2-135m", "--max-ppl-increase", "25%", "--out", str(out),
         "--backend", "torch", "--threads", "1", "--workload", "1x16+2", "--samples", "8", "--seq-len", "128",
         "--strategy", "angular", "--format", "none",
-        "--heal-steps", "1", "--min-seconds", "0.2", "--eval-tokens", "512", "--json")
+        "--heal-steps", "1", "--min-seconds", "0.2", "--eval-tokens", "256", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
-    assert report["target_met"] and report["max_ppl_increase"] == pytest.approx(0.2)
+    assert report["target_met"] and report["max_ppl_increase"] == pytest.approx(0.25)
     assert report["blocks_original"] == 30 and 1 <= len(report["blocks_removed"]) <= 15
     for name in ("report.json", "report.md", "report.html", "model/config.json", "plan.json"):
         assert (out / name).is_file(), name
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 2
     (name, original), (other, other_original) = report["perplexity"]["original"].items()
     compressed = report["perplexity"]["compressed"][name]
-    assert 5 < original < compressed <= 1.2 * original  # within the budget, and a working model
+    assert 5 < original < compressed <= 1.25 * original  # within the budget, and a working model
     # scored on text of another source too (Python's documentation), and a working model there as well
     assert "calibration source" in name and other == "Python documentation (other source)"
     assert 5 < other_original < report["perplexity"]["compressed"][other] < 10 * other_original

@@ -79,3 +79,28 @@ def test_window_errors():
     assert torch.equal(make_windows(tok, [WORDS], 5, 10, 0, at_most=True), make_windows(tok, [WORDS], 2, 10, 0))
     with pytest.raises(DataError, match="fewer than one window"):
         make_windows(tok, ["the of and"], 1, 64, 0, at_most=True)
+
+
+def test_token_stream_is_kept_and_equals_tokenizing_each_document(monkeypatch):
+    """The stream of a long text is tokenized once and kept in the process: every call returns the
+    tokens that encoding each document by hand gives (in pieces of 65,536 characters, as documented), and
+    a caller that edits its copy leaves the kept one alone. Other text or another tokenizer: another key."""
+    from compressor import data
+
+    monkeypatch.setattr(data, "_STREAMS", {})
+    tokenizer, texts = make_tokenizer(), load_texts(None)[:20]
+    by_hand = []
+    for text in texts:
+        for start in range(0, len(text), 1 << 16):
+            by_hand += tokenizer(text[start:start + (1 << 16)], add_special_tokens=False)["input_ids"]
+        by_hand.append(tokenizer.eos_token_id)
+    first = data.token_stream(tokenizer, texts)
+    assert first.tolist() == by_hand and len(data._STREAMS) == 1
+    first[:] = 0
+    assert data.token_stream(tokenizer, texts).tolist() == by_hand and len(data._STREAMS) == 1
+    other = load_texts(None)[20:40]
+    assert data._stream_key(tokenizer, other) != data._stream_key(tokenizer, texts)
+    changed = make_tokenizer()
+    changed.backend_tokenizer.add_tokens(["quantum"])
+    assert data._stream_key(changed, texts) != data._stream_key(tokenizer, texts)
+    assert data._stream_key(tokenizer, ["short text"]) is None  # not kept: it costs nothing to tokenize
