@@ -332,6 +332,40 @@ def test_a_precision_line_through_two_measurements_predicts_every_depth():
     assert noisy.fewest(1.1) is None and "too noisy" in noisy.explain()
 
 
+def test_the_depth_is_decided_on_every_measurement_of_the_precision_together():
+    """One stray round does not decide: SmolLM2 at int4 measured 1.495x with 1 block removed, 1.652x with 2
+    and 1.596x with 3 against a 1.5x goal (2 blocks only from the stray round). The pooled line is the
+    least-squares line through the unpruned point and every round, computed here by the normal equations."""
+    from compressor.pipeline.depth import DepthLine, decide, decided_speedup
+
+    line = DepthLine.through("int4", 30, 1.407, 2.5)
+    rounds = {3: [1.596], 2: [1.652], 1: [1.495, 1.495, 1.506]}
+    attempts = [{"blocks_removed": k, "measured": sorted(r)[len(r) // 2], "spread": 0.05, "rounds": r}
+                for k, r in rounds.items()]
+    points = [(0, 1 / 1.407)] + [(k, 1 / v) for k, r in rounds.items() for v in r]
+    m = len(points)
+    mk, mt = sum(k for k, _ in points) / m, sum(t for _, t in points) / m
+    slope = sum((k - mk) * (t - mt) for k, t in points) / sum((k - mk) ** 2 for k, _ in points)
+
+    def speedup(k):
+        return 1 / (mt + slope * (k - mk))
+
+    for goal in (1.45, 1.5, 1.55, 1.6):
+        got = decide(line, attempts, goal)
+        want = next((k for k in sorted(rounds) if speedup(k) >= goal), None)
+        assert (got and got["k"]) == want, (goal, got)
+        if want is not None:
+            assert got["speedup"] == pytest.approx(speedup(want)) and 0 < got["spread"] < 0.1
+            assert decided_speedup({**got, "attempts": attempts}) == (got["speedup"], got["spread"])
+    # at 1.6x the stray round alone (2 blocks, 1.652x) would have decided; the line takes 3 blocks
+    assert decide(line, attempts, 1.6)["k"] == 3 and attempts[1]["measured"] >= 1.6
+    assert decide(line, attempts, 1.7) is None
+    # time that does not fall with depth: no line; the probes' own measurements decide
+    flat = [{"blocks_removed": 2, "measured": 1.3, "spread": 0.01, "rounds": [1.3]}]
+    assert decide(line, flat, 1.25) == {"k": 2, "speedup": 1.3, "spread": 0.01, "pooled": None}
+    assert decide(line, flat, 1.35) is None
+
+
 def test_one_split_rule_for_calibration_healing_and_evaluation():
     """hold_out cuts the joined text at the last whitespace before the held-out fraction: nothing is lost or
     shared, no word is split."""

@@ -11,6 +11,13 @@ blocks removed, spread over the depth, exported at the precision and timed again
 to agree with the nearest measured depth, puts it clearly short. A target beyond the line's reach (even one block left falls short) is out of reach
 without a probe. On top of a quantized precision the search runs on speedups relative to that
 precision's unpruned model.
+
+Each probe is timed once; the depth is then decided on every measurement of the precision together
+(`pooled`: a least-squares line in the blocks removed through its unpruned point and every probe), the
+fewest probed blocks whose pooled speedup reaches the target. One round of a pair varies by several
+percent, more than a block is worth: deciding on single probes, re-measured near the target, took
+three rounds a probe and still let one stray round (SmolLM2 at int4: 2 blocks 1.652x, between 1 block
+at 1.495x and 3 blocks at 1.596x) decide.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 from compressor.adapters import get_adapter
 from compressor.blocks import spread_blocks
-from compressor.evaluate.latency_model import search_depth
+from compressor.evaluate.latency_model import LinearCost, fit_line, search_depth
 from compressor.pipeline.measure import backend_for, bench_group, measure_speedup, workload_ms
 from compressor.pipeline.runner import inputs_of
 from compressor.surgery.edit import copy_without_blocks
@@ -160,7 +167,7 @@ def _search(run, line: DepthLine) -> dict:
 
     def measure(k: int) -> float:  # the speedup of k blocks removed, relative to the unpruned model at `precision`
         if k not in known:
-            speed, _ = time_depth(run, original, precision, k, cfg.target_speedup)
+            speed, _ = time_depth(run, original, precision, k)  # one round: the decision pools every probe
             known[k] = speed.value
             attempts.append({"blocks_removed": k, "precision": precision, "predicted": line.speedup(k),
                              "measured": speed.value, "spread": speed.spread, "rounds": speed.rounds,
@@ -175,11 +182,63 @@ def _search(run, line: DepthLine) -> dict:
                          "measured": line.one_left, "spread": 0.0, "rounds": [line.one_left], "latency_ms": []})
         return {"k": None, "attempts": attempts,
                 "why": f"{cfg.target_speedup:.2f}x is out of reach by removing blocks at {precision}: {line.explain()}"}
-    reached = search_depth(max(first, 1), measure, goal / base, n, cfg.max_probes,
-                           predict=lambda k: line.anchored(k, known) / base)
-    if reached is not None:
-        return {"k": reached, "attempts": attempts, "why": None}
+    search_depth(max(first, 1), measure, goal / base, n, cfg.max_probes,
+                 predict=lambda k: line.anchored(k, known) / base)
+    decided = decide(line, attempts, goal)
+    if decided is not None:
+        status(f"{precision}: {decided['k']} blocks removed, {decided['speedup']:.3f}x on the line through "
+               f"every measurement at {precision}")
+        return {**decided, "attempts": attempts, "why": None}
     best = max(attempts, key=lambda a: a["measured"])
     why = (f"the best measured at {precision} was {best['measured']:.3f}x with {best['blocks_removed']} blocks "
            f"removed ({line.explain()})")
     return {"k": None, "attempts": attempts, "why": why}
+
+
+def pooled(line: DepthLine, attempts: list[dict]) -> LinearCost | None:
+    """Time as a fraction of the original fp32 model's, a least-squares line in the blocks *removed*, through
+    the precision's unpruned point and every round of every probe; None where time does not fall with depth
+    (the timings are too noisy to fit)."""
+    points = [(0, 1 / line.unpruned)] + [(a["blocks_removed"], 1 / r) for a in attempts for r in a["rounds"] if r > 0]
+    if len({k for k, _ in points}) < 2:
+        return None
+    fit = fit_line(points)
+    return fit if fit.per_block_ms < 0 else None
+
+
+def decide(line: DepthLine, attempts: list[dict], goal: float) -> dict | None:
+    """{"k", "speedup", "spread", "pooled"}: the fewest probed blocks whose speedup on the `pooled` line reaches
+    `goal` (its spread: two standard errors of the line there); without a line, the fewest whose own
+    measurement reached it; None where neither does."""
+    fit = pooled(line, attempts)
+    probed = sorted({a["blocks_removed"] for a in attempts})
+    if fit is None:
+        reached = [a for a in attempts if a["measured"] >= goal]
+        if not reached:
+            return None
+        a = min(reached, key=lambda a: a["blocks_removed"])
+        return {"k": a["blocks_removed"], "speedup": a["measured"], "spread": a["spread"], "pooled": None}
+    k = next((k for k in probed if 1 / fit.at(k) >= goal), None)
+    if k is None:
+        return None
+    return {"k": k, "speedup": 1 / fit.at(k), "spread": 2 * _standard_error(fit, k) / fit.at(k),
+            "pooled": {"unpruned": 1 / fit.at(0), "per_block": -fit.per_block_ms, "points": fit.points}}
+
+
+def _standard_error(fit: LinearCost, k: float) -> float:
+    """The standard error of the fitted line at k (0 with two points: nothing to estimate it from)."""
+    m = len(fit.points)
+    if m <= 2:
+        return 0.0
+    residual = sum((t - fit.at(b)) ** 2 for b, t in fit.points) / (m - 2)
+    mean = sum(b for b, _ in fit.points) / m
+    sxx = sum((b - mean) ** 2 for b, _ in fit.points)
+    return (residual * (1 / m + (k - mean) ** 2 / sxx)) ** 0.5
+
+
+def decided_speedup(search: dict) -> tuple[float, float]:
+    """(speedup, spread) of the depth a search decided: the pooled line's, or its probe's own measurement."""
+    if "speedup" in search:
+        return search["speedup"], search["spread"]
+    attempt = next(a for a in search["attempts"] if a["blocks_removed"] == search["k"])
+    return attempt["measured"], attempt["spread"]

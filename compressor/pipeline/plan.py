@@ -13,7 +13,13 @@ from pathlib import Path
 from compressor.adapters import get_adapter
 from compressor.pipeline.calibrate import ProfileInputs, profile_inputs
 from compressor.pipeline.data import perplexities
-from compressor.pipeline.depth import TimingInputs, blocks_for_target, depth_lines, timing_inputs
+from compressor.pipeline.depth import (
+    TimingInputs,
+    blocks_for_target,
+    decided_speedup,
+    depth_lines,
+    timing_inputs,
+)
 from compressor.pipeline.measure import backend_for, measure_speedup
 from compressor.pipeline.runner import inputs_of
 from compressor.util.progress import status
@@ -118,8 +124,8 @@ def _depth_only(search: dict, depth_ppl: TrainingFree, choice: dict) -> dict:
 
     if search["k"] is None:
         return {"precision": "fp32", "blocks": None, "why": search["why"]}
-    attempt = next(a for a in search["attempts"] if a["blocks_removed"] == search["k"])
-    out = {"precision": "fp32", "blocks": search["k"], "speedup": attempt["measured"], "spread": attempt["spread"]}
+    speed, spread = decided_speedup(search)
+    out = {"precision": "fp32", "blocks": search["k"], "speedup": speed, "spread": spread}
     known = next((c for c in choice["candidates"] if (c["precision"], c["blocks"]) == ("fp32", search["k"])), None)
     if known is not None:
         return {**out, "estimate": known["estimate"], **({"at_least": known["at_least"]} if "at_least" in known else {})}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from compressor.errors import InvalidPlanError
 from compressor.pipeline.data import perplexities
-from compressor.pipeline.depth import TimingInputs, probe_name, time_depth, timing_inputs
+from compressor.pipeline.depth import TimingInputs, decided_speedup, probe_name, time_depth, timing_inputs
 from compressor.pipeline.measure import backend_for, measure_speedup
 from compressor.pipeline.runner import inputs_of
 from compressor.util.progress import status
@@ -162,9 +162,9 @@ def choose_for_target(run, points: list[dict], depth_ppl, search) -> dict:
                       "attempts": depth["attempts"]})
         if depth["k"] is None:
             continue
-        attempt = next(a for a in depth["attempts"] if a["blocks_removed"] == depth["k"])
-        found.append({"precision": p, "blocks": depth["k"], "speedup": attempt["measured"],
-                      "spread": attempt["spread"], "ratio": ratio(point, original_ppl)})
+        speed, spread = decided_speedup(depth)
+        found.append({"precision": p, "blocks": depth["k"], "speedup": speed, "spread": spread,
+                      "ratio": ratio(point, original_ppl)})
     if not found:
         best = _best_measured(allowed(run, points), tried)
         raise InvalidPlanError(
