@@ -227,7 +227,9 @@ def decide(line: DepthLine, attempts: list[dict], goal: float) -> dict | None:
     k = next((k for k in probed if 1 / fit.at(k) >= goal), None)
     if k is None:
         return None
-    return {"k": k, "speedup": 1 / fit.at(k), "spread": 2 * _standard_error(fit, k) / fit.at(k),
+    own = next(a["spread"] for a in attempts if a["blocks_removed"] == k)
+    spread = 2 * _standard_error(fit, k) / fit.at(k) if len(fit.points) > 2 else own  # two points: no residual
+    return {"k": k, "speedup": 1 / fit.at(k), "spread": spread,
             "pooled": {"unpruned": 1 / fit.at(0), "per_block": -fit.per_block_ms, "points": fit.points}}
 
 
@@ -243,10 +245,8 @@ def next_probe(line: DepthLine, attempts: list[dict], goal: float) -> int | None
 
 
 def _standard_error(fit: LinearCost, k: float) -> float:
-    """The standard error of the fitted line at k (0 with two points: nothing to estimate it from)."""
+    """The standard error of the fitted line at k (three points or more)."""
     m = len(fit.points)
-    if m <= 2:
-        return 0.0
     residual = sum((t - fit.at(b)) ** 2 for b, t in fit.points) / (m - 2)
     mean = sum(b for b, _ in fit.points) / m
     sxx = sum((b - mean) ** 2 for b, _ in fit.points)
