@@ -39,7 +39,7 @@ def final_bench(run, compressed, precision: str):
         mine = open_backend(run, run.work / cfg.format, precision)
     else:
         mine = backend_for(run, compressed, "probe-final", precision)
-    speed, pair = measure_speedup(run, original, mine, cfg.target_speedup)
+    speed, pair = measure_speedup(run, original, mine, cfg.target_speedup, short_again=True)
     return speed, pair, mine
 
 
