@@ -5,7 +5,7 @@
    on the evaluation texts through the runtime itself. No training, so this is cheap.
 2. For each precision no other one dominates (faster *and* no worse), the fewest blocks removed on
    top of it for the target (`depth.blocks_for_target`: a line per precision through its unpruned
-   point and a copy with one block left names the depth, probes confirm it), or under a perplexity budget the most
+   point and a copy with one block left names the first probe, the line through every probe decides), or under a perplexity budget the most
    blocks that keep it within the budget.
 3. Target: the combination that reaches it with the lowest perplexity; budget: the fastest
    combination within it. A combination's perplexity is the training-free perplexity of its plan at
