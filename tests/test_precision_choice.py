@@ -4,6 +4,7 @@ seam makes one precision fast, so the choice must follow the measurement."""
 from __future__ import annotations
 
 import json
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -173,7 +174,7 @@ ORT_FAST = {"backend": "onnxruntime", "threads": 1, "prefill_tokens": 32, "new_t
             "seq_len": 32, "timing_seconds": 0.2, "heal_steps": 2, "max_probes": 2}
 
 
-def test_auto_follows_the_measurement_and_a_pinned_precision_is_honoured(tiny_dir, tmp_path, fast_int8):
+def test_auto_follows_the_measurement_and_a_pinned_precision_is_honoured(tiny_dir, tmp_path, fast_int8, caplog):
     """ONNX Runtime, tiny model: int8 is made to measure 10x faster, and the target is beyond what depth
     alone reaches. Pinned int4 cannot reach it and ends with the best measured int4 point (the work kept);
     auto, resuming from that work, delivers int8 with no block removed, with its baselines."""
@@ -186,7 +187,9 @@ def test_auto_follows_the_measurement_and_a_pinned_precision_is_honoured(tiny_di
     assert "at int4 with" in message and "ask for less" in message and "int8" not in message
     assert not out.exists() and (tmp_path / ".run.work" / "precisions.stage.json").is_file()
 
+    caplog.set_level(logging.INFO, logger="compressor")
     report = compressor.compress(tiny_dir, target_speedup=5.0, out=out, **ORT_FAST)
+    assert "validating a copy of the int8 export" in caplog.text
     assert "precisions" not in report.seconds and "choice" in report.seconds  # resumed; only the choice is new
     assert (report.precision, report.blocks_removed) == ("int8", [])
     assert report.heal is None  # nothing removed, nothing to heal
@@ -198,13 +201,32 @@ def test_auto_follows_the_measurement_and_a_pinned_precision_is_honoured(tiny_di
     assert depth_only.blocks_removed is None and "out of reach" in depth_only.note  # depth alone cannot reach 5x
     chosen = next(b for b in report.baselines if b.kind == "chosen")
     assert chosen.speedup >= 5 and chosen.spread > 0
-    # the delivered perplexity is the int8 export's own, scored through ONNX Runtime
-    int8 = next(b for b in report.baselines if b.kind == "quantize-only" and b.precision == "int8")
-    assert report.perplexity.compressed == pytest.approx(int8.perplexity, rel=1e-6)
+    # the delivered export is the int8 quantize-only point's (validated, not quantized again): the
+    # report's perplexity, that point's, is what the delivered folder scores through ONNX Runtime now
+    export = json.loads((out / "onnx" / "export.json").read_text())
+    assert export["validation"]["passed"] and export["quantization"]["config"]["bits"] == 8
+    assert report.perplexity.compressed == pytest.approx(_scored_through_ort(out, report), rel=1e-5)
     assert report.perplexity.compressed != report.perplexity.original
     assert "int8 alone: no block needed removing" in (out / "report.md").read_text()
     assert "Against quantizing alone" in (out / "report.html").read_text()
     assert json.loads((out / "report.json").read_text())["baselines"][0]["kind"] == "quantize-only"
+
+
+def _scored_through_ort(out, report) -> dict:
+    """The delivered ONNX folder's perplexity through ONNX Runtime, on the run's evaluation texts."""
+    from transformers import AutoTokenizer
+
+    from compressor.evaluate import get_backend
+    from compressor.pipeline import PipelineConfig
+    from compressor.pipeline.data import load_data, perplexities
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    settings = {k: v for k, v in report.settings.items() if k in ("samples", "seq_len", "eval_max_tokens")}
+    backend = get_backend("onnxruntime", out / "onnx", threads=1)
+    try:
+        return perplexities(backend, load_data(PipelineConfig(**settings), tokenizer).evaluation)
+    finally:
+        backend.close()
 
 
 def test_heal_quantization_aware_trains_for_the_chosen_precision_and_the_export_follows(tiny_dir, tmp_path):

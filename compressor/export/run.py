@@ -162,6 +162,7 @@ def export_model(
     data: Path | str | None = None,
     float_graph: Path | str | None = None,
     eval: Path | str | None = None,
+    quantized_copy: Path | str | None = None,
 ) -> ExportSummary:
     """Export into `out_dir` (an existing, empty folder: the CLI passes atomic_dir's) and validate.
 
@@ -174,6 +175,8 @@ def export_model(
     eval: a text (file or folder, as `data`) the quantized graph is validated on instead of that end.
     float_graph: a folder from an earlier fp32 export of this same model (any route choice leads to
     the same graph): int8/int4 quantize a copy of its graph instead of exporting the model again.
+    quantized_copy: a folder from an earlier int8/int4 export of this same model at this precision with
+    this `quant` and `data` (unvalidated: a pipeline's probe): its files are copied and only validated.
     """
     from compressor.surgery.edit import compressor_record
 
@@ -183,10 +186,14 @@ def export_model(
     chosen, reason = choose_route(model, route, precision, format, has_tokenizer=tokenizer is not None)
     log.info("export route: %s (%s)", chosen, reason)
     quantized = precision in ("int8", "int4")
-    graph_dir = out_dir / _STAGE if quantized else out_dir
+    copied = quantized and quantized_copy is not None
+    graph_dir = out_dir / _STAGE if quantized and not copied else out_dir
     graph_dir.mkdir(parents=True, exist_ok=True)
     graph_precision = "fp32" if quantized or precision == "fp8" else precision
-    if quantized and float_graph is not None:
+    if copied:
+        log.info("validating a copy of the %s export in %s", precision, quantized_copy)
+        graph_seconds, optimized = _copy_graph(Path(quantized_copy), out_dir), None
+    elif quantized and float_graph is not None:
         log.info("quantizing a copy of the fp32 graph in %s", float_graph)
         graph_seconds, optimized = _copy_graph(Path(float_graph), graph_dir), None
     else:
@@ -204,7 +211,10 @@ def export_model(
         from compressor.export.quality import validation_text
 
         texts, held_out = validation_text(data, eval)
-        summary.quantization = _quantize(model, tokenizer, graph_dir, out_dir, precision, quant, texts)
+        if copied:
+            summary.quantization = read_summary(Path(quantized_copy)).get("quantization")
+        else:
+            summary.quantization = _quantize(model, tokenizer, graph_dir, out_dir, precision, quant, texts)
     if validate:
         _validate(model, tokenizer, out_dir, precision, bounds, allow_mismatch, threads, summary, held_out)
     if format == "tensorrt":
@@ -217,6 +227,13 @@ def export_model(
     summary.seconds = round(time.perf_counter() - start, 2)
     write_json(out_dir / SUMMARY_FILE, summary.to_dict())
     return summary
+
+
+def read_summary(folder: Path) -> dict:
+    """The ExportSummary an export folder recorded (export.json), as a dictionary."""
+    import json
+
+    return json.loads((Path(folder) / SUMMARY_FILE).read_text())
 
 
 def _float_graph(model, tokenizer, out_dir: Path, route: str, precision: str, opset: int,

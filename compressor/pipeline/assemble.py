@@ -66,6 +66,9 @@ def build_report(run, *, plan, compressed, data, pruned_ppl: dict, heal: dict | 
     healed_ppl = perplexities(compressed, data.evaluation) if heal else pruned_ppl
     if precision == "fp32" and heal:
         compressed_ppl = healed_ppl  # at fp32 what is delivered is the healed PyTorch model: scored once
+    elif not (plan.drop or plan.linearize):  # the unpruned model's export: its quantize-only point scored it
+        compressed_ppl = next(p["perplexity"] for p in points if p["precision"] == precision)
+        backend.close()
     else:
         compressed_ppl = delivered_perplexities(compressed, backend, precision, data.evaluation)
     if cfg.target_speedup:

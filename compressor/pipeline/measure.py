@@ -45,11 +45,18 @@ def export_to(run, model, path: Path, fmt: str, validate: bool = True, precision
     exporting the model again. model_id: `identity(run, model)`, when the caller has it."""
     from compressor.export.run import export_model
 
-    graph = float_graph(run, model_id or identity(run, model), fmt) if precision in ("int8", "int4") else None
-    status(f"exporting to {path.name} ({fmt}, {precision})" + (f" from {graph.name}'s graph" if graph else ""))
+    model_id = model_id or identity(run, model)
+    quantized = precision in ("int8", "int4")
+    graph = float_graph(run, model_id, fmt) if quantized else None
+    # the delivered quantization of this very model, already made by a probe (the unpruned model's
+    # quantize-only point, when a precision alone meets the target): validated, not made again
+    same = probe_holding(run, probe_key(model_id, fmt, precision, quant)) if quantized and validate else None
+    status(f"exporting to {path.name} ({fmt}, {precision})"
+           + (f" from {same.name}" if same else f" from {graph.name}'s graph" if graph else ""))
     with atomic_dir(path, overwrite=True) as tmp:
         summary = export_model(model, run.tokenizer, tmp, format=fmt, precision=precision, quant=quant,
-                               validate=validate, threads=run.cfg.threads, data=run.cfg.data, float_graph=graph)
+                               validate=validate, threads=run.cfg.threads, data=run.cfg.data, float_graph=graph,
+                               quantized_copy=same)
     return summary
 
 
@@ -63,11 +70,21 @@ def identity(run, model) -> str:
 
 def float_graph(run, model_identity: str, fmt: str) -> Path | None:
     """A probe folder of this run holding `model_identity`'s fp32 ONNX graph, or None."""
-    if fmt != "onnx" or not run.work.is_dir():
+    return probe_holding(run, f"{model_identity}-{fmt}-fp32-") if fmt == "onnx" else None
+
+
+def probe_key(model_identity: str, fmt: str, precision: str, quant) -> str:
+    """What a probe folder's key says: the model, format, precision and quantization it holds."""
+    return f"{model_identity}-{fmt}-{precision}-{'default' if quant is None else quant.algorithm}"
+
+
+def probe_holding(run, key: str) -> Path | None:
+    """A finished probe folder of this run whose key starts with `key`, or None."""
+    if not run.work.is_dir():
         return None
-    for key in sorted(run.work.glob(f"*/{PROBE_KEY}")):
-        if (_read(key) or "").startswith(f"{model_identity}-{fmt}-fp32-") and (key.parent / "export.json").is_file():
-            return key.parent
+    for path in sorted(run.work.glob(f"*/{PROBE_KEY}")):
+        if (_read(path) or "").startswith(key) and (path.parent / "export.json").is_file():
+            return path.parent
     return None
 
 
@@ -97,7 +114,7 @@ def backend_for(run, model, name: str, precision: str = "fp32", quant="probe"):
     # A probe folder holds one model: reuse it only for that one.
     quant = probe_quant(precision) if quant == "probe" else quant
     model_id = identity(run, model)
-    key = f"{model_id}-{fmt}-{precision}-{'default' if quant is None else quant.algorithm}"
+    key = probe_key(model_id, fmt, precision, quant)
     if not (path / "export.json").is_file() or _read(path / PROBE_KEY) != key:
         export_to(run, model, path, fmt, validate=False, precision=precision, quant=quant, model_id=model_id)
         (path / PROBE_KEY).write_text(key)

@@ -102,8 +102,9 @@ def _stages(run: Run, dest: Path | None):
     choice = choice_stage(run, data, profile, points)
     plan = plan_stage(run, data, choice, profile)
     sweep = sweep_stage(run, data, profile, points)
-    compressed = copy.deepcopy(run.model)
-    if plan.drop or plan.linearize:  # a precision alone may meet the target
+    compressed = run.model  # a precision alone may meet the target: the original, as it is, is exported
+    if plan.drop or plan.linearize:
+        compressed = copy.deepcopy(run.model)
         apply_plan_(compressed, plan)
     pruned_ppl = _training_free_perplexity(compressed, data, points, choice)
     heal = heal_stage(run, compressed, data.healing, plan_inputs(run.cfg, choice), choice["precision"])

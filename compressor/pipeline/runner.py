@@ -62,7 +62,8 @@ class Runner:
         if path.is_file() and all((self.work / f).exists() for f in requires):
             stored = json.loads(path.read_text())
             if stored.get("key") == key:
-                log.info("resuming: %s from %s", name, path)
+                if name not in self.seconds:  # computed by this run: no news
+                    log.info("resuming: %s from %s", name, path)
                 return stored["result"]
         start = time.perf_counter()
         result = compute()
