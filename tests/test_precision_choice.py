@@ -110,6 +110,49 @@ def test_a_depth_a_shallower_one_already_bounds_out_is_never_scored():
     assert all(c["estimate"] for c in chosen["candidates"])
 
 
+class Lazy(Scored):
+    """Scored, with TrainingFree's `bounding`: `between`, searched beside the shallowest depth, not scored yet."""
+
+    def __init__(self, fn, between):
+        super().__init__(fn)
+        self.between = between
+
+    def bounding(self, k):
+        return self.between if max(self.looked, default=0) < self.between < k else None
+
+
+@pytest.mark.parametrize("ppl_per_block", [0.2, 0.1])
+def test_one_block_past_the_shallowest_candidate_bounds_the_deeper_ones_out(ppl_per_block):
+    """At 3x int4 needs 7 blocks and int8 10 (fp32 cannot reach it). int4's 7 do not bound int8's 10 out
+    (int8's perplexity ratio is lower), but 8 blocks, searched beside 7, may: at +20% a block, 8 blocks at
+    int8 already score above 7 at int4, so 10 is never scored; at +10% they do not, and 10 is scored."""
+    fake = depth_model(ppl_per_block=ppl_per_block)
+    fake.goal = 3.0 * 1.02
+    scored = Lazy(fake.depth_ppl, between=8)
+    chosen = choose_for_target(fake_run(3.0), POINTS, scored, fake.search)
+    everything, _ = choose(3.0, ppl_per_block=ppl_per_block)
+    assert (chosen["precision"], chosen["blocks"]) == (everything["precision"], everything["blocks"])
+    int8 = next(c for c in chosen["candidates"] if c["precision"] == "int8")
+    r8 = 17.67 / 17.58
+    bounded = 17.58 * (1 + ppl_per_block) ** 8 * r8 > 17.58 * (1 + ppl_per_block) ** 7 * 20.90 / 17.58
+    assert bounded == (ppl_per_block == 0.2)
+    if bounded:
+        assert scored.scored == [7, 8] and int8["estimate"] == {}
+        assert int8["at_least"]["t"] == pytest.approx(17.58 * (1 + ppl_per_block) ** 8 * r8)
+    else:
+        assert scored.scored == [7, 8, 10] and int8["estimate"]["t"] == pytest.approx(17.58 * 1.1 ** 10 * r8)
+
+
+def test_a_lazy_search_starts_with_the_shallowest_depth_and_one_block_past_it():
+    from compressor.pipeline.plan import TrainingFree
+
+    lazy = TrainingFree(None, None, None, [12, 4, 8], lazy=True)
+    assert lazy.searched == [4, 5] and lazy.bounding(8) == 5 and lazy.bounding(4) is None
+    lazy.looked[5] = {"t": 1.0}
+    assert lazy.bounding(8) is None  # scored already
+    assert TrainingFree(None, None, None, [12, 4, 8]).searched == [4, 8, 12]
+
+
 def test_a_slower_measurement_changes_the_choice():
     """The same qualities, int8 measured slower than int4: int4 (or depth) is chosen instead of int8."""
     slow_int8 = [point("fp32", 1.0, 17.58), point("int8", 1.1, 17.67), point("int4", 2.4, 17.60)]

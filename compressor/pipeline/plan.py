@@ -80,7 +80,7 @@ def choice_stage(run, data, profile, points: list[dict]) -> dict:
             lines = depth_lines(run, points)
             fp32 = blocks_for_target(run, lines["fp32"])
             ks = sorted({k for k in [*_depth_candidates(run, points, lines), fp32["k"]] if k})
-            depth_ppl = TrainingFree(run, data, profile, ks, defer_deepest=True)
+            depth_ppl = TrainingFree(run, data, profile, ks, lazy=True)
             choice = choose_for_target(run, points, depth_ppl, lambda precision: blocks_for_target(run, lines[precision]))
             depth_only = _depth_only(fp32, depth_ppl, choice)
         else:
@@ -95,13 +95,23 @@ def choice_stage(run, data, profile, points: list[dict]) -> dict:
 
 class TrainingFree:
     """k -> the training-free fp32 perplexity (per text) of the plan removing k blocks, each scored once.
-    The plans for `ks` are searched together; with `defer_deepest`, the deepest is left out of the search
-    until it is asked for (a choice whose shallower depths already bound it out never searches it)."""
+    The plans for `ks` are searched together; with `lazy`, only the shallowest (and one block past it),
+    and a deeper depth when it is asked for: a choice whose shallower depths already bound the deeper ones
+    out never searches them (the greedy search takes one round a block)."""
 
-    def __init__(self, run, data, profile, ks: list[int], defer_deepest: bool = False):
+    def __init__(self, run, data, profile, ks: list[int], lazy: bool = False):
         self.run, self.data, self.profile, self.ks = run, data, profile, sorted(ks)
-        self.searched = self.ks[:-1] if defer_deepest and len(self.ks) > 1 else list(self.ks)
+        self.searched = list(self.ks)
+        if lazy and len(self.ks) > 1:
+            # the shallowest and one block past it: scored, the latter bounds every deeper depth from below
+            # (`bounding`) for one more round of the search, where the deeper depths would take many
+            self.searched = [self.ks[0], self.ks[0] + 1]
         self.looked: dict[int, dict] = {}
+
+    def bounding(self, k: int) -> int | None:
+        """The deepest searched depth shallower than k that is not scored yet (it bounds k from below), or None."""
+        between = [j for j in self.searched if max(self.looked, default=0) < j < k]
+        return max(between) if between else None
 
     @property
     def scored(self) -> list[int]:
@@ -110,7 +120,7 @@ class TrainingFree:
     def __call__(self, k: int) -> dict:
         if k not in self.looked:
             if k and k not in self.searched:
-                self.searched = sorted({*self.ks, k})
+                self.searched = sorted({*self.searched, k})
                 status(f"searching the plans for {', '.join(map(str, self.searched))} blocks together")
             model = training_free(self.run, self.data, self.profile, k, tuple(self.searched))
             self.looked[k] = perplexities(model, self.data.evaluation)

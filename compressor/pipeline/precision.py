@@ -180,7 +180,10 @@ def estimate_(candidates: list[dict], depth_ppl) -> None:
     """Give each candidate its estimated perplexity ("estimate", per text), shallowest first, or, where a
     shallower depth already bounds it above the best estimate so far, "at_least" (and an empty estimate):
     the searches remove blocks one at a time, so a deeper plan scores no better than a shallower one, and
-    the deepest plan (often the depth-only one at fp32) is then never searched nor scored."""
+    the deepest plan (often the depth-only one at fp32) is then never searched nor scored. Where the depths
+    scored so far do not bound a candidate out, `depth_ppl.bounding(k)` may name a depth between, already
+    searched, that is scored first: one block past the best candidate usually costs more perplexity than a
+    cheaper precision saves."""
     best = None
     for c in sorted(candidates, key=lambda c: c["blocks"]):
         r = c.pop("ratio", None)
@@ -188,11 +191,19 @@ def estimate_(candidates: list[dict], depth_ppl) -> None:
             best = c if best is None or first_value(c["estimate"]) < first_value(best["estimate"]) else best
             continue
         bound = bound_at(c["blocks"], r, depth_ppl)
-        if best is not None and bound is not None and first_value(bound) > first_value(best["estimate"]):
+        between = getattr(depth_ppl, "bounding", lambda k: None)(c["blocks"])
+        if best is not None and between is not None and not _above(bound, best):
+            depth_ppl(between)  # a shallower depth, cheap to score, that may bound this one out
+            bound = bound_at(c["blocks"], r, depth_ppl)
+        if best is not None and _above(bound, best):
             c["estimate"], c["at_least"] = {}, bound
             continue
         c["estimate"] = {n: v * r[n] for n, v in depth_ppl(c["blocks"]).items()}
         best = c if best is None or first_value(c["estimate"]) < first_value(best["estimate"]) else best
+
+
+def _above(bound: dict | None, best: dict) -> bool:
+    return bound is not None and first_value(bound) > first_value(best["estimate"])
 
 
 def bound_at(k: int, r: dict, depth_ppl) -> dict | None:
