@@ -40,7 +40,7 @@ test-all: setup optimum-env
 # 4,096 tokens of each evaluation text (the default is 8,192) and heals for 2 minutes (the default is 4),
 # to keep a first run short; everything else is `compress model`'s default.
 demo: setup
-	$(VENV)/bin/compress model --target-speedup 1.5 --eval-tokens 4096 --heal-minutes 2 --out demo-out --overwrite
+	$(VENV)/bin/compress model --target-speedup 1.6 --eval-tokens 4096 --heal-minutes 2 --out demo-out --overwrite
 
 lint: setup
 	$(VENV)/bin/ruff check compressor tests bench examples
