@@ -32,11 +32,15 @@ def depth_model(per_block=0.035, ppl_per_block=0.05):
     `ppl_per_block` perplexity (relative); the searches asked for are recorded."""
     asked = []
 
-    def search(precision):
+    def search(precision, at_most=None):
         asked.append(precision)
+        fake.at_most[precision] = at_most
         base = next(p["speedup"] for p in fake.points if p["precision"] == precision)
         for k in range(1, 16):
             speedup = base / (1 - per_block * k)
+            if at_most is not None and k > at_most:  # depth.blocks_for_target: one probe at at_most, short
+                return {"k": None, "why": None, "beaten": "short", "attempts": [
+                    {"blocks_removed": at_most, "measured": base / (1 - per_block * at_most), "spread": 0.01}]}
             if speedup >= fake.goal:
                 return {"k": k, "why": None, "attempts": [{"blocks_removed": k, "measured": speedup, "spread": 0.01}]}
         return {"k": None, "why": f"{precision} out of reach", "attempts": [
@@ -45,7 +49,7 @@ def depth_model(per_block=0.035, ppl_per_block=0.05):
     def depth_ppl(k):
         return {"t": 17.58 * (1 + ppl_per_block) ** k}
 
-    fake = SimpleNamespace(search=search, depth_ppl=depth_ppl, asked=asked, goal=None, points=POINTS)
+    fake = SimpleNamespace(search=search, depth_ppl=depth_ppl, asked=asked, goal=None, points=POINTS, at_most={})
     return fake
 
 
@@ -63,94 +67,77 @@ def test_a_precision_that_meets_the_target_alone_removes_no_block():
     assert fp32["blocks"] > 0 and fp32["estimate"]["t"] > chosen["estimate"]["t"]
 
 
+def exhaustive(target, per_block=0.035, ppl_per_block=0.05, points=POINTS):
+    """(precision, blocks, estimate) of every combination that reaches the target, each depth found by its own
+    formula (depth_model's), none left out; the lowest estimate (then the fewest blocks) first."""
+    out = []
+    for p in points:
+        ratio = p["perplexity"]["t"] / 17.58
+        k = next((k for k in range(16) if p["speedup"] / (1 - per_block * k) >= target * 1.02), None)
+        if k is not None:
+            out.append((p["precision"], k, p["perplexity"]["t"] if k == 0 else 17.58 * (1 + ppl_per_block) ** k * ratio))
+    return sorted(out, key=lambda c: (c[2], c[1]))
+
+
 def test_beyond_every_precision_alone_the_lowest_estimated_perplexity_wins():
     chosen, asked = choose(3.0)
-    assert asked == ["fp32", "int8", "int4"]
-    estimates = {c["precision"]: (c["blocks"], c["estimate"]["t"]) for c in chosen["candidates"]}
-    assert chosen["estimate"]["t"] == min(e for _, e in estimates.values())
+    assert asked == ["int4", "int8", "fp32"]  # the fastest first: it needs the fewest blocks
+    assert (chosen["precision"], chosen["blocks"]) == exhaustive(3.0)[0][:2]
     # the estimate is the fp32 training-free perplexity of the depth times the precision's own ratio
-    k, estimate = estimates[chosen["precision"]]
-    ratio = next(p for p in POINTS if p["precision"] == chosen["precision"])["perplexity"]["t"] / 17.58
-    assert estimate == pytest.approx(17.58 * 1.05 ** k * ratio)
+    assert chosen["estimate"]["t"] == pytest.approx(exhaustive(3.0)[0][2])
 
 
 class Scored:
-    """A training-free perplexity that records the depths it scored (`TrainingFree`'s interface)."""
+    """A training-free perplexity that records the depths it scored, with TrainingFree's `beside` (one block
+    past a depth, searched with it) where `lazy`."""
 
-    def __init__(self, fn):
-        self.fn, self.looked = fn, {}
+    def __init__(self, fn, lazy=False):
+        self.fn, self.looked, self.lazy = fn, {}, lazy
 
     @property
     def scored(self):
         return sorted(self.looked)
+
+    def beside(self, k):
+        return k + 1 if self.lazy and k else None
 
     def __call__(self, k):
         self.looked.setdefault(k, self.fn(k))
         return self.looked[k]
 
 
-def test_a_depth_a_shallower_one_already_bounds_out_is_never_scored():
-    """int4 needs few blocks, fp32 many: the fp32 depth's perplexity is at least that of int8's shallower
-    depth, which already exceeds int4's estimate, so it is not scored; the choice is the same as when every
-    depth is scored."""
-    fake = depth_model(ppl_per_block=0.2)
-    fake.goal = 2.0 * 1.02
-    scored = Scored(fake.depth_ppl)
-    chosen = choose_for_target(fake_run(2.0), POINTS, scored, fake.search)
-    everything, _ = choose(2.0, ppl_per_block=0.2)
-    assert (chosen["precision"], chosen["blocks"]) == (everything["precision"], everything["blocks"])
-    fp32 = next(c for c in chosen["candidates"] if c["precision"] == "fp32")
-    assert fp32["blocks"] not in scored.scored and fp32["estimate"] == {}
-    shallower = max(k for k in scored.scored if k < fp32["blocks"])
-    assert fp32["at_least"]["t"] == pytest.approx(fake.depth_ppl(shallower)["t"])
-    assert fp32["at_least"]["t"] > chosen["estimate"]["t"]
-    # a depth that could still win is scored: with depth nearly free, every candidate is
-    scored = Scored(depth_model(ppl_per_block=0.0001).depth_ppl)
-    chosen = choose_for_target(fake_run(2.0), POINTS, scored, fake.search)
-    assert all(c["estimate"] for c in chosen["candidates"])
-
-
-class Lazy(Scored):
-    """Scored, with TrainingFree's `bounding`: `between`, searched beside the shallowest depth, not scored yet."""
-
-    def __init__(self, fn, between):
-        super().__init__(fn)
-        self.between = between
-
-    def bounding(self, k):
-        return self.between if max(self.looked, default=0) < self.between < k else None
-
-
-@pytest.mark.parametrize("ppl_per_block", [0.2, 0.1])
-def test_one_block_past_the_shallowest_candidate_bounds_the_deeper_ones_out(ppl_per_block):
-    """At 3x int4 needs 7 blocks and int8 10 (fp32 cannot reach it). int4's 7 do not bound int8's 10 out
-    (int8's perplexity ratio is lower), but 8 blocks, searched beside 7, may: at +20% a block, 8 blocks at
-    int8 already score above 7 at int4, so 10 is never scored; at +10% they do not, and 10 is scored."""
+@pytest.mark.parametrize("ppl_per_block", [0.2, 0.1, 0.0001])
+def test_a_slower_precision_is_held_to_the_depths_at_which_it_could_still_win(ppl_per_block):
+    """At 3x int4 needs 7 blocks, int8 10, and fp32 cannot reach it. int4 is searched and scored first; 8
+    blocks, searched beside its 7, are scored too. At +20% a block, int8 with 8 blocks already scores above
+    int4 with 7, so int8 could win only with 7 or fewer: one probe there (at_most 7) falls short, and 10 is
+    never searched nor scored. At +10% a block 8 do not bound it, and int8 is searched in full and scored at 10.
+    The choice is the exhaustive one either way."""
     fake = depth_model(ppl_per_block=ppl_per_block)
     fake.goal = 3.0 * 1.02
-    scored = Lazy(fake.depth_ppl, between=8)
+    scored = Scored(fake.depth_ppl, lazy=True)
     chosen = choose_for_target(fake_run(3.0), POINTS, scored, fake.search)
-    everything, _ = choose(3.0, ppl_per_block=ppl_per_block)
-    assert (chosen["precision"], chosen["blocks"]) == (everything["precision"], everything["blocks"])
-    int8 = next(c for c in chosen["candidates"] if c["precision"] == "int8")
-    r8 = 17.67 / 17.58
-    bounded = 17.58 * (1 + ppl_per_block) ** 8 * r8 > 17.58 * (1 + ppl_per_block) ** 7 * 20.90 / 17.58
-    assert bounded == (ppl_per_block == 0.2)
-    if bounded:
-        assert scored.scored == [7, 8] and int8["estimate"] == {}
-        assert int8["at_least"]["t"] == pytest.approx(17.58 * (1 + ppl_per_block) ** 8 * r8)
+    assert (chosen["precision"], chosen["blocks"]) == exhaustive(3.0, ppl_per_block=ppl_per_block)[0][:2]
+    assert fake.asked[0] == "int4" and fake.at_most["int4"] is None
+    r8, r4 = 17.67 / 17.58, 20.90 / 17.58
+    if 17.58 * (1 + ppl_per_block) ** 8 * r8 > 17.58 * (1 + ppl_per_block) ** 7 * r4:  # +20%
+        assert fake.at_most["int8"] == 7 and scored.scored == [7, 8]
+        int8 = next(t for t in chosen["tried"] if t["precision"] == "int8")
+        assert not int8["reached"] and int8["beaten"] and not int8["why"]
     else:
-        assert scored.scored == [7, 8, 10] and int8["estimate"]["t"] == pytest.approx(17.58 * 1.1 ** 10 * r8)
+        assert fake.at_most["int8"] is None and 10 in scored.scored
+        int8 = next(c for c in chosen["candidates"] if c["precision"] == "int8")
+        assert int8["estimate"]["t"] == pytest.approx(17.58 * (1 + ppl_per_block) ** 10 * r8)
+    fp32 = next(t for t in chosen["tried"] if t["precision"] == "fp32")  # 3x is beyond depth alone
+    assert not fp32["reached"] and (fp32["why"] or fp32["beaten"])
 
 
-def test_a_lazy_search_starts_with_the_shallowest_depth_and_one_block_past_it():
+def test_a_lazy_training_free_search_takes_one_block_past_each_depth_asked_for():
     from compressor.pipeline.plan import TrainingFree
 
-    lazy = TrainingFree(None, None, None, [12, 4, 8], lazy=True)
-    assert lazy.searched == [4, 5] and lazy.bounding(8) == 5 and lazy.bounding(4) is None
-    lazy.looked[5] = {"t": 1.0}
-    assert lazy.bounding(8) is None  # scored already
-    assert TrainingFree(None, None, None, [12, 4, 8]).searched == [4, 8, 12]
+    lazy = TrainingFree(None, None, None, [4, 5], lazy=True)
+    assert lazy.beside(4) == 5 and lazy.beside(5) is None and lazy.beside(0) is None
+    assert TrainingFree(None, None, None, [4, 5]).beside(4) is None
 
 
 def test_a_slower_measurement_changes_the_choice():

@@ -136,6 +136,7 @@ def _bound_note(d: dict) -> str:
 def _notes(plan, rounds: list[float], choice: dict) -> list[str]:
     notes = [plan.provenance["note"]] if plan.provenance.get("note") else []
     notes += [f"{t['precision']}: out of reach ({t['why']})" for t in choice.get("tried", []) if t.get("why")]
+    notes += [f"{t['precision']}: not searched further ({t['beaten']})" for t in choice.get("tried", []) if t.get("beaten")]
     if len(rounds) > 1:
         notes.append(f"the final benchmark was measured {len(rounds)} times (speedups "
                      f"{', '.join(f'{s:.3f}x' for s in rounds)}); the median round is reported")

@@ -150,15 +150,17 @@ def _depth_lines(run, points: list[dict]) -> dict[str, dict]:
     return lines
 
 
-def blocks_for_target(run, line: DepthLine) -> dict:
+def blocks_for_target(run, line: DepthLine, at_most: int | None = None) -> dict:
     """The fewest blocks whose removal, on top of `line.precision`, reaches the target (cached): {"k": blocks
-    or None when out of reach, "attempts": the probes measured, "why": why it is out of reach}."""
+    or None when out of reach, "attempts": the probes measured, "why": why it is out of reach}. `at_most`:
+    only that many blocks or fewer are of use (more cost more perplexity than a better combination): they
+    are probed first, and where they fall short the search ends there, "beaten" saying so."""
     precision = line.precision
-    name = "blocks" if precision == "fp32" else f"blocks-{precision}"
-    return run.runner.cached(name, depth_inputs(run.cfg, precision), lambda: _search(run, line))
+    name = ("blocks" if precision == "fp32" else f"blocks-{precision}") + (f"-at-most-{at_most}" if at_most else "")
+    return run.runner.cached(name, depth_inputs(run.cfg, precision), lambda: _search(run, line, at_most))
 
 
-def _search(run, line: DepthLine) -> dict:
+def _search(run, line: DepthLine, at_most: int | None = None) -> dict:
     cfg = run.cfg
     precision, n, base = line.precision, line.blocks, line.unpruned
     original = backend_for(run, run.model, "probe-original")
@@ -182,6 +184,12 @@ def _search(run, line: DepthLine) -> dict:
                          "measured": line.one_left, "spread": 0.0, "rounds": [line.one_left], "latency_ms": []})
         return {"k": None, "attempts": attempts,
                 "why": f"{cfg.target_speedup:.2f}x is out of reach by removing blocks at {precision}: {line.explain()}"}
+    if at_most is not None and first > at_most:  # the line says more are needed: one probe to be sure
+        measure(at_most)
+        if decide(line, attempts, goal) is None:
+            return {"k": None, "attempts": attempts, "why": None,
+                    "beaten": (f"{at_most} blocks removed measured {known[at_most]:.3f}x, short of the {goal:.3f}x "
+                               "the target asks; more would score above a better combination")}
     search_depth(max(first, 1), measure, goal / base, n, cfg.max_probes,
                  predict=lambda k: line.anchored(k, known) / base)
     decided = decide(line, attempts, goal)

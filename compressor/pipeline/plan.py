@@ -76,12 +76,15 @@ def choice_stage(run, data, profile, points: list[dict]) -> dict:
 
     def compute():
         target = run.cfg.target_speedup is not None
-        if target:  # the depth each precision needs (and fp32's, the depth-only baseline)
+        if target:  # the depth each precision needs (fp32's in full: the depth-only baseline)
             lines = depth_lines(run, points)
             fp32 = blocks_for_target(run, lines["fp32"])
-            ks = sorted({k for k in [*_depth_candidates(run, points, lines), fp32["k"]] if k})
-            depth_ppl = TrainingFree(run, data, profile, ks, lazy=True)
-            choice = choose_for_target(run, points, depth_ppl, lambda precision: blocks_for_target(run, lines[precision]))
+            depth_ppl = TrainingFree(run, data, profile, [], lazy=True)
+
+            def search(precision: str, at_most: int | None = None) -> dict:
+                return fp32 if precision == "fp32" else blocks_for_target(run, lines[precision], at_most)
+
+            choice = choose_for_target(run, points, depth_ppl, search)
             depth_only = _depth_only(fp32, depth_ppl, choice)
         else:
             depth_ppl = TrainingFree(run, data, profile, list(range(1, _deepest(run) + 1)))
@@ -95,23 +98,18 @@ def choice_stage(run, data, profile, points: list[dict]) -> dict:
 
 class TrainingFree:
     """k -> the training-free fp32 perplexity (per text) of the plan removing k blocks, each scored once.
-    The plans for `ks` are searched together; with `lazy`, only the shallowest (and one block past it),
-    and a deeper depth when it is asked for: a choice whose shallower depths already bound the deeper ones
-    out never searches them (the greedy search takes one round a block)."""
+    The plans for `ks` are searched together, and any other depth asked for with them. `lazy`: a depth
+    asked for is searched with one block past it (`beside`), whose score bounds every deeper plan from
+    below (`precision.could_win`): one more round of the greedy search, where a deeper depth takes many."""
 
     def __init__(self, run, data, profile, ks: list[int], lazy: bool = False):
-        self.run, self.data, self.profile, self.ks = run, data, profile, sorted(ks)
-        self.searched = list(self.ks)
-        if lazy and len(self.ks) > 1:
-            # the shallowest and one block past it: scored, the latter bounds every deeper depth from below
-            # (`bounding`) for one more round of the search, where the deeper depths would take many
-            self.searched = [self.ks[0], self.ks[0] + 1]
+        self.run, self.data, self.profile, self.lazy = run, data, profile, lazy
+        self.searched = sorted(ks)
         self.looked: dict[int, dict] = {}
 
-    def bounding(self, k: int) -> int | None:
-        """The deepest searched depth shallower than k that is not scored yet (it bounds k from below), or None."""
-        between = [j for j in self.searched if max(self.looked, default=0) < j < k]
-        return max(between) if between else None
+    def beside(self, k: int) -> int | None:
+        """The depth searched beside k to bound deeper plans (k + 1), or None."""
+        return k + 1 if self.lazy and k and k + 1 in self.searched else None
 
     @property
     def scored(self) -> list[int]:
@@ -120,8 +118,10 @@ class TrainingFree:
     def __call__(self, k: int) -> dict:
         if k not in self.looked:
             if k and k not in self.searched:
-                self.searched = sorted({*self.searched, k})
-                status(f"searching the plans for {', '.join(map(str, self.searched))} blocks together")
+                n = get_adapter(self.run.model).num_blocks(self.run.model)
+                self.searched = sorted({*self.searched, k, *([k + 1] if self.lazy and k + 1 < n else [])})
+                if len(self.searched) > 1 + self.lazy:
+                    status(f"searching the plans for {', '.join(map(str, self.searched))} blocks together")
             model = training_free(self.run, self.data, self.profile, k, tuple(self.searched))
             self.looked[k] = perplexities(model, self.data.evaluation)
         return self.looked[k]
@@ -143,19 +143,6 @@ def _depth_only(search: dict, depth_ppl: TrainingFree, choice: dict) -> dict:
     if bound is not None and first_value(bound) > first_value(choice["estimate"]):
         return {**out, "estimate": {}, "at_least": bound}
     return {**out, "estimate": depth_ppl(search["k"])}
-
-
-def _depth_candidates(run, points: list[dict], lines: dict) -> list[int]:
-    """The depth each undominated precision needs (its search is cached, so choose_for_target reuses it)."""
-    from compressor.pipeline.precision import allowed, undominated
-
-    goal = run.cfg.target_speedup * (1 + run.cfg.speedup_margin)
-    ks = []
-    for point in undominated(allowed(run, points)):
-        if point["speedup"] >= goal:
-            break
-        ks.append(blocks_for_target(run, lines[point["precision"]])["k"])
-    return ks
 
 
 def _deepest(run) -> int:

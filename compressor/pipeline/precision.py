@@ -145,61 +145,83 @@ def choose_for_target(run, points: list[dict], depth_ppl, search) -> dict:
     """{"precision", "blocks", "speedup", "spread", "estimate", "candidates", "tried"}: the combination that
     reaches the target with the lowest estimated perplexity, among the precisions the run may deliver.
     `depth_ppl(k)` is the training-free fp32 perplexity (per text) of the plan removing k blocks; `search(
-    precision)` finds the blocks on top of a precision (`depth.blocks_for_target`'s result)."""
+    precision, at_most)` finds the blocks on top of a precision (`depth.blocks_for_target`'s result), or,
+    given `at_most`, whether that many reach the target at all (k None when they do not).
+
+    A precision alone that meets the target leaves only the precisions of lower perplexity to try. Those are
+    tried fastest first (they need the fewest blocks), each estimated at once, so that a slower one is held
+    to the depths at which it could still win: a deeper plan scores no better than a shallower one, so once
+    some depth d at its perplexity ratio scores above the best estimate, it wins only with fewer than d blocks
+    removed, and one probe at d - 1 settles whether that many reach the target (`could_win`)."""
     cfg = run.cfg
     goal = cfg.target_speedup * (1 + cfg.speedup_margin)
     original_ppl = original_perplexity(points)
+    pool = undominated(allowed(run, points))
     found, tried = [], []
-    for point in undominated(allowed(run, points)):
-        p = point["precision"]
-        if point["speedup"] >= goal:
-            found.append({"precision": p, "blocks": 0, "speedup": point["speedup"], "spread": point["spread"],
-                          "estimate": point["perplexity"]})
-            tried.append({"precision": p, "blocks": 0, "reached": True, "why": None})
-            break  # every later precision has a higher perplexity already, before any block goes
-        depth = search(p)
-        tried.append({"precision": p, "blocks": depth["k"], "reached": depth["k"] is not None, "why": depth["why"],
-                      "attempts": depth["attempts"]})
+    alone = next((point for point in pool if point["speedup"] >= goal), None)
+    if alone is not None:
+        found.append({"precision": alone["precision"], "blocks": 0, "speedup": alone["speedup"],
+                      "spread": alone["spread"], "estimate": alone["perplexity"]})
+        tried.append({"precision": alone["precision"], "blocks": 0, "reached": True, "why": None})
+        pool = pool[:pool.index(alone)]  # the later ones have a higher perplexity already, before any block goes
+    for point in sorted(pool, key=lambda point: -point["speedup"]):
+        p, r = point["precision"], ratio(point, original_ppl)
+        at_most = could_win(r, found, depth_ppl, original_ppl)
+        if at_most is not None and at_most < 1:
+            tried.append({"precision": p, "blocks": None, "reached": False, "why": None, "attempts": [],
+                          "beaten": "its perplexity ratio alone puts it above the best estimate"})
+            continue
+        depth = search(p, at_most)
+        entry = {"precision": p, "blocks": depth["k"], "reached": depth["k"] is not None, "why": depth["why"],
+                 "attempts": depth["attempts"]}
+        if depth.get("beaten"):
+            entry.update(why=None, beaten=depth["beaten"])
+        tried.append(entry)
         if depth["k"] is None:
             continue
         speed, spread = decided_speedup(depth)
-        found.append({"precision": p, "blocks": depth["k"], "speedup": speed, "spread": spread,
-                      "ratio": ratio(point, original_ppl)})
+        found.append(estimated({"precision": p, "blocks": depth["k"], "speedup": speed, "spread": spread}, r,
+                               found, depth_ppl))
     if not found:
         best = _best_measured(allowed(run, points), tried)
         raise InvalidPlanError(
             f"a {cfg.target_speedup:.2f}x speedup was not reached on {cfg.backend}/{cfg.device} by any precision "
             f"and depth: the best measured was {best}; " + "; ".join(t["why"] for t in tried if t["why"])
             + "; ask for less")
-    estimate_(found, depth_ppl)
     chosen = min((c for c in found if c["estimate"]), key=lambda c: (first_value(c["estimate"]), c["blocks"]))
     return {**chosen, "candidates": found, "tried": tried}
 
 
-def estimate_(candidates: list[dict], depth_ppl) -> None:
-    """Give each candidate its estimated perplexity ("estimate", per text), shallowest first, or, where a
-    shallower depth already bounds it above the best estimate so far, "at_least" (and an empty estimate):
-    the searches remove blocks one at a time, so a deeper plan scores no better than a shallower one, and
-    the deepest plan (often the depth-only one at fp32) is then never searched nor scored. Where the depths
-    scored so far do not bound a candidate out, `depth_ppl.bounding(k)` may name a depth between, already
-    searched, that is scored first: one block past the best candidate usually costs more perplexity than a
-    cheaper precision saves."""
-    best = None
-    for c in sorted(candidates, key=lambda c: c["blocks"]):
-        r = c.pop("ratio", None)
-        if "estimate" in c:  # a precision alone: its own measured perplexity
-            best = c if best is None or first_value(c["estimate"]) < first_value(best["estimate"]) else best
-            continue
-        bound = bound_at(c["blocks"], r, depth_ppl)
-        between = getattr(depth_ppl, "bounding", lambda k: None)(c["blocks"])
-        if best is not None and between is not None and not _above(bound, best):
-            depth_ppl(between)  # a shallower depth, cheap to score, that may bound this one out
-            bound = bound_at(c["blocks"], r, depth_ppl)
-        if best is not None and _above(bound, best):
-            c["estimate"], c["at_least"] = {}, bound
-            continue
-        c["estimate"] = {n: v * r[n] for n, v in depth_ppl(c["blocks"]).items()}
-        best = c if best is None or first_value(c["estimate"]) < first_value(best["estimate"]) else best
+def _best(found: list[dict]) -> dict | None:
+    scored = [c for c in found if c["estimate"]]
+    return min(scored, key=lambda c: first_value(c["estimate"])) if scored else None
+
+
+def could_win(r: dict, found: list[dict], depth_ppl, original_ppl: dict) -> int | None:
+    """The most blocks with which a precision of perplexity ratio `r` could still beat the best candidate
+    found: d - 1 for the shallowest depth d scored so far (the original counts as depth 0) whose perplexity
+    times `r` is above the best estimate; None where nothing bounds it. The depth searched beside the best
+    candidate's (`depth_ppl.beside`: one block past it, with a lazy TrainingFree) is scored for this."""
+    best = _best(found)
+    if best is None:
+        return None
+    extra = getattr(depth_ppl, "beside", lambda k: None)(best["blocks"])
+    if extra is not None:
+        depth_ppl(extra)
+    scored = {0: original_ppl, **{d: depth_ppl(d) for d in getattr(depth_ppl, "scored", [])}}
+    above = [d for d, ppl in scored.items() if first_value(ppl) * first_value(r) > first_value(best["estimate"])]
+    return min(above) - 1 if above else None
+
+
+def estimated(c: dict, r: dict, found: list[dict], depth_ppl) -> dict:
+    """Candidate `c` with its estimated perplexity ("estimate", per text): the training-free perplexity of its
+    depth times its precision's ratio `r`; or, where a shallower depth already scored bounds it above the best
+    estimate so far, "at_least" and an empty estimate (its plan is then never searched nor scored)."""
+    best = _best(found)
+    bound = bound_at(c["blocks"], r, depth_ppl)
+    if best is not None and _above(bound, best):
+        return {**c, "estimate": {}, "at_least": bound}
+    return {**c, "estimate": {n: v * r[n] for n, v in depth_ppl(c["blocks"]).items()}}
 
 
 def _above(bound: dict | None, best: dict) -> bool:
