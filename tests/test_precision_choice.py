@@ -99,7 +99,7 @@ class Scored:
         return sorted(self.looked)
 
     def beside(self, k):
-        return k + 1 if self.lazy and k else None
+        return k + 1 if self.lazy else None
 
     def __call__(self, k):
         self.looked.setdefault(k, self.fn(k))
@@ -132,11 +132,28 @@ def test_a_slower_precision_is_held_to_the_depths_at_which_it_could_still_win(pp
     assert not fp32["reached"] and (fp32["why"] or fp32["beaten"])
 
 
+@pytest.mark.parametrize("ppl_per_block", [0.2, 0.01])
+def test_beside_a_precision_alone_one_block_bounds_the_slower_precisions(ppl_per_block):
+    """At 2.1x int4 alone reaches it (2.4x, +19%); int8 (2.0x, +0.5%) needs blocks. One block removed is scored
+    first: at +20% a block, int8 with one block already scores above int4 alone, so int8 is not searched at all;
+    at +1% a block it could still win, and is searched in full. The choice is the exhaustive one either way."""
+    fake = depth_model(ppl_per_block=ppl_per_block)
+    fake.goal = 2.1 * 1.02
+    scored = Scored(fake.depth_ppl, lazy=True)
+    chosen = choose_for_target(fake_run(2.1), POINTS, scored, fake.search)
+    assert (chosen["precision"], chosen["blocks"]) == exhaustive(2.1, ppl_per_block=ppl_per_block)[0][:2]
+    assert 1 in scored.scored
+    if 17.58 * (1 + ppl_per_block) * 17.67 / 17.58 > 20.90:
+        assert "int8" not in fake.asked and chosen["precision"] == "int4" and chosen["blocks"] == 0
+    else:
+        assert "int8" in fake.asked and fake.at_most["int8"] is None
+
+
 def test_a_lazy_training_free_search_takes_one_block_past_each_depth_asked_for():
     from compressor.pipeline.plan import TrainingFree
 
     lazy = TrainingFree(None, None, None, [4, 5], lazy=True)
-    assert lazy.beside(4) == 5 and lazy.beside(5) is None and lazy.beside(0) is None
+    assert lazy.beside(4) == 5 and lazy.beside(5) is None and lazy.beside(0) == 1
     assert TrainingFree(None, None, None, [4, 5]).beside(4) is None
 
 

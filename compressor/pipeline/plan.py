@@ -108,8 +108,9 @@ class TrainingFree:
         self.looked: dict[int, dict] = {}
 
     def beside(self, k: int) -> int | None:
-        """The depth searched beside k to bound deeper plans (k + 1), or None."""
-        return k + 1 if self.lazy and k and k + 1 in self.searched else None
+        """The depth that bounds plans deeper than k from below when scored: k + 1, searched beside k (for k = 0,
+        a precision alone: one block, the cheapest plan to search), or None."""
+        return k + 1 if self.lazy and (k == 0 or k + 1 in self.searched) else None
 
     @property
     def scored(self) -> list[int]:
