@@ -38,9 +38,12 @@ test-all: setup optimum-env
 
 # `make demo`: the whole pipeline on the packaged SmolLM2, with ONNX Runtime on this machine's CPU. It scores
 # 4,096 tokens of each evaluation text (the default is 8,192) and heals for 2 minutes (the default is 4),
-# to keep a first run short; everything else is `compress model`'s default.
+# to keep a first run short; everything else is `compress model`'s default. A target the final benchmark
+# measures short of (`compress model` exits 1, the report written) ends the demo normally, with that verdict
+# printed; any other failure fails it.
 demo: setup
-	$(VENV)/bin/compress model --target-speedup 1.6 --eval-tokens 4096 --heal-minutes 2 --out demo-out --overwrite
+	@$(VENV)/bin/compress model --target-speedup 1.7 --eval-tokens 4096 --heal-minutes 2 --out demo-out \
+		--overwrite || [ $$? -eq 1 ]
 
 lint: setup
 	$(VENV)/bin/ruff check compressor tests bench examples
