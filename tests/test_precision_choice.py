@@ -291,3 +291,34 @@ def test_heal_quantization_aware_trains_for_the_chosen_precision_and_the_export_
     assert json.loads((out / "model" / "config.json").read_text())[CONFIG_KEY]["bits"] == 8
     quantization = json.loads((out / "onnx" / "export.json").read_text())["quantization"]
     assert any("round to nearest on the trained grid" in n for n in quantization["notes"])
+
+
+def test_a_precision_held_to_at_most_k_blocks_is_probed_there_first(monkeypatch):
+    """depth._search with at_most, on a precision whose measured speedup is 1.2x / (1 - 0.03 k) (7 blocks reach
+    1.5x): held to 6 blocks, one probe at 6 falls short and the search ends, "beaten"; held to 8 where the
+    line (too pessimistic) asks for more, 8 is probed first, reaches, and the search goes on toward fewer,
+    never deeper than 8; held to 9 where the line asks for fewer, the search is the unbounded one."""
+    from compressor.pipeline import depth
+    from compressor.pipeline.measure import Speedup
+
+    probed = []
+
+    def time_depth(run, original, precision, k, target=None):
+        probed.append(k)
+        value = 1.2 / (1 - 0.03 * k)
+        return Speedup(value, 0.01, [value], 100.0, 100.0 / value), None
+
+    monkeypatch.setattr(depth, "backend_for", lambda *args, **kwargs: None)
+    monkeypatch.setattr(depth, "time_depth", time_depth)
+    run = SimpleNamespace(cfg=SimpleNamespace(target_speedup=1.5, speedup_margin=0.0, max_probes=4), model=None)
+    pessimistic = depth.DepthLine.through("int8", 30, 1.2, 3.0)
+    assert pessimistic.fewest(1.5) > 8
+    beaten = depth._search(run, pessimistic, at_most=6)
+    assert probed == [6] and beaten["k"] is None and beaten["why"] is None and "6 blocks" in beaten["beaten"]
+    probed.clear()
+    found = depth._search(run, pessimistic, at_most=8)
+    assert found["k"] == 7 and probed[0] == 8 and 7 in probed and max(probed) == 8
+    probed.clear()
+    exact = depth.DepthLine.through("int8", 30, 1.2, 1.2 / (1 - 0.03 * 29))
+    assert exact.fewest(1.5) == 7
+    assert depth._search(run, exact, at_most=9)["k"] == 7 and probed[0] == 7 and max(probed) <= 7

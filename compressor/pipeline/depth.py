@@ -190,6 +190,7 @@ def _search(run, line: DepthLine, at_most: int | None = None) -> dict:
             return {"k": None, "attempts": attempts, "why": None,
                     "beaten": (f"{at_most} blocks removed measured {known[at_most]:.3f}x, short of the {goal:.3f}x "
                                "the target asks; more would score above a better combination")}
+        first = at_most  # they do: the search goes on from there, toward fewer
     search_depth(max(first, 1), measure, goal / base, n, cfg.max_probes,
                  predict=lambda k: line.anchored(k, known) / base)
     decided = decide(line, attempts, goal)
