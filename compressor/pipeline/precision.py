@@ -3,10 +3,12 @@
 1. Quantize only: every precision the backend and device run (`precisions_for`) is exported from the
    unpruned model, timed against the original fp32 model in alternation and scored for perplexity
    on the evaluation texts through the runtime itself. No training, so this is cheap.
-2. For each precision no other one dominates (faster *and* no worse), the fewest blocks removed on
-   top of it for the target (`depth.blocks_for_target`: a line per precision through its unpruned
-   point and a copy with one block left names the first probe, the line through every probe decides), or under a perplexity budget the most
-   blocks that keep it within the budget.
+2. For each precision no other one dominates (faster beyond their measured spreads *and* no worse),
+   the fewest blocks removed on top of it for the target (`depth.blocks_for_target`: a line per
+   precision through its unpruned point and a copy with one block left names the first probe, the
+   line through every probe decides), fastest precision first, a slower one held to the depths at
+   which it could still win (`could_win`); or under a perplexity budget the most blocks that keep it
+   within the budget.
 3. Target: the combination that reaches it with the lowest perplexity; budget: the fastest
    combination within it. A combination's perplexity is the training-free perplexity of its plan at
    fp32 times its precision's measured quantization ratio (exact when no block is removed), so no
