@@ -41,9 +41,11 @@ def heal(
     temperature: Annotated[float, typer.Option("--temperature", help="Distillation temperature T.")] = 1.0,
     alpha: Annotated[float, typer.Option("--alpha", help="Weight of KD against the LM loss (0-1).")] = 0.8,
     hidden_weight: Annotated[float, typer.Option(
-        "--hidden-weight", help="Weight of the hidden-state loss at the cut points.")] = 0.0,
+        "--hidden-weight", help="Weight of the hidden-state loss (relative error per token).")] = 0.0,
+    hidden_at: Annotated[str, typer.Option(
+        "--hidden-at", help="Match hidden states at the cuts, or after every kept block.")] = "cuts",
     train: Annotated[str, typer.Option(
-        "--train", help="touched (blocks next to cuts), all, or lora.")] = "touched",
+        "--train", help="touched (blocks next to cuts), all, norms (scales and biases), or lora.")] = "touched",
     lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank with --train lora.")] = 16,
     regularize_linearity: Annotated[float, typer.Option(
         "--regularize-linearity",
@@ -84,6 +86,7 @@ def heal(
         overwrite=overwrite, allow_pickle=allow_pickle,
         steps=steps, max_minutes=max_minutes, lr=lr, warmup=warmup, batch_size=batch_size,
         grad_accum=grad_accum, temperature=temperature, alpha=alpha, hidden_weight=hidden_weight,
+        hidden_at=hidden_at,
         regularize_linearity=regularize_linearity,
         train=train, lora_rank=lora_rank, topk=topk, checkpoint_every=checkpoint_every, resume=resume,
         seed=seed, distributed=distributed, autocast=autocast, quantization_aware=quantization_aware,

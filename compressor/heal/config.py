@@ -7,10 +7,11 @@ from pathlib import Path
 
 from compressor.errors import CompressorError
 
-TRAIN_CHOICES = ("touched", "all", "lora")
+TRAIN_CHOICES = ("touched", "all", "norms", "lora")
+HIDDEN_AT_CHOICES = ("cuts", "every")
 # Peak learning rates that recovered most per CPU-minute on SmolLM2-135M (bench/heal.py): a few blocks or
 # adapters take a high rate; the whole model a lower one.
-DEFAULT_LR = {"touched": 1e-3, "lora": 1e-3, "all": 2e-4}
+DEFAULT_LR = {"touched": 1e-3, "lora": 1e-3, "all": 2e-4, "norms": 3e-3}
 DISTRIBUTED_CHOICES = ("ddp", "fsdp")
 QUANTIZATION_AWARE_CHOICES = ("int4", "int8")
 
@@ -22,15 +23,16 @@ class HealConfig:
         alpha * KD + (1 - alpha) * LM + hidden_weight * hidden + regularize_linearity * mean cos
 
     KD is KL(teacher || student) at `temperature` (times T^2), LM the next-token cross-entropy, hidden
-    the relative error of the student's hidden state at each cut against the teacher's, and the last
-    term the cosine regularizer (see LinearityRegularizer).
+    the relative error of the student's hidden states against the teacher's (at each cut, or after
+    every kept block: `hidden_at`), and the last term the cosine regularizer (see LinearityRegularizer).
 
     steps: optimizer steps planned; max_minutes bounds wall time too (whichever comes first: the
         schedule is re-planned to end within the time after the first steps are timed).
     batch_size: windows per micro-batch per process; one step sees batch_size * grad_accum * processes.
     lr: peak learning rate; None picks DEFAULT_LR for the `train` mode.
     warmup: linear warm-up steps, then cosine decay to min_lr_ratio * lr.
-    train: "touched" (blocks next to each cut), "all", or "lora" (peft, merged back at the end).
+    train: "touched" (blocks next to each cut), "all", "norms" (normalization scales and biases), or
+        "lora" (peft, merged back at the end).
     topk: log-probabilities per position kept in the teacher cache.
     teacher_cache: directory of cache files; None runs the teacher live on every batch.
     checkpoint_dir: where training state is saved every checkpoint_every steps (None: never).
@@ -56,6 +58,7 @@ class HealConfig:
     temperature: float = 1.0
     alpha: float = 0.8
     hidden_weight: float = 0.0
+    hidden_at: str = "cuts"
     regularize_linearity: float = 0.0
     train: str = "touched"
     lora_rank: int = 16
@@ -95,6 +98,8 @@ class HealConfig:
             p.append(f"--hidden-weight must be >= 0 (got {self.hidden_weight})")
         if self.max_minutes is not None and self.max_minutes <= 0:
             p.append(f"--max-minutes must be positive (got {self.max_minutes})")
+        if self.hidden_at not in HIDDEN_AT_CHOICES:
+            p.append(f"--hidden-at must be one of {', '.join(HIDDEN_AT_CHOICES)} (got '{self.hidden_at}')")
         if self.train not in TRAIN_CHOICES:
             p.append(f"--train must be one of {', '.join(TRAIN_CHOICES)} (got '{self.train}')")
         if self.distributed not in DISTRIBUTED_CHOICES:
@@ -131,7 +136,7 @@ class HealConfig:
         one process of 4.
         """
         keys = ("steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "temperature", "alpha",
-                "hidden_weight", "regularize_linearity", "train", "lora_rank", "lora_alpha", "topk", "seed",
+                "hidden_weight", "hidden_at", "regularize_linearity", "train", "lora_rank", "lora_alpha", "topk", "seed",
                 "quantization_aware")
         key = {k: getattr(self, k) for k in keys}
         key["global_batch"] = self.batch_size * self.grad_accum * world_size

@@ -51,7 +51,7 @@ from compressor.heal.teacher_cache import (
     check_cache,
     evict,
 )
-from compressor.heal.trainable import CutPoint, cut_points, select_trainable_
+from compressor.heal.trainable import CutPoint, hidden_points, select_trainable_
 from compressor.surgery.edit import compressor_record
 from compressor.util.fingerprint import windows_fingerprint
 from compressor.util.progress import status, track
@@ -93,11 +93,11 @@ def _heal(student, teacher: TeacherArg, train_windows, eval_windows, config: Hea
     torch.manual_seed(config.seed)
     student.to(runtime.device)
 
-    # What trains: the blocks next to each cut, everything, or LoRA adapters.
+    # What trains: the blocks next to each cut, everything, the norms and biases, or LoRA adapters.
     model, lora = _trainable(student, config)
 
     # The teacher's targets: live, or the cache (filled once by rank 0, read by every rank).
-    points = cut_points(compressor_record(student)) if config.hidden_weight > 0 else []
+    points = hidden_points(compressor_record(student), config.hidden_at) if config.hidden_weight > 0 else []
     deadline = started + 0.4 * config.max_minutes * 60 if config.max_minutes else None
     targets, cache_file = _teacher_targets(teacher, student, train_windows, points, config, runtime, deadline)
     if isinstance(targets, CachedTeacher) and not targets.complete:

@@ -1,4 +1,5 @@
-"""What healing trains: the parts of the model the surgery touched, everything, or LoRA adapters.
+"""What healing trains (the parts of the model the surgery touched, everything, the norms and biases, or
+LoRA adapters), and where the student's hidden states are matched to the teacher's.
 
 The surgery record (`model.config.compressor`, see compressor.surgery.edit) says which original blocks
 were kept and which removed or linearized. A cut is a run of removed original blocks; the kept
@@ -57,8 +58,25 @@ def cut_points(record: dict) -> list[CutPoint]:
     return points
 
 
+def hidden_points(record: dict, at: str = "cuts") -> list[CutPoint]:
+    """Where the student's hidden states are matched to the teacher's: at the cuts (`cut_points`), or
+    after "every" kept block, each against the teacher's output of the last original block it stands
+    for (its own, or the last removed one before the next kept block)."""
+    if at == "cuts":
+        return cut_points(record)
+    if at != "every":
+        raise CompressorError(f"unknown --hidden-at '{at}': choose cuts or every")
+    kept = record["kept"]
+    return [CutPoint(student_block=i, teacher_block=nxt - 1)
+            for i, nxt in enumerate(kept[1:] + [record["blocks_original"]])]
+
+
 def select_trainable_(model: torch.nn.Module, train: str) -> list[str]:
-    """Set requires_grad on what `train` names ("touched" or "all"); freeze the rest. Returns the names.
+    """Set requires_grad on what `train` names ("touched", "all" or "norms"); freeze the rest. Returns the
+    names.
+
+    "norms": every one-dimensional parameter, that is the normalization scales and the biases (no
+    architecture names them alike, but all of them are vectors, and no weight matrix is).
 
     "touched": every parameter of the blocks next to a cut, and the MLP output projection of the
     block before each linearized span (where a linear map was folded in; already part of the first
@@ -68,8 +86,15 @@ def select_trainable_(model: torch.nn.Module, train: str) -> list[str]:
         for p in model.parameters():
             p.requires_grad_(True)
         return [n for n, _ in model.named_parameters()]
+    if train == "norms":
+        names = []
+        for name, p in model.named_parameters():
+            p.requires_grad_(p.ndim == 1)
+            names += [name] if p.ndim == 1 else []
+        log.info("training %d normalization scales and biases", len(names))
+        return names
     if train != "touched":
-        raise CompressorError(f"unknown --train '{train}': choose touched, all or lora")
+        raise CompressorError(f"unknown --train '{train}': choose touched, all, norms or lora")
     adapter = get_adapter(model)
     blocks = adapter.blocks_of(model)
     record = compressor_record(model)

@@ -57,6 +57,7 @@ def test_heal_writes_a_standard_checkpoint(checkpoints, monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (["--teacher", "wide"], "teacher does not match the student (width 64"),
     (["--teacher", "teacher", "--data", "missing.txt"], "missing.txt does not exist"),
+    (["--teacher", "teacher", "--hidden-at", "middle"], "--hidden-at must be one of cuts, every"),
 ])
 def test_bad_inputs_exit_2_with_one_line(checkpoints, args, message):
     run = compress("heal", "student", "--out", "healed", *args, *FAST, cwd=checkpoints)
@@ -66,7 +67,8 @@ def test_bad_inputs_exit_2_with_one_line(checkpoints, args, message):
 
 
 def test_every_bad_setting_is_reported_at_once_and_lr_follows_the_mode():
-    problems = HealConfig(steps=0, alpha=3, train="some", distributed="mpi").problems()
-    assert len(problems) == 4 and any("--alpha weighs KD" in p for p in problems)
+    problems = HealConfig(steps=0, alpha=3, train="some", distributed="mpi", hidden_at="middle").problems()
+    assert len(problems) == 5 and any("--alpha weighs KD" in p for p in problems)
+    assert any("--hidden-at must be one of cuts, every" in p for p in problems)
     assert HealConfig(train="touched").lr == 1e-3 and HealConfig(train="all").lr == 2e-4
     assert HealConfig(train="all", lr=5e-5).lr == 5e-5

@@ -16,7 +16,7 @@ from compressor.errors import CompressorError
 from compressor.heal import HealConfig, heal, kd_loss
 from compressor.heal import teacher_cache as tc
 from compressor.heal.train import cpu_computes_bf16, window_perplexity
-from compressor.heal.trainable import cut_points, touched_blocks
+from compressor.heal.trainable import cut_points, hidden_points, touched_blocks
 from compressor.surgery.edit import compressor_record, save_checkpoint
 from compressor.util.progress import use_tracker
 
@@ -34,6 +34,43 @@ def test_touched_blocks_and_cut_points_follow_the_record():
     assert touched_blocks(record) == [1, 2, 4, 5]  # originals 1|4 around 2-3, 6|9 around 7-8
     assert [(p.student_block, p.teacher_block) for p in cut_points(record)] == [(1, 3), (4, 8)]
     assert touched_blocks({"blocks_original": 4, "kept": [2, 3], "removed": [0, 1]}) == [0]
+    # After every kept block: its own original, or the last one removed before the next kept block.
+    every = [(p.student_block, p.teacher_block) for p in hidden_points(record, "every")]
+    assert every == [(0, 0), (1, 3), (2, 4), (3, 5), (4, 8), (5, 9)]
+    assert hidden_points(record, "cuts") == cut_points(record)
+
+
+def test_hidden_states_matched_after_every_kept_block_start_at_the_direct_formula():
+    """The first logged hidden term is the mean, over kept blocks, of the per-token relative error
+    |h_s - h_t|^2 / |h_t|^2 against the teacher block each one stands for, computed here from
+    output_hidden_states with the final norm removed (so the last state is the last block's output)."""
+    teacher, student = pair(drop=(1,))  # kept originals 0, 2, 3 of 4
+    ids = windows(n=4)  # one batch: the first step sees every window
+    bare_t, bare_s = copy.deepcopy(teacher), copy.deepcopy(student)
+    bare_t.model.norm, bare_s.model.norm = torch.nn.Identity(), torch.nn.Identity()
+    with torch.no_grad():
+        hs_t = bare_t(input_ids=ids, output_hidden_states=True).hidden_states
+        hs_s = bare_s(input_ids=ids, output_hidden_states=True).hidden_states
+    errors = []
+    for i, orig in enumerate([1, 2, 3]):  # student block i stands for teacher blocks up to `orig`
+        s, t = hs_s[i + 1], hs_t[orig + 1]
+        errors.append((((s - t) ** 2).sum(-1) / (t ** 2).sum(-1)).mean())
+    expected = float(torch.stack(errors).mean())
+    result = heal(student, teacher, ids, None, HealConfig(steps=1, hidden_weight=1.0, hidden_at="every",
+                                                          train="all", **FAST))
+    assert expected > 1e-3 and result.history[0]["hidden"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_norms_train_the_normalization_scales_only():
+    teacher, student = pair(drop=(1,))
+    ids = windows()
+    before = distillation_loss(student, teacher, ids)
+    start = params(student)
+    heal(student, teacher, ids, None, HealConfig(steps=12, train="norms", **{**FAST, "lr": 3e-2}))
+    changed = {k for k, v in params(student).items() if not torch.equal(v, start[k])}
+    vectors = {k for k, v in start.items() if v.ndim == 1}
+    assert changed == vectors and any(k.endswith("input_layernorm.weight") for k in changed)
+    assert distillation_loss(student, teacher, ids) < before
 
 
 def test_a_few_steps_lower_the_distillation_loss_and_touch_only_the_cut():
