@@ -50,6 +50,9 @@ RECIPES = {
     "touched+seq128": {"seq_len": 128, "batch_size": 8},  # the same tokens a step, twice the windows
     "touched+lr3e-3": {"lr": 3e-3},
     "all+lr5e-4": {"train": "all", "lr": 5e-4},
+    "touched+local0.5": {"local": 0.5},  # half the time on the touched blocks alone (compressor.heal.local)
+    "touched+local0.8": {"local": 0.8},
+    "touched+local0.5+lr3e-3": {"local": 0.5, "lr": 3e-3},
 }
 
 

@@ -46,6 +46,9 @@ def heal(
         "--hidden-at", help="Match hidden states at the cuts, or after every kept block.")] = "cuts",
     train: Annotated[str, typer.Option(
         "--train", help="touched (blocks next to cuts), all, norms (scales and biases), or lora.")] = "touched",
+    local: Annotated[float, typer.Option(
+        "--local", help="Share of the time (0-1) spent first training the touched blocks alone to reproduce "
+        "the teacher's hidden states after them (cheap steps: no other block, no LM head); --train touched.")] = 0.0,
     lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank with --train lora.")] = 16,
     regularize_linearity: Annotated[float, typer.Option(
         "--regularize-linearity",
@@ -86,7 +89,7 @@ def heal(
         overwrite=overwrite, allow_pickle=allow_pickle,
         steps=steps, max_minutes=max_minutes, lr=lr, warmup=warmup, batch_size=batch_size,
         grad_accum=grad_accum, temperature=temperature, alpha=alpha, hidden_weight=hidden_weight,
-        hidden_at=hidden_at,
+        hidden_at=hidden_at, local=local,
         regularize_linearity=regularize_linearity,
         train=train, lora_rank=lora_rank, topk=topk, checkpoint_every=checkpoint_every, resume=resume,
         seed=seed, distributed=distributed, autocast=autocast, quantization_aware=quantization_aware,

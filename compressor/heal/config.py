@@ -31,6 +31,9 @@ class HealConfig:
     batch_size: windows per micro-batch per process; one step sees batch_size * grad_accum * processes.
     lr: peak learning rate; None picks DEFAULT_LR for the `train` mode.
     warmup: linear warm-up steps, then cosine decay to min_lr_ratio * lr.
+    local: the share of the run (of the time with max_minutes, else local * steps extra steps) spent
+        first on local reconstruction (compressor.heal.local): the touched blocks alone, trained to
+        reproduce the teacher's hidden states after them; needs train "touched". 0 skips it.
     train: "touched" (blocks next to each cut), "all", "norms" (normalization scales and biases), or
         "lora" (peft, merged back at the end).
     topk: log-probabilities per position kept in the teacher cache.
@@ -59,6 +62,7 @@ class HealConfig:
     alpha: float = 0.8
     hidden_weight: float = 0.0
     hidden_at: str = "cuts"
+    local: float = 0.0
     regularize_linearity: float = 0.0
     train: str = "touched"
     lora_rank: int = 16
@@ -98,6 +102,11 @@ class HealConfig:
             p.append(f"--hidden-weight must be >= 0 (got {self.hidden_weight})")
         if self.max_minutes is not None and self.max_minutes <= 0:
             p.append(f"--max-minutes must be positive (got {self.max_minutes})")
+        if not 0.0 <= self.local < 1.0:
+            p.append(f"--local is the share of the time spent on local reconstruction first, in [0, 1) "
+                     f"(got {self.local})")
+        elif self.local > 0 and self.train != "touched":
+            p.append("--local trains the blocks next to the cuts alone: it needs --train touched")
         if self.hidden_at not in HIDDEN_AT_CHOICES:
             p.append(f"--hidden-at must be one of {', '.join(HIDDEN_AT_CHOICES)} (got '{self.hidden_at}')")
         if self.train not in TRAIN_CHOICES:
@@ -136,7 +145,7 @@ class HealConfig:
         one process of 4.
         """
         keys = ("steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "temperature", "alpha",
-                "hidden_weight", "hidden_at", "regularize_linearity", "train", "lora_rank", "lora_alpha", "topk", "seed",
+                "hidden_weight", "hidden_at", "local", "regularize_linearity", "train", "lora_rank", "lora_alpha", "topk", "seed",
                 "quantization_aware")
         key = {k: getattr(self, k) for k in keys}
         key["global_batch"] = self.batch_size * self.grad_accum * world_size
@@ -170,6 +179,7 @@ class HealResult:
     full_state_dict: dict | None = field(default=None, repr=False)
     is_main: bool = True
     quantization_aware: dict | None = None  # the record (compressor.quantize.fake) the export follows
+    local: dict | None = None  # what local reconstruction did first (compressor.heal.local), if it ran
 
     def to_dict(self) -> dict:
         skip = {"model", "full_state_dict", "is_main"}

@@ -21,6 +21,7 @@ from compressor.errors import CompressorError
 from compressor.heal.checkpoint import check_resumable, load_state, save_state, set_rng_state
 from compressor.heal.config import HealConfig, HealResult
 from compressor.heal.distributed import Runtime, make_runtime
+from compressor.heal.local import local_phase, seconds_left
 from compressor.heal.losses import (
     LinearityRegularizer,
     capture_block_outputs,
@@ -96,14 +97,18 @@ def _heal(student, teacher: TeacherArg, train_windows, eval_windows, config: Hea
     # What trains: the blocks next to each cut, everything, the norms and biases, or LoRA adapters.
     model, lora = _trainable(student, config)
 
+    ppl_before, eval_seconds = _perplexity_before(student, eval_windows, runtime, config)
+
+    # Local reconstruction first, if asked: the touched blocks alone against the teacher's hidden states.
+    teacher, local = local_phase(student, teacher, train_windows, config, runtime, started)
+
     # The teacher's targets: live, or the cache (filled once by rank 0, read by every rank).
     points = hidden_points(compressor_record(student), config.hidden_at) if config.hidden_weight > 0 else []
-    deadline = started + 0.4 * config.max_minutes * 60 if config.max_minutes else None
+    deadline = time.monotonic() + 0.4 * seconds_left(config, started) if config.max_minutes else None
     targets, cache_file = _teacher_targets(teacher, student, train_windows, points, config, runtime, deadline)
+    del teacher  # what the loop needs is in `targets` (a live teacher holds its model)
     if isinstance(targets, CachedTeacher) and not targets.complete:
         train_windows = train_windows[targets.window_ids]  # the windows the time budget gave the teacher
-
-    ppl_before, eval_seconds = _perplexity_before(student, eval_windows, runtime, config)
 
     loop = _Loop(config, runtime, *_optimize(model, config, runtime, lora), targets, points, train_windows)
     loop.resume()
@@ -126,7 +131,7 @@ def _heal(student, teacher: TeacherArg, train_windows, eval_windows, config: Hea
         ppl_before=ppl_before, ppl_after=ppl_after, resumed_from=loop.resumed_from,
         teacher_cache=str(cache_file) if cache_file else None, world_size=runtime.world_size,
         precision=str(autocast_dtype(runtime.device, config) or torch.float32).removeprefix("torch."),
-        history=history, model=healed, full_state_dict=full_state, is_main=runtime.is_main,
+        history=history, model=healed, full_state_dict=full_state, is_main=runtime.is_main, local=local,
     )
 
 
