@@ -41,6 +41,8 @@ REFUSED = [
     (["--sweep", "0,x", *BUDGET], "cannot read --sweep 'x'"),
     (["--heal-quantization-aware", "--heal-train", "lora", *BUDGET], "use --heal-train touched or all, not lora"),
     (["--heal-quantization-aware", "--precision", "fp32", *BUDGET], "--heal-quantization-aware needs an int8 or int4"),
+    (["--heal-local", "1", *BUDGET], "--heal-local must be in [0, 1)"),
+    (["--heal-local", "0.5", "--heal-train", "all", *BUDGET], "--heal-local trains the blocks next to the cuts alone"),
 ]
 if not torch.cuda.is_available():
     REFUSED.append((["--device", "cuda", *BUDGET], "--device cuda needs a cuda gpu"))

@@ -55,6 +55,9 @@ def model(
         "--heal-train", help="What healing trains: touched (blocks next to each cut), all, or lora.")] = "touched",
     heal_lr: Annotated[float | None, typer.Option(
         "--heal-lr", help="Peak healing learning rate (default: 1e-3 for touched and lora, 2e-4 for all).")] = None,
+    heal_local: Annotated[float, typer.Option(
+        "--heal-local", help="Share of healing (0-1) spent first on the blocks next to the cuts alone, "
+        "trained to reproduce the original's hidden states (compress heal --local); needs --heal-train touched.")] = 0.0,
     heal_quantization_aware: Annotated[bool, typer.Option(
         "--heal-quantization-aware", help="When an int8 or int4 export is chosen, heal through its fake quantizer "
         "(compress heal --quantization-aware), so the export writes the integers healing trained. With "
@@ -107,7 +110,7 @@ def model(
         overwrite=overwrite, data=data, eval=tuple(eval_files or ()), backend=backend, device=device,
         threads=threads, prefill_tokens=prefill, new_tokens=new, batch=batch, strategy=strategy,
         heal_steps=heal_steps, heal_minutes=heal_minutes, heal_train=heal_train, heal_lr=heal_lr,
-        heal_quantization_aware=heal_quantization_aware,
+        heal_local=heal_local, heal_quantization_aware=heal_quantization_aware,
         format=export_format, precision=precision.lower(), samples=samples, seq_len=seq_len, seed=seed, timing_seconds=min_seconds,
         sweep=levels, search_windows=search_windows, eval_max_tokens=eval_tokens)
     if json:

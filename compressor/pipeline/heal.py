@@ -17,6 +17,7 @@ class HealInputs:
     heal_minutes: float
     heal_train: str
     heal_lr: float | None
+    heal_local: float
     quantization_aware: str | None
 
 
@@ -35,6 +36,7 @@ def heal_stage(run, student, windows, plan: PlanInputs, precision: str = "fp32")
            + (f", through the {aware} quantizer)" if aware else ")"))
     state = run.work / f"heal-state-{key_of(inputs_of(HealInputs, cfg, plan=plan, quantization_aware=aware))}"
     config = HealConfig(steps=cfg.heal_steps, max_minutes=cfg.heal_minutes, train=cfg.heal_train, lr=cfg.heal_lr,
+                        local=cfg.heal_local,
                         checkpoint_dir=state, resume=state.exists(), quantization_aware=aware)
     start = time.perf_counter()
     result = heal(student, run.model, windows, None, config)
