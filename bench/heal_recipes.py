@@ -37,7 +37,9 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 from heal import DATA, HEAL, make_or_read_plan  # bench/heal.py: the plan and the base recipe
 
-# Each recipe: changes to bench/heal.py's HEAL settings (compress heal's defaults but for lr and warmup).
+# Each recipe: changes to BASE, bench/heal.py's HEAL settings (compress heal's defaults but for lr and warmup)
+# with no local reconstruction.
+BASE = {**HEAL, "local": 0.0}
 RECIPES = {
     "touched": {},
     "all": {"train": "all", "lr": 2e-4},
@@ -61,7 +63,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.list:
         for name, change in RECIPES.items():
-            print(f"{name:16s} {json.dumps({**HEAL, **change})}")
+            print(f"{name:16s} {json.dumps({**BASE, **change})}")
         return
     if args.child:
         return child(args)
@@ -89,21 +91,21 @@ def main() -> None:
     print(f"plan {how}: drop {plan.drop}, linearize {plan.linearize}", flush=True)
     print(f"original {fmt(ppl['original'])}   pruned {fmt(ppl['pruned'])}", flush=True)
     teacher = str(resolve(args.model))
-    rows = []
+    report = {"model": args.model, "plan": {"how": how, "drop": plan.drop, "linearize": plan.linearize},
+              "minutes": args.minutes, "threads": args.threads, "data": str(args.data),
+              "eval_tokens": {t: int(ids.numel()) for t, ids in texts.items()}, "perplexity": ppl,
+              "base": BASE, "recipes": [], "machine": {"cpus": os.cpu_count()}}
+    out = args.out or work / f"heal-recipes-{args.minutes:g}min.json"
     for name in names:
         start = time.perf_counter()
         result = run_child(args, name, teacher)
         result["wall_seconds"] = round(time.perf_counter() - start, 1)
+        result["load_average"] = os.getloadavg()[0]  # other work on the machine buys a recipe fewer steps
         result["recovered"] = {t: recovered(ppl, result["perplexity"][t], t) for t in texts}
-        rows.append(result)
+        report["recipes"].append(result)
         print(row_line(result), flush=True)
-    report = {"model": args.model, "plan": {"how": how, "drop": plan.drop, "linearize": plan.linearize},
-              "minutes": args.minutes, "threads": args.threads, "data": str(args.data),
-              "eval_tokens": {t: int(ids.numel()) for t, ids in texts.items()}, "perplexity": ppl,
-              "base": HEAL, "recipes": rows, "machine": {"cpus": os.cpu_count(), "load": os.getloadavg()}}
+        out.write_text(json.dumps(report, indent=2))  # after every recipe: a long run stopped early keeps its rows
     print_table(report)
-    out = args.out or work / f"heal-recipes-{args.minutes:g}min.json"
-    out.write_text(json.dumps(report, indent=2))
     print(f"\nfull report: {out}")
 
 
@@ -151,7 +153,7 @@ def run_child(args, name: str, teacher: str) -> dict:
     cmd = [sys.executable, str(HERE), "--child", name, "--work", str(args.work), "--minutes", str(args.minutes),
            "--threads", str(args.threads), "--data", str(args.data), "--test", str(args.test),
            "--eval-tokens", str(args.eval_tokens), "--teacher", teacher]
-    print(f"- {name}: {json.dumps({**HEAL, **RECIPES[name]})}", flush=True)
+    print(f"- {name}: {json.dumps({**BASE, **RECIPES[name]})}", flush=True)
     proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"recipe {name} failed (exit {proc.returncode})")
@@ -166,7 +168,7 @@ def child(args) -> None:
     from compressor.loading import load_model
 
     logging.basicConfig(level=logging.INFO, format="  %(message)s", stream=sys.stderr)
-    settings = {**HEAL, **RECIPES[args.child]}
+    settings = {**BASE, **RECIPES[args.child]}
     run_dir = args.work / "recipes" / args.child.replace("+", "-")
     shutil.rmtree(run_dir, ignore_errors=True)
     cache = settings.pop("teacher_cache", run_dir / "teacher-cache")
@@ -179,7 +181,7 @@ def child(args) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     print(json.dumps({"recipe": args.child, "settings": settings, "samples": samples, "perplexity": ppl,
                       **{k: getattr(result, k) for k in ("steps", "tokens", "seconds", "trainable_parameters",
-                                                          "stopped_by", "loss_first", "loss_last")}}))
+                                                          "stopped_by", "loss_first", "loss_last", "local")}}))
 
 
 def fmt(ppl: dict) -> str:

@@ -46,9 +46,10 @@ def heal(
         "--hidden-at", help="Match hidden states at the cuts, or after every kept block.")] = "cuts",
     train: Annotated[str, typer.Option(
         "--train", help="touched (blocks next to cuts), all, norms (scales and biases), or lora.")] = "touched",
-    local: Annotated[float, typer.Option(
+    local: Annotated[float | None, typer.Option(
         "--local", help="Share of the time (0-1) spent first training the touched blocks alone to reproduce "
-        "the teacher's hidden states after them (cheap steps: no other block, no LM head); --train touched.")] = 0.0,
+        "the teacher's hidden states after them (cheap steps: no other block, no LM head). "
+        "Default: 0.5 with --train touched, 0 otherwise.")] = None,
     lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank with --train lora.")] = 16,
     regularize_linearity: Annotated[float, typer.Option(
         "--regularize-linearity",

@@ -52,12 +52,13 @@ def model(
     heal_steps: Annotated[int, typer.Option("--heal-steps", help="Healing steps (0 skips healing).")] = 60,
     heal_minutes: Annotated[float, typer.Option("--heal-minutes", help="Healing time limit.")] = 4.0,
     heal_train: Annotated[str, typer.Option(
-        "--heal-train", help="What healing trains: touched (blocks next to each cut), all, or lora.")] = "touched",
+        "--heal-train", help="What healing trains: touched (blocks next to each cut), all, norms, or lora.")] = "touched",
     heal_lr: Annotated[float | None, typer.Option(
         "--heal-lr", help="Peak healing learning rate (default: 1e-3 for touched and lora, 2e-4 for all).")] = None,
-    heal_local: Annotated[float, typer.Option(
-        "--heal-local", help="Share of healing (0-1) spent first on the blocks next to the cuts alone, "
-        "trained to reproduce the original's hidden states (compress heal --local); needs --heal-train touched.")] = 0.0,
+    heal_local: Annotated[float | None, typer.Option(
+        "--heal-local", help="Share of healing (0-1) spent first on the blocks next to the cuts alone, trained "
+        "to reproduce the original's hidden states (compress heal --local). Default: 0.5 with --heal-train "
+        "touched, 0 otherwise.")] = None,
     heal_quantization_aware: Annotated[bool, typer.Option(
         "--heal-quantization-aware", help="When an int8 or int4 export is chosen, heal through its fake quantizer "
         "(compress heal --quantization-aware), so the export writes the integers healing trained. With "

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from compressor.adapters import get_adapter
-from compressor.errors import CompressorError
 from compressor.heal.checkpoint import STATE_FILE
 from compressor.heal.config import HealConfig
 from compressor.heal.losses import hidden_loss
@@ -43,12 +42,13 @@ def seconds_left(config: HealConfig, started: float) -> float:
 
 def local_phase(student, teacher, windows: torch.Tensor, config: HealConfig, runtime, started: float):
     """(the teacher, loaded if it was a loader, and the phase's summary or None) after `config.local` of
-    the run spent on local reconstruction; skipped when resuming from saved training state (which holds
-    its result already)."""
+    the run spent on local reconstruction. Skipped when resuming from saved training state (which holds
+    its result already), and under torchrun / accelerate launch (one process only)."""
     if config.local <= 0 or (config.resume and (Path(config.checkpoint_dir) / STATE_FILE).is_file()):
         return teacher, None
     if runtime.world_size > 1:
-        raise CompressorError("--local runs in one process: drop it, or heal without torchrun")
+        log.warning("local reconstruction runs in one process: skipped under %d processes", runtime.world_size)
+        return teacher, None
     model = (teacher if isinstance(teacher, torch.nn.Module) else teacher()).to(runtime.device)
     check_teacher(student, model, compressor_record(student)["blocks_original"])
     seconds = config.local * seconds_left(config, started) if config.max_minutes else None
@@ -104,7 +104,7 @@ def reconstruct_(student, teacher, windows: torch.Tensor, config: HealConfig, se
     last = blocks[max(p.student_block for p in points)]
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    order = WindowOrder(n, config.seed)
+    order, device = WindowOrder(n, config.seed), next(student.parameters()).device
     seen: dict[str, torch.Tensor] = {}
     handles = [blocks[p.student_block].register_forward_hook(_keep(seen, f"s{p.student_block}", detach=False))
                for p in points]
@@ -118,19 +118,19 @@ def reconstruct_(student, teacher, windows: torch.Tensor, config: HealConfig, se
         with blocks_removed(student, range(first)) if first else contextlib.nullcontext():
             while True:
                 elapsed = time.monotonic() - train_start
-                progress = elapsed / budget if budget is not None else done / max(steps, 1)
-                if progress >= 1 or (budget is None and done >= steps):
-                    break
+                if elapsed >= budget if budget is not None else done >= steps:
+                    break  # (a targets pass that overran leaves no budget: no step)
+                progress = elapsed / budget if budget is not None else done / steps
                 for group in optimizer.param_groups:
                     group["lr"] = _lr(config, progress, done)
                 rows = order.take(done * config.batch_size, config.batch_size)
-                seen["inject"] = inputs[rows].float()
-                ids = windows[rows]
+                seen["inject"] = inputs[rows].to(device).float()
+                ids = windows[rows.to(windows.device)]
                 try:
                     student(input_ids=ids, use_cache=False)
                 except StopForward:
                     pass
-                loss = torch.stack([hidden_loss(seen[f"s{p.student_block}"], targets[p.teacher_block][rows].float())
+                loss = torch.stack([hidden_loss(seen[f"s{p.student_block}"], targets[p.teacher_block][rows].to(device))
                                     for p in points]).mean()
                 loss.backward()
                 if config.max_grad_norm:

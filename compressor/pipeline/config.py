@@ -34,7 +34,8 @@ class PipelineConfig:
     heal_minutes: float = 4.0
     heal_train: str = "touched"       # see HealConfig.train
     heal_lr: float | None = None      # None: HealConfig's default for heal_train
-    heal_local: float = 0.0           # share of healing spent on local reconstruction first (HealConfig.local)
+    heal_local: float | None = None   # share of healing spent on local reconstruction first (HealConfig.local;
+                                      # None: its default for heal_train)
     heal_quantization_aware: bool = False  # heal through the chosen int8/int4 export's fake quantizer
     format: str = "onnx"
     precision: str = "auto"           # auto: measured, with the depth (pipeline.precision); or one pinned
@@ -103,9 +104,9 @@ def _problems(cfg: PipelineConfig) -> list[str]:
         problems.append("--heal-quantization-aware needs an int8 or int4 export: --precision auto, int8 or int4")
     if cfg.heal_train not in TRAIN_CHOICES:
         problems.append(f"--heal-train must be one of {', '.join(TRAIN_CHOICES)} (got '{cfg.heal_train}')")
-    if not 0.0 <= cfg.heal_local < 1.0:
+    if cfg.heal_local is not None and not 0.0 <= cfg.heal_local < 1.0:
         problems.append(f"--heal-local must be in [0, 1) (got {cfg.heal_local})")
-    elif cfg.heal_local > 0 and cfg.heal_train != "touched":
+    elif cfg.heal_local and cfg.heal_train != "touched":
         problems.append("--heal-local trains the blocks next to the cuts alone: it needs --heal-train touched "
                         "(or --heal-local 0)")
     if cfg.heal_lr is not None and not cfg.heal_lr > 0:

@@ -17,7 +17,7 @@ class HealInputs:
     heal_minutes: float
     heal_train: str
     heal_lr: float | None
-    heal_local: float
+    heal_local: float | None
     quantization_aware: str | None
 
 

@@ -75,3 +75,14 @@ def test_heal_with_local_runs_it_first_then_distills():
     assert HealConfig(local=0.5, train="all").problems() == [
         "--local trains the blocks next to the cuts alone: it needs --train touched"]
     assert "in [0, 1)" in HealConfig(local=1.0).problems()[0]
+
+
+def test_a_budget_spent_on_the_targets_runs_no_local_step():
+    teacher, student = pair(drop=(2,))
+    from compressor.heal.trainable import select_trainable_
+
+    select_trainable_(student, "touched")
+    start = params(student)
+    summary = reconstruct_(student, teacher, windows(), HealConfig(**FAST), seconds=1e-6, steps=0)
+    assert summary["steps"] == 0 and summary["windows"] == 4  # one batch of targets, then the time is up
+    assert all(torch.equal(v, start[k]) for k, v in params(student).items())
