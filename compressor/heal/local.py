@@ -29,7 +29,7 @@ from compressor.heal.pair import check_teacher
 from compressor.heal.schedule import WindowOrder
 from compressor.heal.trainable import hidden_points, touched_blocks
 from compressor.surgery.edit import blocks_removed, compressor_record
-from compressor.util.hooks import StopForward, forward_until_stop, hidden_of
+from compressor.util.hooks import StopForward, forward_until_stop, hidden_of, injector
 from compressor.util.progress import status, track
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def reconstruct_(student, teacher, windows: torch.Tensor, config: HealConfig, se
     seen: dict[str, torch.Tensor] = {}
     handles = [blocks[p.student_block].register_forward_hook(_keep(seen, f"s{p.student_block}", detach=False))
                for p in points]
-    handles += [blocks[first].register_forward_pre_hook(_inject(seen), with_kwargs=True),
+    handles += [blocks[first].register_forward_pre_hook(injector(seen), with_kwargs=True),
                 last.register_forward_hook(_stop)]
     train_start, done, losses = time.monotonic(), 0, []
     budget = None if seconds is None else seconds - (train_start - start)
@@ -124,7 +124,7 @@ def reconstruct_(student, teacher, windows: torch.Tensor, config: HealConfig, se
                 for group in optimizer.param_groups:
                     group["lr"] = _lr(config, progress, done)
                 rows = order.take(done * config.batch_size, config.batch_size)
-                seen["inject"] = inputs[rows].to(device).float()
+                seen["resume"] = inputs[rows].to(device).float()
                 ids = windows[rows.to(windows.device)]
                 try:
                     student(input_ids=ids, use_cache=False)
@@ -169,14 +169,6 @@ def _keep(seen: dict, key: str, detach: bool = True):
 def _keep_input(seen: dict):
     def hook(module, args, kwargs):
         seen["input"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-    return hook
-
-
-def _inject(seen: dict):
-    def hook(module, args, kwargs):
-        if args:
-            return (seen["inject"], *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": seen["inject"]}
     return hook
 
 
