@@ -11,7 +11,7 @@ import torch
 from heal_fixtures import pair, params, windows
 
 from compressor.heal import HealConfig, heal
-from compressor.heal.local import local_targets, reconstruct_
+from compressor.heal.local import LOCAL_STEPS_PER_STEP, local_targets, reconstruct_
 from compressor.surgery.edit import compressor_record
 
 FAST = {"lr": 3e-3, "warmup": 2, "batch_size": 4, "log_every": 1, "autocast": False}
@@ -70,7 +70,7 @@ def test_heal_with_local_runs_it_first_then_distills():
     teacher, student = pair(drop=(2,))
     ids = windows()
     result = heal(student, teacher, ids, None, HealConfig(steps=6, local=0.5, **FAST))
-    assert result.local["steps"] == 3 and result.steps == 6
+    assert result.local["steps"] == 0.5 * 6 * LOCAL_STEPS_PER_STEP and result.steps == 6
     assert compressor_record(student)["removed"] == [2]
     assert HealConfig(local=0.5, train="all").problems() == [
         "--local trains the blocks next to the cuts alone: it needs --train touched"]
@@ -86,3 +86,11 @@ def test_a_budget_spent_on_the_targets_runs_no_local_step():
     summary = reconstruct_(student, teacher, windows(), HealConfig(**FAST), seconds=1e-6, steps=0)
     assert summary["steps"] == 0 and summary["windows"] == 4  # one batch of targets, then the time is up
     assert all(torch.equal(v, start[k]) for k, v in params(student).items())
+
+
+def test_steps_bound_the_local_phase_under_a_long_time_budget():
+    """--steps and --max-minutes bound it whichever comes first, as they bound distillation."""
+    teacher, student = pair(drop=(2,))
+    result = heal(student, teacher, windows(), None, HealConfig(steps=2, max_minutes=30, local=0.5, **FAST))
+    assert result.local["steps"] == 0.5 * 2 * LOCAL_STEPS_PER_STEP and result.local["seconds"] < 60
+    assert result.steps == 2
