@@ -28,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import torch
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
-from heal import DATA, HEAL, make_or_read_plan  # bench/heal.py: the plan and the base recipe
+from heal import DATA, HEAL, make_or_read_plan, ppl_of  # bench/heal.py: the plan and the base recipe
 
 # Each recipe: changes to BASE, bench/heal.py's HEAL settings (compress heal's defaults but for lr and warmup)
 # with no local reconstruction.
@@ -118,7 +119,7 @@ def parse_args():
     p.add_argument("--data", type=Path, default=DATA / "wiki.train.txt")
     p.add_argument("--test", type=Path, default=DATA / "wiki.test.txt")
     p.add_argument("--eval-tokens", type=int, default=16384, help="tokens scored of each text")
-    p.add_argument("--work", type=Path, default=Path("/tmp/compressor-bench-heal"),
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "compressor-bench-heal",
                    help="the plan (shared with bench/heal.py), the pruned checkpoint, each recipe's run")
     p.add_argument("--out", type=Path, help="the JSON report (default: in --work)")
     p.add_argument("--list", action="store_true", help="print the recipes and exit")
@@ -141,7 +142,7 @@ def eval_texts(tokenizer, args) -> dict[str, torch.Tensor]:
 def score(model, texts: dict[str, torch.Tensor]) -> dict[str, float]:
     from compressor.evaluate import perplexity
 
-    return {t: perplexity(model, ids, max_length=512, stride=256).perplexity for t, ids in texts.items()}
+    return {t: ppl_of(perplexity, model, ids) for t, ids in texts.items()}
 
 
 def recovered(ppl: dict, healed: float, text: str) -> float | None:

@@ -178,11 +178,8 @@ def choose_for_target(run, points: list[dict], depth_ppl, search) -> dict:
                           "beaten": "its perplexity ratio alone puts it above the best estimate"})
             continue
         depth = search(p, at_most)
-        entry = {"precision": p, "blocks": depth["k"], "reached": depth["k"] is not None, "why": depth["why"],
-                 "attempts": depth["attempts"]}
-        if depth.get("beaten"):
-            entry.update(why=None, beaten=depth["beaten"])
-        tried.append(entry)
+        tried.append({"precision": p, "blocks": depth["k"], "reached": depth["k"] is not None, "why": depth["why"],
+                      "attempts": depth["attempts"], **({"beaten": depth["beaten"]} if depth.get("beaten") else {})})
         if depth["k"] is None:
             continue
         speed, spread = decided_speedup(depth)
