@@ -33,6 +33,9 @@ def main() -> int:
     parser.add_argument("--heal-minutes", type=float, default=4.0)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fresh-timings", action="store_true",
+                        help="measure every probe in every run (by default a repeat reuses the timing cache, as "
+                             "compress model does)")
     parser.add_argument("--json", type=Path, help="also write every report here (a JSON list)")
     args = parser.parse_args()
 
@@ -45,7 +48,7 @@ def main() -> int:
         print(f"needs {train} and {test}", file=sys.stderr)
         return 2
     settings = {"data": train, "eval": (test,), "threads": args.threads, "heal_minutes": args.heal_minutes,
-                    "eval_max_tokens": args.eval_tokens}
+                    "eval_max_tokens": args.eval_tokens, "fresh_timings": args.fresh_timings}
     runs = [(float(t), None) for t in args.targets.split(",") for _ in range(args.repeat)]
     if args.sweep:
         runs.append((float(args.targets.split(",")[0]), parse_fractions(args.sweep, "--sweep")))

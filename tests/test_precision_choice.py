@@ -311,7 +311,7 @@ def test_a_precision_held_to_at_most_k_blocks_is_probed_there_first(monkeypatch)
     def time_depth(run, original, precision, k, target=None):
         probed.append(k)
         value = 1.2 / (1 - 0.03 * k)
-        return Speedup(value, 0.01, [value], 100.0, 100.0 / value), None
+        return Speedup(value, 0.01, [value], 100.0, 100.0 / value)
 
     monkeypatch.setattr(depth, "backend_for", lambda *args, **kwargs: None)
     monkeypatch.setattr(depth, "time_depth", time_depth)
@@ -327,3 +327,36 @@ def test_a_precision_held_to_at_most_k_blocks_is_probed_there_first(monkeypatch)
     exact = depth.DepthLine.through("int8", 30, 1.2, 1.2 / (1 - 0.03 * 29))
     assert exact.fewest(1.5) == 7
     assert depth._search(run, exact, at_most=9)["k"] == 7 and probed[0] == 7 and max(probed) <= 7
+
+
+def test_a_rerun_takes_the_probe_timings_from_the_timing_cache_and_decides_alike(tiny_dir, tmp_path, fast_int8,
+                                                                                  monkeypatch):
+    """The timing cache (pipeline.timings): int8 measures 10x faster (the seam), so the first run delivers int8
+    alone. Then the host "changes": every int8 timing reads 20x slower. A rerun takes every probe's speedup
+    from the cache (the very same numbers) and makes the same choice, says so in its report, and measures
+    its final benchmark afresh (which now misses the target); --fresh-timings measures the probes again and
+    finds 5x out of reach."""
+    import compressor
+    from compressor.pipeline import measure
+
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    first = compressor.compress(tiny_dir, target_speedup=5.0, out=tmp_path / "a",
+                                **{**ORT_FAST, "heal_steps": 0})
+    assert (first.precision, first.blocks_removed, first.target_met) == ("int8", [], True)
+    assert not any("timing cache" in n for n in first.notes)
+    entries = sorted((tmp_path / "cache" / "timings").glob("*.json"))
+    assert entries  # the probes' speedups, stored
+
+    measured = measure.workload_ms
+    monkeypatch.setattr(measure, "workload_ms", lambda r: measured(r) * (20.0 if r.timing.get("slowdown") else 1.0))
+    second = compressor.compress(tiny_dir, target_speedup=5.0, out=tmp_path / "b", **{**ORT_FAST, "heal_steps": 0})
+    assert (second.precision, second.blocks_removed) == ("int8", [])
+    quantize_only = [(b.precision, b.speedup) for b in first.baselines if b.kind == "quantize-only"]
+    assert [(b.precision, b.speedup) for b in second.baselines if b.kind == "quantize-only"] == quantize_only
+    assert any("came from the timing cache" in n and "int8 alone" in n for n in second.notes)
+    assert second.speedup_measured < 1 and not second.target_met  # the final benchmark is not cached
+    assert sorted((tmp_path / "cache" / "timings").glob("*.json")) == entries
+
+    with pytest.raises(InvalidPlanError, match="was not reached"):
+        compressor.compress(tiny_dir, target_speedup=5.0, out=tmp_path / "c", fresh_timings=True,
+                            **{**ORT_FAST, "heal_steps": 0})

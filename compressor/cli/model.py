@@ -77,6 +77,10 @@ def model(
         "fractions), e.g. 0,10%,20%,30%,40% or 0,0.1,0.2,0.3,0.4, "
         "and draw the perplexity-versus-latency curve with its Pareto front.")] = None,
     min_seconds: Annotated[float, typer.Option("--min-seconds", help="Timed seconds per model and shape.")] = 2.0,
+    fresh_timings: Annotated[bool, typer.Option(
+        "--fresh-timings", help="Measure every probe again. By default a probe this host timed in an earlier run "
+        "(same model, probe, backend, workload and versions) is taken from the timing cache, so reruns decide "
+        "alike; the final benchmark is always measured.")] = False,
     search_windows: Annotated[int, typer.Option(
         "--search-windows", help="auto: calibration windows its maps are fitted on while it searches "
         "(bounds its cost; 0: all). The chosen plan is fitted on all windows.")] = 16,
@@ -113,6 +117,7 @@ def model(
         heal_steps=heal_steps, heal_minutes=heal_minutes, heal_train=heal_train, heal_lr=heal_lr,
         heal_local=heal_local, heal_quantization_aware=heal_quantization_aware,
         format=export_format, precision=precision.lower(), samples=samples, seq_len=seq_len, seed=seed, timing_seconds=min_seconds,
+        fresh_timings=fresh_timings,
         sweep=levels, search_windows=search_windows, eval_max_tokens=eval_tokens)
     if json:
         emit_json(report.to_dict())

@@ -99,7 +99,7 @@ def build_report(run, *, plan, compressed, data, pruned_ppl: dict, heal: dict | 
         size_bytes=sizes, plan={**plan.to_dict(), "summary": plan.summary()},
         attempts=[Attempt(**a) for a in attempts], heal=heal, exports=exports,
         settings={k: str(v) if isinstance(v, (Path, tuple)) else v for k, v in asdict(cfg).items()},
-        seconds=dict(run.runner.seconds), notes=_notes(plan, speed.rounds, choice),
+        seconds=dict(run.runner.seconds), notes=_notes(plan, speed.rounds, choice, run.reused_timings),
         tradeoff=_tradeoff(original_ppl, pruned_ppl, compressed_ppl, workload_ms(ra), workload_ms(rb)),
         baselines=baselines, choice={k: v for k, v in choice.items() if k != "tried"},
         sweep=[SweepPoint(**p) for p in sweep] if sweep is not None else None,
@@ -133,8 +133,11 @@ def _bound_note(d: dict) -> str:
             "estimate, so its perplexity is at least that (perplexity_at_least)")
 
 
-def _notes(plan, rounds: list[float], choice: dict) -> list[str]:
+def _notes(plan, rounds: list[float], choice: dict, reused: list[dict]) -> list[str]:
+    from compressor.pipeline.timings import reuse_note
+
     notes = [plan.provenance["note"]] if plan.provenance.get("note") else []
+    notes += [n for n in [reuse_note(reused)] if n]
     notes += [f"{t['precision']}: out of reach ({t['why']})" for t in choice.get("tried", []) if t.get("why")]
     notes += [f"{t['precision']}: not searched further ({t['beaten']})" for t in choice.get("tried", []) if t.get("beaten")]
     if len(rounds) > 1:

@@ -44,6 +44,7 @@ class PipelineConfig:
                                       # one pair vary by about 1-2 %, and the final benchmark is another one
     eval_max_tokens: int = 8192
     timing_seconds: float = 2.0
+    fresh_timings: bool = False       # measure every probe again instead of reusing the timing cache (pipeline.timings)
     search_windows: int = 16          # auto: windows its maps are fitted on during the search (cost bound)
     sweep: tuple[float, ...] = ()     # fractions of the blocks to remove for the extra sweep points
 

@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass
 from compressor.adapters import get_adapter
 from compressor.blocks import spread_blocks
 from compressor.evaluate.latency_model import LinearCost, fit_line, search_depth
-from compressor.pipeline.measure import backend_for, bench_group, measure_speedup, workload_ms
+from compressor.pipeline.measure import Speedup, backend_for, bench_group, measure_speedup, workload_ms
 from compressor.pipeline.runner import inputs_of
+from compressor.pipeline.timings import cached_timing
 from compressor.surgery.edit import copy_without_blocks
 from compressor.util.progress import status
 
@@ -70,12 +71,17 @@ def probe_name(precision: str, k: int) -> str:
     return f"probe-{k}" if precision == "fp32" else f"probe-{precision}-{k}"
 
 
-def time_depth(run, original, precision: str, k: int, target: float | None = None):
-    """(Speedup, its median round's results) of k blocks removed, spread over the depth, at `precision`,
-    against the `original` backend."""
-    n = get_adapter(run.model).num_blocks(run.model)
-    probe = backend_for(run, copy_without_blocks(run.model, spread_blocks(n, k)), probe_name(precision, k), precision)
-    return measure_speedup(run, original, probe, target)
+def time_depth(run, original, precision: str, k: int, target: float | None = None) -> Speedup:
+    """The Speedup of k blocks removed, spread over the depth, at `precision`, against the `original`
+    backend (from the timing cache when this host measured it before: then nothing is exported)."""
+    def measure() -> dict:
+        n = get_adapter(run.model).num_blocks(run.model)
+        model = copy_without_blocks(run.model, spread_blocks(n, k))
+        probe = backend_for(run, model, probe_name(precision, k), precision)
+        return measure_speedup(run, original, probe, target)[0].to_dict()
+
+    return Speedup(**cached_timing(run, {"what": "depth", "precision": precision, "blocks": k, "quant": "probe"},
+                                   target, measure))
 
 
 @dataclass
@@ -136,14 +142,19 @@ def depth_lines(run, points: list[dict]) -> dict[str, DepthLine]:
 def _depth_lines(run, points: list[dict]) -> dict[str, dict]:
     n = get_adapter(run.model).num_blocks(run.model)
     precisions = [p["precision"] for p in points]
-    status(f"timing a copy with one block left at {', '.join(precisions)} against the original")
-    one = copy_without_blocks(run.model, spread_blocks(n, n - 1))
-    original = backend_for(run, run.model, "probe-original")
-    probes = [backend_for(run, one, probe_name(p, n - 1), p) for p in precisions]
-    results = bench_group(run, [original, *probes], ["original", *precisions])
+
+    def measure() -> dict[str, float]:
+        status(f"timing a copy with one block left at {', '.join(precisions)} against the original")
+        one = copy_without_blocks(run.model, spread_blocks(n, n - 1))
+        original = backend_for(run, run.model, "probe-original")
+        probes = [backend_for(run, one, probe_name(p, n - 1), p) for p in precisions]
+        results = bench_group(run, [original, *probes], ["original", *precisions])
+        return {p: workload_ms(results[0]) / workload_ms(r) for p, r in zip(precisions, results[1:])}
+
+    one_left = cached_timing(run, {"what": "one-left", "precisions": precisions, "quant": "probe"}, None, measure)
     lines = {}
-    for point, result in zip(points, results[1:]):
-        line = DepthLine.through(point["precision"], n, point["speedup"], workload_ms(results[0]) / workload_ms(result))
+    for point in points:
+        line = DepthLine.through(point["precision"], n, point["speedup"], one_left[point["precision"]])
         log.info("%s: %s; %d blocks removed would give %.3fx", point["precision"], line.explain(), n // 4,
                  line.speedup(n // 4))
         lines[point["precision"]] = asdict(line)
@@ -169,7 +180,7 @@ def _search(run, line: DepthLine, at_most: int | None = None) -> dict:
 
     def measure(k: int) -> float:  # the speedup of k blocks removed, relative to the unpruned model at `precision`
         if k not in known:
-            speed, _ = time_depth(run, original, precision, k)  # one round: the decision pools every probe
+            speed = time_depth(run, original, precision, k)  # one round: the decision pools every probe
             known[k] = speed.value
             attempts.append({"blocks_removed": k, "precision": precision, "predicted": line.speedup(k),
                              "measured": speed.value, "spread": speed.spread, "rounds": speed.rounds,

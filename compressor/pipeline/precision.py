@@ -25,8 +25,9 @@ from pathlib import Path
 from compressor.errors import InvalidPlanError
 from compressor.pipeline.data import perplexities
 from compressor.pipeline.depth import TimingInputs, decided_speedup, probe_name, time_depth, timing_inputs
-from compressor.pipeline.measure import backend_for, measure_speedup
+from compressor.pipeline.measure import Speedup, backend_for, measure_speedup
 from compressor.pipeline.runner import inputs_of
+from compressor.pipeline.timings import cached_timing
 from compressor.util.progress import status
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,9 @@ def _quantize_only(run, data) -> list[dict]:
             continue
         status(f"quantize only: {precision}")
         probe = backend_for(run, run.model, probe_name(precision, 0), precision, quant=None)  # as delivered
-        speed, _ = measure_speedup(run, original, probe, cfg.target_speedup)
+        what = {"what": "quantize-only", "precision": precision, "quant": "delivered", "data": cfg.data}
+        speed = Speedup(**cached_timing(run, what, cfg.target_speedup, lambda p=probe: measure_speedup(
+            run, original, p, cfg.target_speedup)[0].to_dict()))
         ppl = perplexities(probe, data.evaluation)  # through the runtime
         probe.close()
         status(f"{precision} alone: {speed.text()}, perplexity "
@@ -239,7 +242,7 @@ def bound_at(k: int, r: dict, depth_ppl) -> dict | None:
 
 def _time_depth(run, precision: str, k: int):
     """The measured Speedup of k blocks removed (spread over the depth) at `precision`."""
-    return time_depth(run, backend_for(run, run.model, "probe-original"), precision, k)[0]
+    return time_depth(run, backend_for(run, run.model, "probe-original"), precision, k)
 
 
 def _best_measured(points: list[dict], tried: list[dict]) -> str:

@@ -35,10 +35,11 @@ def key_of(inputs) -> str:
     """A short hash of a stage's inputs (a dataclass); its class name is part of it. A path counts by its
     content too (size and modification time of each file), so an edited --data file is not reused."""
     data = {"stage": type(inputs).__name__, **asdict(inputs)}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=_with_content).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=json_default).encode()).hexdigest()[:16]
 
 
-def _with_content(value):
+def json_default(value):
+    """JSON for what json cannot write: a path with its content signature, anything else as text."""
     if isinstance(value, Path):
         return {"path": str(value), "content": content_signature(value)}
     return str(value)
@@ -111,6 +112,8 @@ class Run:
     source: Path | str | None = None
     plans: dict = field(default_factory=dict)  # depths searched together -> their PlanSearch (plan.plans_for)
     backends: list = field(default_factory=list)  # every backend the stages opened; closed when the run ends
+    model_id: str | None = None  # the original's content fingerprint, once a timing-cache key needs it
+    reused_timings: list = field(default_factory=list)  # probes timed by an earlier run (pipeline.timings)
 
     def close_backends(self) -> None:
         """Close what the stages opened (a torch backend holds the process's thread count until closed)."""

@@ -142,3 +142,26 @@ def test_eval_text_without_tokens_is_a_data_error(tmp_path):
     (tmp_path / "a.txt").write_text("the value")
     with pytest.raises(DataError, match="no tokens"):
         load_eval_tokens(tokenizer, tmp_path / "a.txt", max_tokens=0)
+
+
+@pytest.mark.parametrize("first", [1, 3])
+def test_next_token_nll_is_cross_entropy_of_each_position_on_the_next_token(first):
+    """The one loss definition against torch's cross-entropy, position by position, with every reduction,
+    and its gradient (healing trains through it)."""
+    import torch.nn.functional as F
+
+    from compressor.evaluate.loss import next_token_nll
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 11, requires_grad=True)
+    ids = torch.randint(0, 11, (2, 7))
+    reference = torch.stack([F.cross_entropy(logits[b, t - 1], ids[b, t]) for b in range(2) for t in range(first, 7)])
+    mine = next_token_nll(logits, ids, first)
+    assert mine.shape == reference.shape and torch.allclose(mine, reference)
+    assert torch.allclose(next_token_nll(logits, ids, first, "sum"), reference.sum())
+    assert torch.allclose(next_token_nll(logits, ids, first, "mean"), reference.mean())
+    (grad,) = torch.autograd.grad(next_token_nll(logits, ids, first, "mean"), logits)
+    (expected,) = torch.autograd.grad(reference.mean(), logits)
+    assert torch.allclose(grad, expected)
+    with pytest.raises(ValueError):
+        next_token_nll(logits, ids, first, "max")
