@@ -12,7 +12,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_tokenizer, run_cli, tiny_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 FAST = ["--workload", "1x32+8", "--samples", "8", "--seq-len", "32", "--heal-steps", "3",
@@ -426,3 +428,25 @@ def test_a_final_speedup_short_of_the_target_within_its_spread_is_not_a_miss():
     assert speed(1.49, 0.028).against(1.5) == "within the noise"  # 1.49 x 1.028 = 1.532 covers 1.5
     assert speed(1.49, 0.005).against(1.5) == "missed"             # a tight measurement: a real miss
     assert speed(1.40, 0.05).against(1.5) == "missed"
+
+
+def test_a_rerun_reads_its_plan_and_probe_timings_from_the_cache(tiny_dir, tmp_path, monkeypatch, caplog):
+    """Two runs of one command into two folders, on one cache: the second takes the plan the first searched
+    (the same blocks and the same fitted maps) and every probe timing from the cache, and says so."""
+    import compressor
+
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    settings = dict(target_speedup=1.05, heal_steps=0, **API_FAST)
+    first = compressor.compress(tiny_dir, out=tmp_path / "a", **settings)
+    assert first.blocks_removed and not first.plan.get("provenance", {}).get("cached")  # premise: a plan searched
+    assert list((tmp_path / "cache" / "plans").glob("*/plan.json"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="compressor"):
+        second = compressor.compress(tiny_dir, out=tmp_path / "b", **settings)
+    assert "using the cached plan" in caplog.text and "choosing" not in caplog.text  # no search ran
+    assert (second.blocks_removed, second.blocks_linearized) == (first.blocks_removed, first.blocks_linearized)
+    assert second.plan["provenance"]["cached"]
+    maps = [load_file(folder / "plan.maps.safetensors") if (folder / "plan.maps.safetensors").is_file() else {}
+            for folder in (tmp_path / "a", tmp_path / "b")]
+    assert maps[0].keys() == maps[1].keys() and all(torch.equal(maps[0][k], maps[1][k]) for k in maps[0])
+    assert any("came from the timing cache" in n for n in second.notes)

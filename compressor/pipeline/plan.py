@@ -181,14 +181,54 @@ def plans_for(run, data, profile, ks: tuple[int, ...]):
 
 
 def plan_for(run, data, profile, k: int, searched: tuple[int, ...]):
-    """The plan removing k blocks (an empty plan for 0)."""
+    """The plan removing k blocks (an empty plan for 0); from compressor's plan cache where a run of the same
+    model, calibration windows, strategy and search settings found it before (`cached_plan`)."""
     from compressor.surgery.plan import Plan
 
     if k == 0:
         n = get_adapter(run.model).num_blocks(run.model)
         return Plan(run.cfg.strategy, n, [], provenance={"note": "no block removed: the precision alone meets the "
                                                                  "target"})
-    return plans_for(run, data, profile, searched or (k,))[k]
+    searched = searched or (k,)
+    return cached_plan(run, data, k, searched, lambda: plans_for(run, data, profile, searched)[k])
+
+
+def cached_plan(run, data, k: int, searched: tuple[int, ...], search):
+    """`search()`'s plan for k blocks, kept in compressor's cache (`plans/`) as the profile is: a later run of
+    the same model content, calibration windows, strategy, search settings and depths searched together
+    (and the same compressor and PyTorch) reads it instead of searching again. A run without `out` neither
+    reads nor writes it."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from compressor.pipeline.timings import versions
+    from compressor.select import SelectSettings
+    from compressor.surgery.plan import read_plan, write_plan
+    from compressor.util.fingerprint import windows_fingerprint
+    from compressor.util.io import atomic_dir, cache_dir
+
+    if not run.runner.persistent:
+        return search()
+    key = {"model": run.content_id(), "windows": windows_fingerprint(data.calibration), "strategy": run.cfg.strategy,
+           "settings": asdict(SelectSettings(search_windows=run.cfg.search_windows or None)),
+           "searched": sorted(searched), "k": k, "versions": versions()}
+    entry = cache_dir("plans") / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    if str(entry) in run.plans:  # this run's own, searched or read already
+        return run.plans[str(entry)]
+    if (entry / PLAN_FILE).is_file():
+        status(f"using the cached plan for {k} blocks ({entry})")
+        plan = read_plan(entry / PLAN_FILE)
+        plan.provenance["cached"] = str(entry)
+    else:
+        plan = search()
+        try:
+            with atomic_dir(entry, overwrite=True) as tmp:
+                write_plan(plan, tmp / PLAN_FILE)
+        except OSError as exc:  # a cache that cannot be written is not worth failing the run for
+            log.warning("could not cache the plan in %s: %s", entry, exc)
+    run.plans[str(entry)] = plan
+    return plan
 
 
 def training_free(run, data, profile, k: int, searched: tuple[int, ...]):

@@ -110,10 +110,17 @@ class Run:
     model: object
     tokenizer: object
     source: Path | str | None = None
-    plans: dict = field(default_factory=dict)  # depths searched together -> their PlanSearch (plan.plans_for)
+    plans: dict = field(default_factory=dict)  # depths searched together -> their PlanSearch, and each plan by its
+                                               # cache entry (plan.plans_for, plan.cached_plan)
     backends: list = field(default_factory=list)  # every backend the stages opened; closed when the run ends
-    model_id: str | None = None  # the original's content fingerprint, once a timing-cache key needs it
     reused_timings: list = field(default_factory=list)  # probes timed by an earlier run (pipeline.timings)
+    _content_id: str | None = None
+
+    def content_id(self) -> str:
+        """The original model's content fingerprint (computed once): what the caches shared across runs key on."""
+        if self._content_id is None:
+            self._content_id = model_fingerprint(self.model)
+        return self._content_id
 
     def close_backends(self) -> None:
         """Close what the stages opened (a torch backend holds the process's thread count until closed)."""

@@ -65,11 +65,7 @@ def probe_entry_key(run, probe: dict, target: float | None) -> str:
     from compressor.pipeline.measure import SLOWDOWN
     from compressor.pipeline.runner import json_default
 
-    if run.model_id is None:
-        from compressor.util.fingerprint import model_fingerprint
-
-        run.model_id = model_fingerprint(run.model)
-    data = {"model": run.model_id, "probe": probe, "timing": asdict(timing_inputs(run.cfg)), "target": target,
+    data = {"model": run.content_id(), "probe": probe, "timing": asdict(timing_inputs(run.cfg)), "target": target,
             "host": host(), "versions": versions(), "slowdown": dict(sorted(SLOWDOWN.items()))}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=json_default).encode()).hexdigest()[:24]
 
