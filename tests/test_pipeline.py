@@ -450,3 +450,17 @@ def test_a_rerun_reads_its_plan_and_probe_timings_from_the_cache(tiny_dir, tmp_p
             for folder in (tmp_path / "a", tmp_path / "b")]
     assert maps[0].keys() == maps[1].keys() and all(torch.equal(maps[0][k], maps[1][k]) for k in maps[0])
     assert any("came from the timing cache" in n for n in second.notes)
+
+
+def test_a_cache_that_cannot_be_made_is_worked_around(tiny_dir, tmp_path, monkeypatch, caplog):
+    """COMPRESSOR_CACHE names a file, so no cache folder can be made: the run still delivers, and says why it
+    worked without one."""
+    import compressor
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(blocker))
+    with caplog.at_level(logging.WARNING, logger="compressor"):
+        report = compressor.compress(tiny_dir, out=tmp_path / "run", target_speedup=1.05, heal_steps=0, **API_FAST)
+    assert report.blocks_removed and (tmp_path / "run" / "report.json").is_file()
+    assert "working without compressor's cache" in caplog.text and blocker.is_file()

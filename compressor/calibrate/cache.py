@@ -94,7 +94,13 @@ def profile_for(
                 "pairs": sorted([list(p) for p in pairs]), "seed": seed,
                 "dtype": dtype if source is not None else str(next(model.parameters()).dtype)}
     key = hashlib.sha256(json.dumps([fingerprints, settings], sort_keys=True).encode()).hexdigest()[:24]
-    entry = cache_dir("profiles") / key if cache else None
+    entry = None
+    if cache:
+        try:
+            entry = cache_dir("profiles") / key
+        except OSError as exc:  # a cache that cannot be made is not worth failing the run for
+            log.warning("working without compressor's cache (%s)", exc)
+            cache = False
     if cache and (entry / "profile.json").is_file() and (not with_stats or (entry / STATS_FILE).is_file()):
         status(f"using the cached profile {entry}")
         profile = read_profile(entry)

@@ -202,18 +202,20 @@ def cached_plan(run, data, k: int, searched: tuple[int, ...], search):
     import json
     from dataclasses import asdict
 
-    from compressor.pipeline.timings import versions
+    from compressor.pipeline.timings import cache_entry, versions
     from compressor.select import SelectSettings
     from compressor.surgery.plan import read_plan, write_plan
     from compressor.util.fingerprint import windows_fingerprint
-    from compressor.util.io import atomic_dir, cache_dir
+    from compressor.util.io import atomic_dir
 
     if not run.runner.persistent:
         return search()
     key = {"model": run.content_id(), "windows": windows_fingerprint(data.calibration), "strategy": run.cfg.strategy,
            "settings": asdict(SelectSettings(search_windows=run.cfg.search_windows or None)),
            "searched": sorted(searched), "k": k, "versions": versions()}
-    entry = cache_dir("plans") / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    entry = cache_entry(run, "plans", hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24])
+    if entry is None:
+        return search()
     if str(entry) in run.plans:  # this run's own, searched or read already
         return run.plans[str(entry)]
     if (entry / PLAN_FILE).is_file():

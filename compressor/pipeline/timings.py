@@ -74,9 +74,8 @@ def cached_timing(run, probe: dict, target: float | None, measure) -> dict:
     """`measure()`'s result (a JSON-able dict of measured speedups), from the timing cache when this probe
     was measured on this host before (and the run may use it: it writes its results and was not asked for
     fresh timings); a new measurement is stored. Reuses are listed in `run.reused_timings`."""
-    use = run.runner.persistent
-    path = cache_dir("timings") / f"{probe_entry_key(run, probe, target)}.json" if use else None
-    if use and not run.cfg.fresh_timings and path.is_file():
+    path = cache_entry(run, "timings", probe_entry_key(run, probe, target) + ".json")
+    if path is not None and not run.cfg.fresh_timings and path.is_file():
         try:
             stored = json.loads(path.read_text())
             result, when = stored["result"], stored["measured_at"]
@@ -87,12 +86,24 @@ def cached_timing(run, probe: dict, target: float | None, measure) -> dict:
             run.reused_timings.append({"probe": describe(probe), "measured_at": when})
             return result
     result = measure()
-    if use:
+    if path is not None:
         try:
             write_json(path, {"probe": probe, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result})
         except OSError as exc:  # a cache that cannot be written is not worth failing the run for
             log.warning("could not write the timing cache entry %s: %s", path, exc)
     return result
+
+
+def cache_entry(run, folder: str, name: str) -> Path | None:
+    """compressor's cache folder/name for this run, or None: a run without `out` keeps no cache, and one
+    that cannot be made (a read-only home, say) is not worth failing the run for."""
+    if not run.runner.persistent:
+        return None
+    try:
+        return cache_dir(folder) / name
+    except OSError as exc:
+        log.warning("working without compressor's cache (%s)", exc)
+        return None
 
 
 def describe(probe: dict) -> str:
