@@ -36,17 +36,9 @@ PACKAGES = ("compressor", "torch", "onnxruntime", "onnxruntime-genai", "tensorrt
 
 def host() -> dict:
     """What a timing depends on in the machine: its architecture, CPU model and core count."""
-    return {"machine": platform.machine(), "cpu": _cpu_model(), "cores": os.cpu_count()}
+    from compressor.evaluate.backends import cpu_name
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return {"machine": platform.machine(), "cpu": cpu_name(), "cores": os.cpu_count()}
 
 
 def versions() -> dict:
