@@ -343,7 +343,7 @@ def test_a_rerun_takes_the_probe_timings_from_the_timing_cache_and_decides_alike
     first = compressor.compress(tiny_dir, target_speedup=5.0, out=tmp_path / "a",
                                 **{**ORT_FAST, "heal_steps": 0})
     assert (first.precision, first.blocks_removed, first.target_met) == ("int8", [], True)
-    assert not any("timing cache" in n for n in first.notes)
+    assert not any("timing cache" in n for n in first.notes) and first.timings_reused == []
     entries = sorted((tmp_path / "cache" / "timings").glob("*.json"))
     assert entries  # the probes' speedups, stored
 
@@ -354,6 +354,8 @@ def test_a_rerun_takes_the_probe_timings_from_the_timing_cache_and_decides_alike
     quantize_only = [(b.precision, b.speedup) for b in first.baselines if b.kind == "quantize-only"]
     assert [(b.precision, b.speedup) for b in second.baselines if b.kind == "quantize-only"] == quantize_only
     assert any("came from the timing cache" in n and "int8 alone" in n for n in second.notes)
+    stored = json.loads((tmp_path / "b" / "report.json").read_text())["timings_reused"]
+    assert "int8 alone" in {t["probe"] for t in stored} and len(stored) == len(second.timings_reused) == len(entries)
     assert second.speedup_measured < 1 and not second.target_met  # the final benchmark is not cached
     assert sorted((tmp_path / "cache" / "timings").glob("*.json")) == entries
 

@@ -100,6 +100,7 @@ def build_report(run, *, plan, compressed, data, pruned_ppl: dict, heal: dict | 
         attempts=[Attempt(**a) for a in attempts], heal=heal, exports=exports,
         settings={k: str(v) if isinstance(v, (Path, tuple)) else v for k, v in asdict(cfg).items()},
         seconds=dict(run.runner.seconds), notes=_notes(plan, speed.rounds, choice, run.reused_timings),
+        timings_reused=list(run.reused_timings),
         tradeoff=_tradeoff(original_ppl, pruned_ppl, compressed_ppl, workload_ms(ra), workload_ms(rb)),
         baselines=baselines, choice={k: v for k, v in choice.items() if k != "tried"},
         sweep=[SweepPoint(**p) for p in sweep] if sweep is not None else None,

@@ -134,6 +134,7 @@ class Report:
     settings: dict = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    timings_reused: list[dict] = field(default_factory=list)  # probes from the timing cache: {probe, measured_at}
     tradeoff: list[TradeoffPoint] = field(default_factory=list)
     baselines: list[Baseline] = field(default_factory=list)
     choice: dict = field(default_factory=dict)  # every precision x depth candidate and the depths searched
@@ -169,7 +170,7 @@ class Report:
                                     if isinstance(b, dict) and {"kind", "precision", "blocks_removed"} <= set(b)],
                       "sweep": _sweep(data.get("sweep")),
                       **{k: data.get(k) or {} for k in ("plan", "exports", "settings", "seconds", "artifacts", "choice")},
-                      **{k: data.get(k) or [] for k in ("notes", "blocks_linearized")}})
+                      **{k: data.get(k) or [] for k in ("notes", "blocks_linearized", "timings_reused")}})
 
     @property
     def strategy(self) -> str | None:
