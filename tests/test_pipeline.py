@@ -464,3 +464,24 @@ def test_a_cache_that_cannot_be_made_is_worked_around(tiny_dir, tmp_path, monkey
         report = compressor.compress(tiny_dir, out=tmp_path / "run", target_speedup=1.05, heal_steps=0, **API_FAST)
     assert report.blocks_removed and (tmp_path / "run" / "report.json").is_file()
     assert "working without compressor's cache" in caplog.text and blocker.is_file()
+
+
+def test_the_caches_key_a_model_whose_weights_are_not_in_memory_by_its_source(tiny_dir, tmp_path):
+    """Run.content_id: a model's own weights where they can be read (equal models, equal ids; other weights,
+    another id); for one whose weights are offloaded (here: on the meta device) the checkpoint it came from."""
+    from compressor.pipeline import PipelineConfig
+    from compressor.pipeline.runner import Run, Runner
+    from compressor.util.fingerprint import model_fingerprint
+
+    def run_of(model, source=None):
+        return Run(PipelineConfig(model=str(tiny_dir), target_speedup=1.1), Runner(tmp_path), model, None, source)
+
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert run_of(loaded).content_id() == run_of(copy.deepcopy(loaded)).content_id()
+    other = copy.deepcopy(loaded)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    assert run_of(other).content_id() != run_of(loaded).content_id()
+    with torch.device("meta"):
+        offloaded = AutoModelForCausalLM.from_config(loaded.config)
+    assert run_of(offloaded, tiny_dir).content_id() == model_fingerprint(tiny_dir)

@@ -119,7 +119,10 @@ class Run:
     def content_id(self) -> str:
         """The original model's content fingerprint (computed once): what the caches shared across runs key on."""
         if self._content_id is None:
-            self._content_id = model_fingerprint(self.model)
+            try:
+                self._content_id = model_fingerprint(self.model)
+            except (RuntimeError, NotImplementedError):  # weights not in memory (offloaded to meta): its source's
+                self._content_id = model_fingerprint(self.source if self.source is not None else self.cfg.model)
         return self._content_id
 
     def close_backends(self) -> None:
