@@ -29,7 +29,14 @@ from compressor.heal.pair import check_teacher
 from compressor.heal.schedule import WindowOrder
 from compressor.heal.trainable import hidden_points, touched_blocks
 from compressor.surgery.edit import blocks_removed, compressor_record
-from compressor.util.hooks import StopForward, block_recorder, forward_until_stop, hidden_of, injector
+from compressor.util.hooks import (
+    StopForward,
+    block_recorder,
+    forward_until_stop,
+    hidden_of,
+    injector,
+    stop_forward,
+)
 from compressor.util.progress import status, track
 
 log = logging.getLogger(__name__)
@@ -77,7 +84,7 @@ def local_targets(student, teacher, windows: torch.Tensor, batch_size: int = 4, 
     anchor = t_blocks[first] if from_teacher else s_blocks[first]
     handles.append(anchor.register_forward_pre_hook(_keep_input(seen), with_kwargs=True))
     if not from_teacher:
-        handles.append(s_blocks[first].register_forward_hook(_stop))
+        handles.append(s_blocks[first].register_forward_hook(stop_forward))
     try:
         for start in track(range(0, len(windows), batch_size), description="local targets"):
             ids = windows[start:start + batch_size]
@@ -113,7 +120,7 @@ def reconstruct_(student, teacher, windows: torch.Tensor, config: HealConfig, se
     seen: dict[str, torch.Tensor] = {}
     handles = [blocks[p.student_block].register_forward_hook(_keep(seen, f"s{p.student_block}")) for p in points]
     handles += [blocks[first].register_forward_pre_hook(injector(seen), with_kwargs=True),
-                last.register_forward_hook(_stop)]
+                last.register_forward_hook(stop_forward)]
     train_start, done, losses = time.monotonic(), 0, []
     budget = None if seconds is None else seconds - (train_start - start)
     student.train()
@@ -174,7 +181,3 @@ def _keep_input(seen: dict):
     def hook(module, args, kwargs):
         seen["input"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
     return hook
-
-
-def _stop(module, args, output):
-    raise StopForward

@@ -6,8 +6,10 @@ choice was estimated with is the plan that is applied.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from compressor.adapters import get_adapter
@@ -198,10 +200,6 @@ def cached_plan(run, data, k: int, searched: tuple[int, ...], search):
     the same model content, calibration windows, strategy, search settings and depths searched together
     (and the same compressor and PyTorch) reads it instead of searching again. A run without `out` neither
     reads nor writes it."""
-    import hashlib
-    import json
-    from dataclasses import asdict
-
     from compressor.pipeline.timings import cache_entry, versions
     from compressor.select import SelectSettings
     from compressor.surgery.plan import read_plan, write_plan

@@ -24,7 +24,7 @@ import torch
 from compressor.adapters import get_adapter
 from compressor.evaluate.loss import next_token_nll, real_targets
 from compressor.select.maps import modified
-from compressor.util.hooks import StopForward, forward_until_stop
+from compressor.util.hooks import forward_until_stop, stop_forward
 from compressor.util.parallel import all_reduce_sum, shard
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,6 @@ class Scorer:
                 store[f"m{i}"].append(output.detach().clone())
             return hook
 
-        def stop_hook(module, args, output):
-            raise StopForward
-
         handles = []
         try:
             with torch.no_grad(), modified(self.model, drop, maps):
@@ -108,7 +105,7 @@ class Scorer:
                     handles.append(blocks[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True))
                 for i in projections:
                     handles.append(self.adapter.mlp_out_of(blocks[i]).register_forward_hook(proj_hook(i)))
-                handles.append(blocks[deepest].register_forward_hook(stop_hook))
+                handles.append(blocks[deepest].register_forward_hook(stop_forward))
                 for _, ids, mask in self._batches():
                     forward_until_stop(self.model, ids, mask)
         finally:

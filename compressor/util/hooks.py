@@ -28,6 +28,11 @@ def forward_until_stop(model, ids: torch.Tensor, mask: torch.Tensor | None = Non
             pass
 
 
+def stop_forward(module, args, output):
+    """A forward hook that ends the forward pass after its module (`forward_until_stop` catches it)."""
+    raise StopForward
+
+
 def block_recorder(seen: dict, i: int, stop: bool):
     def hook(module, args, output):
         seen[f"h{i}"] = hidden_of(output).detach().clone()  # some blocks update in place
