@@ -308,12 +308,11 @@ def test_a_precision_held_to_at_most_k_blocks_is_probed_there_first(monkeypatch)
 
     probed = []
 
-    def time_depth(run, original, precision, k, target=None):
+    def time_depth(run, precision, k, base, base_spread=0.0):
         probed.append(k)
         value = 1.2 / (1 - 0.03 * k)
         return Speedup(value, 0.01, [value], 100.0, 100.0 / value)
 
-    monkeypatch.setattr(depth, "backend_for", lambda *args, **kwargs: None)
     monkeypatch.setattr(depth, "time_depth", time_depth)
     run = SimpleNamespace(cfg=SimpleNamespace(target_speedup=1.5, speedup_margin=0.0, max_probes=4), model=None)
     pessimistic = depth.DepthLine.through("int8", 30, 1.2, 3.0)
@@ -362,3 +361,32 @@ def test_a_rerun_takes_the_probe_timings_from_the_timing_cache_and_decides_alike
     with pytest.raises(InvalidPlanError, match="was not reached"):
         compressor.compress(tiny_dir, target_speedup=5.0, out=tmp_path / "c", fresh_timings=True,
                             **{**ORT_FAST, "heal_steps": 0})
+
+
+def test_a_depth_probe_is_timed_against_the_unpruned_model_at_its_own_precision(tmp_path, fast_int8, monkeypatch):
+    """ONNX Runtime, tiny model, int8 made to read 10x faster than it runs (the seam). A depth probe at int8 is
+    timed against the unpruned int8 model, so the seam cancels in its ratio: its speedup is that ratio times
+    the base it is given (here 2x), not the seam's 10x; the ratio is measured once (a second call takes it
+    from the timing cache) and its rounds and spread carry the base's."""
+    pytest.importorskip("onnxruntime")
+    from conftest import make_tokenizer, tiny_model
+
+    from compressor.pipeline import PipelineConfig
+    from compressor.pipeline.depth import time_depth
+    from compressor.pipeline.runner import Run, Runner
+
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama", head_dim=16, num_hidden_layers=4)
+    cfg = PipelineConfig(target_speedup=1.2, **{k: v for k, v in ORT_FAST.items() if k not in ("samples", "seq_len")})
+    run = Run(cfg, Runner(tmp_path / "work"), model, make_tokenizer())
+    try:
+        speed = time_depth(run, "int8", 2, base=2.0, base_spread=0.03)
+    finally:
+        run.close_backends()
+    assert 1.0 < speed.value < 2.0 * 3  # two of four blocks removed: at most 2x the unpruned int8 model's speed
+    assert speed.spread >= 0.03 and speed.rounds == pytest.approx([speed.value])  # no target: one round
+    assert (tmp_path / "work" / "probe-int8-0-rtn" / "export.json").is_file()  # the reference: unpruned, int8
+    entries = list((tmp_path / "cache" / "timings").glob("*.json"))
+    assert len(entries) == 1 and '"against": "unpruned"' in entries[0].read_text()
+    again = time_depth(run, "int8", 2, base=4.0)  # the cached ratio, scaled by another base: nothing is timed
+    assert again.value == pytest.approx(speed.value * 2.0) and len(run.reused_timings) == 1

@@ -5,11 +5,12 @@ that line runs through two measurements, both against the original fp32 model in
 unpruned model at that precision (its quantize-only point) and a copy with one block left, exported
 at the precision (`depth_lines`: every precision's copy in one alternation, cached; the copies are
 small, so this costs far less than a probe). The line names the first probe: a copy with that many
-blocks removed, spread over the depth, exported at the precision and timed against the original;
-`latency_model.search_depth` corrects the guess from each probe's own measurement, both ways, within
+blocks removed, spread over the depth, exported at the precision and timed against the unpruned model
+at the same precision, its speedup that ratio times the precision's own (`time_depth`: drift between
+two precisions' kernels cancels); `latency_model.search_depth` corrects the guess from each probe's own measurement, both ways, within
 `max_probes` probes, and skips the depth just below one that reached the target when the line, scaled
-to agree with the nearest measured depth, puts it clearly short. A target beyond the line's reach (even one block left falls short) is out of reach
-without a probe. On top of a quantized precision the search runs on speedups relative to that
+to agree with the nearest measured depth, puts it clearly short. A target beyond the line's reach (even
+one block left falls short) is out of reach without a probe. On top of a quantized precision the search runs on speedups relative to that
 precision's unpruned model.
 
 Each probe is timed once; the depth is then decided on every measurement of the precision together
@@ -23,12 +24,23 @@ at 1.495x and 3 blocks at 1.596x) decide.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 
 from compressor.adapters import get_adapter
 from compressor.blocks import spread_blocks
 from compressor.evaluate.latency_model import LinearCost, fit_line, search_depth
-from compressor.pipeline.measure import Speedup, backend_for, bench_group, measure_speedup, workload_ms
+from compressor.pipeline.config import EXPORT_FOR_BACKEND
+from compressor.pipeline.measure import (
+    Speedup,
+    backend_for,
+    bench_group,
+    measure_speedup,
+    open_backend,
+    probe_holding,
+    probe_key,
+    workload_ms,
+)
 from compressor.pipeline.runner import inputs_of
 from compressor.pipeline.timings import cached_timing
 from compressor.surgery.edit import copy_without_blocks
@@ -71,17 +83,35 @@ def probe_name(precision: str, k: int) -> str:
     return f"probe-{k}" if precision == "fp32" else f"probe-{precision}-{k}"
 
 
-def time_depth(run, original, precision: str, k: int, target: float | None = None) -> Speedup:
-    """The Speedup of k blocks removed, spread over the depth, at `precision`, against the `original`
-    backend (from the timing cache when this host measured it before: then nothing is exported)."""
+def time_depth(run, precision: str, k: int, base: float, base_spread: float = 0.0) -> Speedup:
+    """The Speedup, against the original fp32 model, of k blocks removed (spread over the depth) at
+    `precision`, whose unpruned model measured `base` (+-`base_spread`, relative) against it: the copy is
+    timed against that unpruned model at the same precision (`reference`), and the ratio scaled by `base`.
+    Two graphs of one precision run the same kernels, so drift between precisions cancels: SmolLM2 at int4
+    timed against fp32 measured 1.691x unpruned and 1.516x with one block removed in one run. The ratio
+    comes from the timing cache when this host measured it before (then nothing is exported)."""
     def measure() -> dict:
         n = get_adapter(run.model).num_blocks(run.model)
         model = copy_without_blocks(run.model, spread_blocks(n, k))
         probe = backend_for(run, model, probe_name(precision, k), precision)
-        return measure_speedup(run, original, probe, target)[0].to_dict()
+        return measure_speedup(run, reference(run, precision), probe)[0].to_dict()
 
-    return Speedup(**cached_timing(run, {"what": "depth", "precision": precision, "blocks": k, "quant": "probe"},
-                                   target, measure))
+    what = {"what": "depth", "precision": precision, "blocks": k, "quant": "probe", "against": "unpruned"}
+    ratio = Speedup(**cached_timing(run, what, None, measure))
+    return Speedup(ratio.value * base, math.hypot(ratio.spread, base_spread), [r * base for r in ratio.rounds],
+                   ratio.original_ms * base, ratio.model_ms)
+
+
+def reference(run, precision: str):
+    """What a depth probe at `precision` is timed against: the unpruned model at that precision (the original
+    itself at fp32; the quantize-only point's export where this run made it, else one rounded to nearest,
+    which runs the same kernels)."""
+    if precision == "fp32":
+        return backend_for(run, run.model, "probe-original")
+    delivered = probe_holding(run, probe_key("original", EXPORT_FOR_BACKEND[run.cfg.backend], precision, None))
+    if delivered is not None:
+        return open_backend(run, delivered, precision)
+    return backend_for(run, run.model, probe_name(precision, 0) + "-rtn", precision)
 
 
 @dataclass
@@ -95,11 +125,12 @@ class DepthLine:
     per_block: float
     unpruned: float                 # the two measured speedups the line runs through
     one_left: float
+    unpruned_spread: float = 0.0    # the unpruned speedup's measured spread (relative)
 
     @classmethod
-    def through(cls, precision: str, n: int, unpruned: float, one_left: float) -> DepthLine:
+    def through(cls, precision: str, n: int, unpruned: float, one_left: float, spread: float = 0.0) -> DepthLine:
         per_block = (1 / unpruned - 1 / one_left) / max(n - 1, 1)
-        return cls(precision, n, 1 / one_left - per_block, per_block, unpruned, one_left)
+        return cls(precision, n, 1 / one_left - per_block, per_block, unpruned, one_left, spread)
 
     def speedup(self, k: int) -> float:
         """Predicted speedup (against the original fp32 model) with k blocks removed at this precision."""
@@ -154,7 +185,8 @@ def _depth_lines(run, points: list[dict]) -> dict[str, dict]:
     one_left = cached_timing(run, {"what": "one-left", "precisions": precisions, "quant": "probe"}, None, measure)
     lines = {}
     for point in points:
-        line = DepthLine.through(point["precision"], n, point["speedup"], one_left[point["precision"]])
+        line = DepthLine.through(point["precision"], n, point["speedup"], one_left[point["precision"]],
+                                 point.get("spread") or 0.0)
         log.info("%s: %s; %d blocks removed would give %.3fx", point["precision"], line.explain(), n // 4,
                  line.speedup(n // 4))
         lines[point["precision"]] = asdict(line)
@@ -174,13 +206,12 @@ def blocks_for_target(run, line: DepthLine, at_most: int | None = None) -> dict:
 def _search(run, line: DepthLine, at_most: int | None = None) -> dict:
     cfg = run.cfg
     precision, n, base = line.precision, line.blocks, line.unpruned
-    original = backend_for(run, run.model, "probe-original")
     attempts: list[dict] = []
     known: dict[int, float] = {}
 
     def measure(k: int) -> float:  # the speedup of k blocks removed, relative to the unpruned model at `precision`
         if k not in known:
-            speed = time_depth(run, original, precision, k)  # one round: the decision pools every probe
+            speed = time_depth(run, precision, k, base, line.unpruned_spread)  # one round: the decision pools them
             known[k] = speed.value
             attempts.append({"blocks_removed": k, "precision": precision, "predicted": line.speedup(k),
                              "measured": speed.value, "spread": speed.spread, "rounds": speed.rounds,

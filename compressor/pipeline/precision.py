@@ -240,11 +240,6 @@ def bound_at(k: int, r: dict, depth_ppl) -> dict | None:
     return {n: v * r[n] for n, v in depth_ppl(max(shallower)).items()} if shallower else None
 
 
-def _time_depth(run, precision: str, k: int):
-    """The measured Speedup of k blocks removed (spread over the depth) at `precision`."""
-    return time_depth(run, backend_for(run, run.model, "probe-original"), precision, k)
-
-
 def _best_measured(points: list[dict], tried: list[dict]) -> str:
     measured = [(p["speedup"], p["precision"], 0) for p in points]
     for t in tried:
@@ -262,7 +257,8 @@ def choose_within_budget(run, points: list[dict], curve: dict[int, dict], timed=
     original_ppl = curve[0]
     budget = {name: v * (1 + cfg.max_ppl_increase) for name, v in original_ppl.items()}
     may = candidates(cfg)
-    timed = timed or (lambda precision, k: _time_depth(run, precision, k))
+    alone = {p["precision"]: p for p in points}
+    timed = timed or (lambda p, k: time_depth(run, p, k, alone[p]["speedup"], alone[p]["spread"] or 0.0))
     found = []
     for point in points:
         p = point["precision"]
