@@ -37,14 +37,14 @@ test-all: setup optimum-env
 	$(PY) -m pytest -q --durations=15
 
 # `make demo`: the whole pipeline on the packaged SmolLM2, with ONNX Runtime on this machine's CPU. It scores
-# 4,096 tokens of each evaluation text (the default is 8,192) and heals for 2 minutes (the default is 4),
+# 2,048 tokens of each evaluation text (the default is 8,192) and heals for 2 minutes (the default is 4),
 # to keep a first run short; everything else is `compress model`'s default. A rerun on the same machine
 # takes the profile, the probe timings and the plan from compressor's cache (~/.cache/compressor, or
 # $COMPRESSOR_CACHE), so it makes the same choice, sooner (`compress model --fresh-timings` measures anew).
 # A target the final benchmark measures short of (`compress model` exits 1, the report written) ends the
 # demo normally, with that verdict printed; any other failure fails it.
 demo: setup
-	@$(VENV)/bin/compress model --target-speedup 1.7 --eval-tokens 4096 --heal-minutes 2 --out demo-out \
+	@$(VENV)/bin/compress model --target-speedup 1.7 --eval-tokens 2048 --heal-minutes 2 --out demo-out \
 		--overwrite || [ $$? -eq 1 ]
 
 lint: setup
