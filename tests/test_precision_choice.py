@@ -352,9 +352,9 @@ def test_a_rerun_takes_the_probe_timings_from_the_timing_cache_and_decides_alike
     assert (second.precision, second.blocks_removed) == ("int8", [])
     quantize_only = [(b.precision, b.speedup) for b in first.baselines if b.kind == "quantize-only"]
     assert [(b.precision, b.speedup) for b in second.baselines if b.kind == "quantize-only"] == quantize_only
-    assert any("came from the timing cache" in n and "int8 alone" in n for n in second.notes)
+    assert any("came from the timing cache" in n and "int8, int4 alone" in n for n in second.notes)
     stored = json.loads((tmp_path / "b" / "report.json").read_text())["timings_reused"]
-    assert "int8 alone" in {t["probe"] for t in stored} and len(stored) == len(second.timings_reused) == len(entries)
+    assert "int8, int4 alone" in {t["probe"] for t in stored} and len(stored) == len(second.timings_reused) == len(entries)
     assert second.speedup_measured < 1 and not second.target_met  # the final benchmark is not cached
     assert sorted((tmp_path / "cache" / "timings").glob("*.json")) == entries
 
@@ -363,22 +363,51 @@ def test_a_rerun_takes_the_probe_timings_from_the_timing_cache_and_decides_alike
                             **{**ORT_FAST, "heal_steps": 0})
 
 
+def tiny_ort_run(tmp_path, target=1.2):
+    """A Run on a tiny four-block Llama (head size 16: the builder's route), timed on ONNX Runtime."""
+    pytest.importorskip("onnxruntime")
+    from conftest import make_tokenizer, tiny_model
+
+    from compressor.pipeline import PipelineConfig
+    from compressor.pipeline.runner import Run, Runner
+
+    cfg = PipelineConfig(target_speedup=target, **{k: v for k, v in ORT_FAST.items() if k not in ("samples", "seq_len")})
+    return Run(cfg, Runner(tmp_path / "work"), tiny_model("llama", head_dim=16, num_hidden_layers=4), make_tokenizer())
+
+
+def test_precisions_are_timed_together_and_measured_again_together(tmp_path, fast_int8, monkeypatch):
+    """measure_together: int8 (made to read 10x faster, the seam) and int4 share each round's timing of the
+    original; with every speedup "within the noise" of the target (a band wide enough for any timing of a
+    tiny model), the group is measured again, for both, three rounds in all."""
+    from compressor.pipeline import measure
+    from compressor.pipeline.measure import backend_for, measure_together
+
+    run = tiny_ort_run(tmp_path)
+    try:
+        original = backend_for(run, run.model, "probe-original")
+        models = {p: backend_for(run, run.model, f"probe-{p}-0", p) for p in ("int8", "int4")}
+        once = measure_together(run, original, models)
+        assert once["int8"].original_ms == once["int4"].original_ms  # one alternation: the original timed once
+        assert once["int8"].value > 4 * once["int4"].value and len(once["int4"].rounds) == 1
+        monkeypatch.setattr(measure, "REMEASURE_BAND", 100.0)
+        again = measure_together(run, original, models, target=once["int8"].value)
+    finally:
+        run.close_backends()
+    assert len(again["int8"].rounds) == len(again["int4"].rounds) == 3
+    for speed in again.values():
+        assert speed.rounds == sorted(speed.rounds) and speed.value == speed.rounds[1]  # each its own median round
+        assert speed.spread >= (speed.rounds[-1] - speed.rounds[0]) / 2 / speed.value - 1e-12
+
+
 def test_a_depth_probe_is_timed_against_the_unpruned_model_at_its_own_precision(tmp_path, fast_int8, monkeypatch):
     """ONNX Runtime, tiny model, int8 made to read 10x faster than it runs (the seam). A depth probe at int8 is
     timed against the unpruned int8 model, so the seam cancels in its ratio: its speedup is that ratio times
     the base it is given (here 2x), not the seam's 10x; the ratio is measured once (a second call takes it
     from the timing cache) and its rounds and spread carry the base's."""
-    pytest.importorskip("onnxruntime")
-    from conftest import make_tokenizer, tiny_model
-
-    from compressor.pipeline import PipelineConfig
     from compressor.pipeline.depth import time_depth
-    from compressor.pipeline.runner import Run, Runner
 
     monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
-    model = tiny_model("llama", head_dim=16, num_hidden_layers=4)
-    cfg = PipelineConfig(target_speedup=1.2, **{k: v for k, v in ORT_FAST.items() if k not in ("samples", "seq_len")})
-    run = Run(cfg, Runner(tmp_path / "work"), model, make_tokenizer())
+    run = tiny_ort_run(tmp_path)
     try:
         speed = time_depth(run, "int8", 2, base=2.0, base_spread=0.03)
     finally:

@@ -222,7 +222,8 @@ def median(samples: list[float]) -> float:
 # --- choosing the depth: the fewest blocks whose *measured* speedup reaches a target -------------
 
 def search_depth(first: int, measure, target: float, n: int, max_probes: int = 4,
-                 known: dict[int, float] | None = None, trust: float = 0.02, predict=None) -> int | None:
+                 known: dict[int, float] | None = None, trust: float = 0.02, predict=None,
+                 scale: float = 1.0) -> int | None:
     """The fewest blocks (of n) whose measured speedup `measure(k)` reaches `target`, starting from
     the guess `first`; None if no probed depth reached it. Each measurement corrects the per-block
     gain (a secant step through 0 blocks = 1.0x), and the next probe lies between the deepest depth
@@ -233,7 +234,7 @@ def search_depth(first: int, measure, target: float, n: int, max_probes: int = 4
     latency model's speedup; without one, the secant through that measurement) falls short by more
     than `trust` (a fraction of the target): the fitted latency model is within about 1 % on the
     backends measured, so such a probe would only confirm the miss, at the price of an export and a
-    benchmark."""
+    benchmark. `scale`: what the speedups are relative to (the log shows them times it)."""
     known = dict(known or {})
     short = max((k for k, v in known.items() if v < target), default=0)
     reached = min((k for k, v in known.items() if v >= target), default=None)
@@ -255,7 +256,8 @@ def search_depth(first: int, measure, target: float, n: int, max_probes: int = 4
         if reached is not None and k == reached - 1:
             predicted = predict(k) if predict else 1 / (1 - _saved_per_block(reached, known[reached]) * k)
             if predicted < target / (1 + trust):
-                log.info("%d blocks would give about %.3fx, short of %.3fx: not measured", k, predicted, target)
+                log.info("%d blocks would give about %.3fx, short of %.3fx: not measured", k, predicted * scale,
+                         target * scale)
                 break
     return reached
 

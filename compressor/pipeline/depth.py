@@ -234,7 +234,7 @@ def _search(run, line: DepthLine, at_most: int | None = None) -> dict:
                                "the target asks; more would score above a better combination")}
         first = at_most  # they do: the search goes on from there, toward fewer
     search_depth(max(first, 1), measure, goal / base, n, cfg.max_probes,
-                 predict=lambda k: line.anchored(k, known) / base)
+                 predict=lambda k: line.anchored(k, known) / base, scale=base)
     decided = decide(line, attempts, goal)
     while decided is None and len(known) < cfg.max_probes:  # the line puts every probe short: one deeper
         k = next_probe(line, attempts, goal)

@@ -4,7 +4,8 @@ benchmarked against the original fp32 model in alternation, on the workload's sh
 One protocol serves every speedup a run decides on or reports (the depth probes, the precision
 points, the sweep and the final benchmark): `measure_speedup` measures a pair once and, while the
 speedup lies within its measured spread (or REMEASURE_BAND) of the target, again (MAX_ROUNDS in all),
-keeping the median round. Every speedup carries its spread.
+keeping the median round; `measure_together` does the same for several models in one alternation (the
+precision points). Every speedup carries its spread.
 """
 
 from __future__ import annotations
@@ -183,9 +184,35 @@ def measure_speedup(run, original, model, target: float | None = None,
     """(Speedup, the median round's (original, model) results) of `model` against `original`; a speedup
     within its spread (at least REMEASURE_BAND) of `target` is measured again, MAX_ROUNDS in all; with
     `short_again` (the final benchmark), so is any speedup short of it: a miss is declared on the median."""
-    pairs = settle(lambda: bench_pair(run, original, model), _ratio, target,
-                   band=lambda pair: max(REMEASURE_BAND, _pair_spread(pair)), short_again=short_again)
-    (ra, rb), values = pairs
+    return _median(repeat(lambda: bench_pair(run, original, model), _ratio, target,
+                          band=lambda pair: max(REMEASURE_BAND, _pair_spread(pair)), short_again=short_again))
+
+
+def measure_together(run, original, models: dict, target: float | None = None) -> dict[str, Speedup]:
+    """The Speedup of each of `models` (name -> backend) against `original`, all timed in one alternation, so
+    that the machine's drift hits them alike and the original is timed once a round for all of them. While
+    any of them lies within its spread (at least REMEASURE_BAND) of `target`, all are measured again
+    (MAX_ROUNDS rounds in all); each keeps its own median round."""
+    names = list(models)
+
+    def one_round() -> dict:
+        results = bench_group(run, [original, *models.values()], ["original", *names])
+        return {name: (results[0], r) for name, r in zip(names, results[1:])}
+
+    def nearest(group: dict):  # the pair nearest the target decides whether the group is measured again
+        return min(group.values(), key=lambda pair: abs(_ratio(pair) / target - 1) if target else 0.0)
+
+    rounds = repeat(one_round, lambda group: _ratio(nearest(group)), target,
+                    band=lambda group: max(REMEASURE_BAND, _pair_spread(nearest(group))))
+    return {name: _median([group[name] for group in rounds])[0] for name in names}
+
+
+def _median(pairs: list) -> tuple[Speedup, tuple]:
+    """The round of one pair with the median speedup, as a Speedup whose spread is at least half the rounds'
+    range, and that round's (original, model) results."""
+    pairs = sorted(pairs, key=_ratio)
+    ra, rb = pairs[len(pairs) // 2]
+    values = [_ratio(pair) for pair in pairs]
     spread = max(_pair_spread((ra, rb)), (values[-1] - values[0]) / 2 / _ratio((ra, rb)))
     return Speedup(_ratio((ra, rb)), spread, values, workload_ms(ra), workload_ms(rb)), (ra, rb)
 
@@ -198,10 +225,9 @@ def _pair_spread(pair) -> float:
     return 2 * math.hypot(workload_spread(pair[0]), workload_spread(pair[1]))
 
 
-def settle(measure, speedup, target: float | None, band=lambda _: REMEASURE_BAND, short_again: bool = False):
+def repeat(measure, speedup, target: float | None, band=lambda _: REMEASURE_BAND, short_again: bool = False) -> list:
     """Measure once; while the speedup lies within `band` (a fraction, of the result) of `target` on either
-    side, or with `short_again` anywhere short of it, measure again (MAX_ROUNDS in all). Returns (the round
-    with the median speedup, every round's speedup, sorted)."""
+    side, or with `short_again` anywhere short of it, measure again (MAX_ROUNDS in all). Returns every round."""
     def why_again(last) -> str | None:
         if abs(speedup(last) / target - 1) < band(last):
             return "is within the noise of"
@@ -211,8 +237,7 @@ def settle(measure, speedup, target: float | None, band=lambda _: REMEASURE_BAND
     while target and len(rounds) < MAX_ROUNDS and (why := why_again(rounds[-1])):
         status(f"{speedup(rounds[-1]):.3f}x {why} the {target:.2f}x target: measuring again")
         rounds.append(measure())
-    rounds.sort(key=speedup)
-    return rounds[len(rounds) // 2], [speedup(r) for r in rounds]
+    return rounds
 
 
 def bench_pair(run, a, b):

@@ -1,8 +1,8 @@
 """Precision x depth: which precision, and how many blocks removed on top of it, the run delivers.
 
 1. Quantize only: every precision the backend and device run (`precisions_for`) is exported from the
-   unpruned model, timed against the original fp32 model in alternation and scored for perplexity
-   on the evaluation texts through the runtime itself. No training, so this is cheap.
+   unpruned model, timed against the original fp32 model (all of them in one alternation) and scored for
+   perplexity on the evaluation texts through the runtime itself. No training, so this is cheap.
 2. For each precision no other one dominates (faster beyond their measured spreads *and* no worse),
    the fewest blocks removed on top of it for the target (`depth.blocks_for_target`: a line per
    precision through its unpruned point and a copy with one block left names the first probe, the
@@ -25,7 +25,7 @@ from pathlib import Path
 from compressor.errors import InvalidPlanError
 from compressor.pipeline.data import perplexities
 from compressor.pipeline.depth import TimingInputs, decided_speedup, probe_name, time_depth, timing_inputs
-from compressor.pipeline.measure import Speedup, backend_for, measure_speedup
+from compressor.pipeline.measure import Speedup, backend_for, measure_together
 from compressor.pipeline.runner import inputs_of
 from compressor.pipeline.timings import cached_timing
 from compressor.util.progress import status
@@ -92,18 +92,20 @@ def precision_stage(run, data) -> list[dict]:
 def _quantize_only(run, data) -> list[dict]:
     cfg = run.cfg
     original_ppl = perplexities(run.model, data.evaluation)
-    points = []
     original = backend_for(run, run.model, "probe-original")
-    for precision in precisions_for(cfg.backend, cfg.device, cfg.format):
-        if precision == "fp32":  # the original itself
-            points.append({"precision": "fp32", "blocks_removed": 0, "speedup": 1.0, "spread": 0.0, "rounds": [1.0],
-                           "latency_ms": None, "original_latency_ms": None, "perplexity": original_ppl})
-            continue
+    quantized = [p for p in precisions_for(cfg.backend, cfg.device, cfg.format) if p != "fp32"]
+    probes = {}
+    for precision in quantized:
         status(f"quantize only: {precision}")
-        probe = backend_for(run, run.model, probe_name(precision, 0), precision, quant=None)  # as delivered
-        what = {"what": "quantize-only", "precision": precision, "quant": "delivered", "data": cfg.data}
-        speed = Speedup(**cached_timing(run, what, cfg.target_speedup, lambda p=probe: measure_speedup(
-            run, original, p, cfg.target_speedup)[0].to_dict()))
+        probes[precision] = backend_for(run, run.model, probe_name(precision, 0), precision, quant=None)  # as delivered
+    # every precision in one alternation: the host's drift between minutes hits them alike
+    what = {"what": "quantize-only", "precisions": quantized, "quant": "delivered", "data": cfg.data}
+    speeds = cached_timing(run, what, cfg.target_speedup, lambda: {p: s.to_dict() for p, s in measure_together(
+        run, original, probes, cfg.target_speedup).items()}) if probes else {}
+    points = [{"precision": "fp32", "blocks_removed": 0, "speedup": 1.0, "spread": 0.0, "rounds": [1.0],
+               "latency_ms": None, "original_latency_ms": None, "perplexity": original_ppl}]
+    for precision, probe in probes.items():
+        speed = Speedup(**speeds[precision])
         ppl = perplexities(probe, data.evaluation)  # through the runtime
         probe.close()
         status(f"{precision} alone: {speed.text()}, perplexity "

@@ -102,6 +102,8 @@ def describe(probe: dict) -> str:
     what = probe.get("what", "probe")
     if what == "one-left":
         return f"the copies with one block left at {', '.join(probe['precisions'])}"
+    if what == "quantize-only":
+        return f"{', '.join(probe['precisions'])} alone"
     blocks = probe.get("blocks", 0)
     return f"{probe['precision']} alone" if not blocks else f"{probe['precision']}, {blocks} blocks removed"
 
