@@ -106,7 +106,7 @@ def test_perplexity_budget_picks_the_deepest_plan_within_it():
 
 
 def test_interrupted_run_resumes_from_its_stages(tiny_dir, tmp_path, caplog):
-    """Interrupted at a known point (Ctrl-C as the depth lines are about to be measured): the work
+    """Interrupted at a known point (Ctrl-C as the copies with one block left are about to be exported): the work
     directory keeps the profile, and the rerun reuses it instead of calibrating again."""
     import compressor
     from compressor.util.progress import use_tracker
@@ -115,7 +115,7 @@ def test_interrupted_run_resumes_from_its_stages(tiny_dir, tmp_path, caplog):
     settings = dict(target_speedup=1.05, out=out, heal_steps=2, **API_FAST)
 
     def ctrl_c(message):
-        if message.startswith("timing a copy with one block left"):
+        if message.startswith("exporting a copy with one block left"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt), use_tracker(lambda items, total, description: items, on_status=ctrl_c):
@@ -152,9 +152,8 @@ def test_an_unexpected_error_exits_3_in_one_line():
 def test_stage_keys_follow_their_typed_settings():
     from compressor.pipeline import PipelineConfig
     from compressor.pipeline.calibrate import profile_inputs
-    from compressor.pipeline.depth import timing_inputs
     from compressor.pipeline.plan import choice_inputs, plan_inputs
-    from compressor.pipeline.precision import PrecisionInputs
+    from compressor.pipeline.precision import precision_inputs
     from compressor.pipeline.runner import inputs_of, key_of
 
     base = PipelineConfig(target_speedup=1.2)
@@ -165,9 +164,6 @@ def test_stage_keys_follow_their_typed_settings():
 
     def plan(cfg, **given):
         return plan_inputs(cfg, {**choice, **given})
-
-    def points(cfg):
-        return inputs_of(PrecisionInputs, cfg, timing=timing_inputs(cfg))
 
     for change in ({"samples": 9}, {"seq_len": 64}, {"seed": 1}, {"data": Path("x.txt")}, {"field": "body"}):
         assert changes(profile_inputs, **change) and changes(plan, **change), change
@@ -184,7 +180,10 @@ def test_stage_keys_follow_their_typed_settings():
         assert not changes(plan, **change), change
     assert changes(plan, strategy="greedy")
     # the quantize-only points do not depend on the precision pinned: every precision is a baseline
+    points = precision_inputs
     assert not changes(points, precision="int8") and changes(points, threads=3) and changes(points, format="none")
+    # a target times the copies with one block left with them, whatever the target
+    assert changes(points, target_speedup=None, max_ppl_increase=0.1) and not changes(points, target_speedup=1.3)
 
     @dataclass(frozen=True)
     class Misspelt:

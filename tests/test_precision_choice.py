@@ -354,7 +354,8 @@ def test_a_rerun_takes_the_probe_timings_from_the_timing_cache_and_decides_alike
     assert [(b.precision, b.speedup) for b in second.baselines if b.kind == "quantize-only"] == quantize_only
     assert any("came from the timing cache" in n and "int8, int4 alone" in n for n in second.notes)
     stored = json.loads((tmp_path / "b" / "report.json").read_text())["timings_reused"]
-    assert "int8, int4 alone" in {t["probe"] for t in stored} and len(stored) == len(second.timings_reused) == len(entries)
+    assert any(t["probe"].startswith("int8, int4 alone") for t in stored)
+    assert len(stored) == len(second.timings_reused) == len(entries)
     assert second.speedup_measured < 1 and not second.target_met  # the final benchmark is not cached
     assert sorted((tmp_path / "cache" / "timings").glob("*.json")) == entries
 

@@ -3,8 +3,8 @@
 Latency falls along a straight line in the blocks kept (`evaluate.latency_model`). At each precision
 that line runs through two measurements, both against the original fp32 model in alternation: the
 unpruned model at that precision (its quantize-only point) and a copy with one block left, exported
-at the precision (`depth_lines`: every precision's copy in one alternation, cached; the copies are
-small, so this costs far less than a probe). The line names the first probe: a copy with that many
+at the precision and timed in the same alternation as the quantize-only points (`one_left_copies`; the
+copies are small, so this costs far less than a probe). The line names the first probe: a copy with that many
 blocks removed, spread over the depth, exported at the precision and timed against the unpruned model
 at the same precision, its speedup that ratio times the precision's own (`time_depth`: drift between
 two precisions' kernels cancels); `latency_model.search_depth` corrects the guess from each probe's own measurement, both ways, within
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from compressor.adapters import get_adapter
 from compressor.blocks import spread_blocks
@@ -34,12 +34,10 @@ from compressor.pipeline.config import EXPORT_FOR_BACKEND
 from compressor.pipeline.measure import (
     Speedup,
     backend_for,
-    bench_group,
     measure_speedup,
     open_backend,
     probe_holding,
     probe_key,
-    workload_ms,
 )
 from compressor.pipeline.runner import inputs_of
 from compressor.pipeline.timings import cached_timing
@@ -156,40 +154,30 @@ class DepthLine:
                 f"depth) is {share:.0%} of the unpruned time, so even one block left gives {self.one_left:.2f}x")
 
 
-@dataclass(frozen=True)
-class LineInputs:
-    timing: TimingInputs
-    precisions: tuple[str, ...]
+def one_left(precision: str) -> str:
+    """The name of the copy with one block left at `precision` among the precision points' timings."""
+    return f"{precision}, one block left"
+
+
+def one_left_copies(run, precisions: list[str]) -> dict:
+    """one_left(precision) -> a backend on a copy of the model with one block left, exported at each precision:
+    the second point of each depth line, timed beside the precision points (`precision.precision_stage`)."""
+    n = get_adapter(run.model).num_blocks(run.model)
+    status(f"exporting a copy with one block left at {', '.join(precisions)}")
+    one = copy_without_blocks(run.model, spread_blocks(n, n - 1))
+    return {one_left(p): backend_for(run, one, probe_name(p, n - 1), p) for p in precisions}
 
 
 def depth_lines(run, points: list[dict]) -> dict[str, DepthLine]:
-    """Each point's precision -> its DepthLine (cached): the copy with one block left, exported at every
-    precision, timed against the original fp32 model in one alternation."""
-    inputs = LineInputs(timing_inputs(run.cfg), tuple(p["precision"] for p in points))
-    lines = run.runner.cached("depth_lines", inputs, lambda: _depth_lines(run, points))
-    return {p: DepthLine(**line) for p, line in lines.items()}
-
-
-def _depth_lines(run, points: list[dict]) -> dict[str, dict]:
+    """Each point's precision -> its DepthLine, through the point (the unpruned model at that precision) and
+    its copy with one block left ("one_left"), timed against the original in one alternation."""
     n = get_adapter(run.model).num_blocks(run.model)
-    precisions = [p["precision"] for p in points]
-
-    def measure() -> dict[str, float]:
-        status(f"timing a copy with one block left at {', '.join(precisions)} against the original")
-        one = copy_without_blocks(run.model, spread_blocks(n, n - 1))
-        original = backend_for(run, run.model, "probe-original")
-        probes = [backend_for(run, one, probe_name(p, n - 1), p) for p in precisions]
-        results = bench_group(run, [original, *probes], ["original", *precisions])
-        return {p: workload_ms(results[0]) / workload_ms(r) for p, r in zip(precisions, results[1:])}
-
-    one_left = cached_timing(run, {"what": "one-left", "precisions": precisions, "quant": "probe"}, None, measure)
     lines = {}
     for point in points:
-        line = DepthLine.through(point["precision"], n, point["speedup"], one_left[point["precision"]],
-                                 point.get("spread") or 0.0)
+        line = DepthLine.through(point["precision"], n, point["speedup"], point["one_left"], point.get("spread") or 0.0)
         log.info("%s: %s; %d blocks removed would give %.3fx", point["precision"], line.explain(), n // 4,
                  line.speedup(n // 4))
-        lines[point["precision"]] = asdict(line)
+        lines[point["precision"]] = line
     return lines
 
 

@@ -24,7 +24,15 @@ from pathlib import Path
 
 from compressor.errors import InvalidPlanError
 from compressor.pipeline.data import perplexities
-from compressor.pipeline.depth import TimingInputs, decided_speedup, probe_name, time_depth, timing_inputs
+from compressor.pipeline.depth import (
+    TimingInputs,
+    decided_speedup,
+    one_left,
+    one_left_copies,
+    probe_name,
+    time_depth,
+    timing_inputs,
+)
 from compressor.pipeline.measure import Speedup, backend_for, measure_together
 from compressor.pipeline.runner import inputs_of
 from compressor.pipeline.timings import cached_timing
@@ -79,14 +87,19 @@ class PrecisionInputs:
     field: str
     eval: tuple[Path, ...]
     eval_max_tokens: int
+    lines: bool                     # a target: the copies with one block left are timed with the points
 
 
 def precision_stage(run, data) -> list[dict]:
     """The quantize-only point of every precision the backend runs, pinned or not: the report's baselines
-    (cached): {precision, blocks_removed: 0,
-    speedup, spread, rounds, latency_ms, original_latency_ms, perplexity: {text: value}}."""
-    inputs = inputs_of(PrecisionInputs, run.cfg, timing=timing_inputs(run.cfg))
-    return run.runner.cached("precisions", inputs, lambda: _quantize_only(run, data))
+    (cached): {precision, blocks_removed: 0, speedup, spread, rounds, latency_ms, original_latency_ms,
+    perplexity: {text: value}}, and under a target "one_left": the speedup of a copy with one block left at
+    that precision (`depth.depth_lines`), timed in the same alternation."""
+    return run.runner.cached("precisions", precision_inputs(run.cfg), lambda: _quantize_only(run, data))
+
+
+def precision_inputs(cfg) -> PrecisionInputs:
+    return inputs_of(PrecisionInputs, cfg, timing=timing_inputs(cfg), lines=cfg.target_speedup is not None)
 
 
 def _quantize_only(run, data) -> list[dict]:
@@ -98,10 +111,13 @@ def _quantize_only(run, data) -> list[dict]:
     for precision in quantized:
         status(f"quantize only: {precision}")
         probes[precision] = backend_for(run, run.model, probe_name(precision, 0), precision, quant=None)  # as delivered
-    # every precision in one alternation: the host's drift between minutes hits them alike
-    what = {"what": "quantize-only", "precisions": quantized, "quant": "delivered", "data": cfg.data}
+    # every precision in one alternation, and under a target the copies with one block left at each (the
+    # second point of its depth line): the host's drift between minutes hits them alike
+    group = {**probes, **(one_left_copies(run, ["fp32", *quantized]) if cfg.target_speedup is not None else {})}
+    what = {"what": "quantize-only", "precisions": quantized, "one_left": len(group) > len(probes),
+            "quant": "delivered", "data": cfg.data}
     speeds = cached_timing(run, what, cfg.target_speedup, lambda: {p: s.to_dict() for p, s in measure_together(
-        run, original, probes, cfg.target_speedup).items()}) if probes else {}
+        run, original, group, cfg.target_speedup).items()}) if group else {}
     points = [{"precision": "fp32", "blocks_removed": 0, "speedup": 1.0, "spread": 0.0, "rounds": [1.0],
                "latency_ms": None, "original_latency_ms": None, "perplexity": original_ppl}]
     for precision, probe in probes.items():
@@ -113,6 +129,9 @@ def _quantize_only(run, data) -> list[dict]:
         points.append({"precision": precision, "blocks_removed": 0, "speedup": speed.value, "spread": speed.spread,
                        "rounds": speed.rounds, "latency_ms": speed.model_ms, "original_latency_ms": speed.original_ms,
                        "perplexity": ppl})
+    for point in points:
+        if one_left(point["precision"]) in speeds:
+            point["one_left"] = speeds[one_left(point["precision"])]["value"]
     for point in points:  # the original's latency, from the measurements that timed it
         if point["precision"] == "fp32":
             times = [p["original_latency_ms"] for p in points if p["original_latency_ms"]]

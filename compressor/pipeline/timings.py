@@ -100,10 +100,8 @@ def cache_entry(run, folder: str, name: str) -> Path | None:
 
 def describe(probe: dict) -> str:
     what = probe.get("what", "probe")
-    if what == "one-left":
-        return f"the copies with one block left at {', '.join(probe['precisions'])}"
     if what == "quantize-only":
-        return f"{', '.join(probe['precisions'])} alone"
+        return f"{', '.join(probe['precisions'])} alone" + (" and one block left" if probe.get("one_left") else "")
     blocks = probe.get("blocks", 0)
     return f"{probe['precision']} alone" if not blocks else f"{probe['precision']}, {blocks} blocks removed"
 
