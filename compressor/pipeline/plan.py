@@ -92,7 +92,8 @@ def choice_stage(run, data, profile, points: list[dict]) -> dict:
             depth_ppl = TrainingFree(run, data, profile, list(range(1, _deepest(run) + 1)))
             choice = choose_within_budget(run, points, _budget_curve(run, data, points, depth_ppl))
             depth_only = next(c for c in choice["candidates"] if c["precision"] == "fp32")
-        return {**choice, "depth_only": depth_only, "searched": depth_ppl.searched,
+        return {**choice, "depth_only": depth_only, "searched": list(depth_ppl.batches.get(choice["blocks"], ())),
+                "depths_searched": depth_ppl.searched,
                 "depth_perplexity": {str(k): v for k, v in depth_ppl.looked.items()}}
 
     return run.runner.cached("choice", choice_inputs(run.cfg), compute)
@@ -100,19 +101,25 @@ def choice_stage(run, data, profile, points: list[dict]) -> dict:
 
 class TrainingFree:
     """k -> the training-free fp32 perplexity (per text) of the plan removing k blocks, each scored once.
-    The plans for `ks` are searched together, and any other depth asked for with them. `lazy`: a depth
-    asked for is searched with one block past it (`beside`), whose score bounds every deeper plan from
-    below (`precision.could_win`): one more round of the greedy search, where a deeper depth takes many."""
+    The plans for `ks` are searched together, and any other depth asked for later in a search of its own
+    (`batches`: k -> the depths searched with it), which resumes the earlier searches' greedy rounds (the
+    run's select memo, `plans_for`). `lazy`: a depth asked for is searched with one block past it
+    (`beside`), whose score bounds every deeper plan from below (`precision.could_win`): one more round of
+    the greedy search, where a deeper depth takes many."""
 
     def __init__(self, run, data, profile, ks: list[int], lazy: bool = False):
         self.run, self.data, self.profile, self.lazy = run, data, profile, lazy
-        self.searched = sorted(ks)
+        self.batches: dict[int, tuple[int, ...]] = {k: tuple(sorted(ks)) for k in ks}
         self.looked: dict[int, dict] = {}
+
+    @property
+    def searched(self) -> list[int]:
+        return sorted(self.batches)
 
     def beside(self, k: int) -> int | None:
         """The depth that bounds plans deeper than k from below when scored: k + 1, searched beside k (for k = 0,
         a precision alone: one block, the cheapest plan to search), or None."""
-        return k + 1 if self.lazy and (k == 0 or k + 1 in self.searched) else None
+        return k + 1 if self.lazy and (k == 0 or k + 1 in self.batches) else None
 
     @property
     def scored(self) -> list[int]:
@@ -120,12 +127,12 @@ class TrainingFree:
 
     def __call__(self, k: int) -> dict:
         if k not in self.looked:
-            if k and k not in self.searched:
+            if k and k not in self.batches:
                 n = get_adapter(self.run.model).num_blocks(self.run.model)
-                self.searched = sorted({*self.searched, k, *([k + 1] if self.lazy and k + 1 < n else [])})
-                if len(self.searched) > 1 + self.lazy:
-                    status(f"searching the plans for {', '.join(map(str, self.searched))} blocks together")
-            model = training_free(self.run, self.data, self.profile, k, tuple(self.searched))
+                beside = [k + 1] if self.lazy and k + 1 < n and k + 1 not in self.batches else []
+                batch = tuple(sorted({k, *beside}))
+                self.batches.update({j: batch for j in batch})
+            model = training_free(self.run, self.data, self.profile, k, self.batches.get(k, ()))
             self.looked[k] = perplexities(model, self.data.evaluation)
         return self.looked[k]
 
@@ -178,7 +185,7 @@ def plans_for(run, data, profile, ks: tuple[int, ...]):
     if key not in run.plans:
         settings = SelectSettings(search_windows=run.cfg.search_windows or None)
         run.plans[key] = plan_blocks(run.model, data.calibration, key, run.cfg.strategy, profile=profile,
-                                     settings=settings)
+                                     settings=settings, memo=run.plans.setdefault("select memo", {}))
     return run.plans[key]
 
 

@@ -67,14 +67,22 @@ def _choose_form(context: SelectContext, drop: list[int], spans: list[tuple[int,
 
 
 def _greedy_with_fold(context: SelectContext, ks: list[int]) -> dict[int, dict]:
+    """The greedy search's plan after each round in `ks`. Its rounds do not depend on the depths asked for,
+    so they are kept in `context.memo`: a later search asking for deeper plans resumes where it ended."""
     s, scorer, n = context.settings, context.scorer, context.num_blocks
     fit_ids, fit_mask = context.part("search")
+    memo = context.memo.setdefault("greedy", {"done": 0, "after": {}})
     removed: set[int] = set()
     maps: dict[int, torch.Tensor] = {}        # kept block -> map folded into its projection
     span_end: dict[int, int] = {}             # kept block -> end of the span its map replaces
     measured: dict[int, float] = {}           # block -> last measured loss after removing it
-    last, rounds, out = None, [], {}
-    for round_ in range(1, max(ks) + 1):
+    last, rounds = None, []
+    if memo["done"]:
+        state = memo["state"]
+        removed, maps, span_end, measured = set(state[0]), dict(state[1]), dict(state[2]), dict(state[3])
+        last, rounds = state[4], list(state[5])
+        log.info("auto: rounds 1-%d as an earlier search of this run took them", memo["done"])
+    for round_ in range(memo["done"] + 1, max(ks) + 1):
         kept = [i for i in range(n) if i not in removed]
         candidates = _round_candidates(context, kept, measured, last)
         prev = {c: (kept[kept.index(c) - 1] if kept.index(c) > 0 else None) for c in candidates}
@@ -107,11 +115,12 @@ def _greedy_with_fold(context: SelectContext, ks: list[int]) -> dict[int, dict]:
                        "evaluated": len(results)})
         log.info("auto round %d: removed block %d%s (held-out loss %.4f, %d candidates)", round_, best,
                  " with a linear map" if T is not None else "", loss, len(results))
-        if round_ in ks:
-            out[round_] = {"kind": "greedy with linear maps" if context.fold else "greedy", "drop": sorted(removed),
-                           "spans": sorted((q + 1, e) for q, e in span_end.items()), "loss": loss,
-                           "rounds": list(rounds)}
-    return out
+        memo["after"][round_] = {"kind": "greedy with linear maps" if context.fold else "greedy",
+                                 "drop": sorted(removed), "spans": sorted((q + 1, e) for q, e in span_end.items()),
+                                 "loss": loss, "rounds": list(rounds)}
+        memo["done"], memo["state"] = round_, (set(removed), dict(maps), dict(span_end), dict(measured), last,
+                                               list(rounds))
+    return {k: memo["after"][k] for k in ks}
 
 
 def _round_candidates(context: SelectContext, kept: list[int], measured: dict[int, float], last: int | None) -> list[int]:

@@ -58,7 +58,8 @@ class SelectContext:
 
     model, windows [N, T], attention_mask: the calibration data (the model is not modified);
     profile: the calibration profile (None only for strategies registered with needs_profile=False);
-    settings: the selection settings. Derived: the adapter, num_blocks, fold_refusal (why this
+    settings: the selection settings; memo: shared by the searches of one run (`plan_blocks`'s memo).
+    Derived: the adapter, num_blocks, fold_refusal (why this
     architecture cannot hold a linear map, or None), and the split of the windows into the held-out
     ones losses are measured on (score_index, every len/held-th window) and the rest (fit_index).
     """
@@ -68,6 +69,8 @@ class SelectContext:
     attention_mask: torch.Tensor | None
     profile: object | None
     settings: SelectSettings
+    memo: dict = field(default_factory=dict)  # what a strategy keeps for later searches of the same model,
+                                              # windows and settings (auto: its greedy rounds)
     adapter: Adapter = field(init=False)
     num_blocks: int = field(init=False)
     fold_refusal: str | None = field(init=False)

@@ -93,12 +93,14 @@ class PlanSearch(Mapping[int, Plan]):
 
 def plan_blocks(model, windows: torch.Tensor, ks: int | Iterable[int], strategy: str = "auto", *,
                 profile=None, settings: SelectSettings | None = None,
-                attention_mask: torch.Tensor | None = None) -> PlanSearch:
+                attention_mask: torch.Tensor | None = None, memo: dict | None = None) -> PlanSearch:
     """Choose blocks to remove with `strategy` for each K in `ks` (one search serves them all).
 
     windows [N, T]: calibration token ids (attention_mask [N, T], 0 at padding); profile: the
     calibration profile of the model on them, required by every strategy but `greedy`;
     settings.linear (default on) replaces removed spans by fitted linear maps where possible.
+    memo: a dict kept by the caller across searches of this model, windows, strategy and settings: a
+    later search for other depths resumes from what an earlier one found (auto's greedy rounds).
     """
     settings = settings or SelectSettings()
     chosen = get_strategy(strategy)
@@ -111,7 +113,8 @@ def plan_blocks(model, windows: torch.Tensor, ks: int | Iterable[int], strategy:
         raise InvalidPlanError(
             f"strategy '{strategy}' reads the calibration profile and none was given: pass "
             "profile=compressor.calibrate.calibrate(model, windows) (or profile_for(...), which caches it)")
-    return _search(SelectContext(model, windows, attention_mask, profile, settings), chosen, ks)
+    memo = {} if memo is None else memo.setdefault((strategy, repr(settings)), {})
+    return _search(SelectContext(model, windows, attention_mask, profile, settings, memo), chosen, ks)
 
 
 def _search(context: SelectContext, strategy: Strategy, ks: list[int]) -> PlanSearch:

@@ -63,6 +63,26 @@ def test_measured_strategies_search_once_for_several_k(six):
     assert plans[(1, False)].cost["loss_evaluations"] == 6 and rounds == 6 + 5 + 4 + 3
 
 
+def test_auto_resumes_its_greedy_rounds_from_an_earlier_search_of_the_run(six):
+    """With a memo, a search for deeper plans after one for 2 blocks takes rounds 1-2 from it (fewer loss
+    evaluations) and finds exactly the plans a single search for them all finds; the earlier depth's plan too."""
+    model, ids, profile = six
+    together = plan_blocks(model, ids, [2, 4], "auto", profile=profile, settings=SMALL)
+    memo = {}
+    first = plan_blocks(model, ids, [2], "auto", profile=profile, settings=SMALL, memo=memo)
+    later = plan_blocks(model, ids, [4], "auto", profile=profile, settings=SMALL, memo=memo)
+    alone = plan_blocks(model, ids, [4], "auto", profile=profile, settings=SMALL)
+    for plan, k in ((first[2], 2), (later[4], 4)):
+        assert (plan.drop, plan.spans) == (together[k].drop, together[k].spans)
+        for key, value in plan.maps.items():
+            torch.testing.assert_close(value, together[k].maps[key], rtol=0, atol=0)
+    assert later[4].provenance["search"]["rounds"] == together[4].provenance["search"]["rounds"]
+    assert later[4].cost["loss_evaluations"] < alone[4].cost["loss_evaluations"]
+    other = plan_blocks(model, ids, [4], "auto", profile=profile, settings=replace(SMALL, candidates=3), memo=memo)
+    assert other[4].cost["loss_evaluations"] == plan_blocks(  # other settings: nothing taken from the memo
+        model, ids, [4], "auto", profile=profile, settings=replace(SMALL, candidates=3))[4].cost["loss_evaluations"]
+
+
 def test_auto_is_bounded_and_reports_what_it_considered(six):
     model, ids, profile = six
     plan = plan_blocks(model, ids, 2, "auto", profile=profile, settings=SMALL)[2]
