@@ -420,3 +420,25 @@ def test_a_depth_probe_is_timed_against_the_unpruned_model_at_its_own_precision(
     assert len(entries) == 1 and '"against": "unpruned"' in entries[0].read_text()
     again = time_depth(run, "int8", 2, base=4.0)  # the cached ratio, scaled by another base: nothing is timed
     assert again.value == pytest.approx(speed.value * 2.0) and len(run.reused_timings) == 1
+
+
+def test_the_depth_only_baseline_is_bounded_where_its_plan_was_never_searched():
+    """A depth-only (fp32) depth deeper than every plan searched gets the lower bound of the deepest one scored
+    (a deeper plan scores no better), not a search of its own; one among the depths searched is scored."""
+    from compressor.pipeline.plan import _depth_only
+
+    ppl = {0: 10.0, 6: 20.0, 7: 21.0}
+
+    class Depths:
+        def __init__(self):
+            self.batches, self.scored = {6: (6, 7), 7: (6, 7)}, [0, 6, 7]
+
+        def __call__(self, k):
+            assert k in ppl, f"the plan for {k} blocks was searched"
+            return {"t": ppl[k]}
+
+    search = {"k": 15, "speedup": 1.8, "spread": 0.05}
+    bounded = _depth_only(search, Depths(), {"estimate": {"t": 21.2}, "candidates": []})
+    assert bounded["estimate"] == {} and bounded["at_least"] == {"t": 21.0} and bounded["blocks"] == 15
+    scored = _depth_only({**search, "k": 7}, Depths(), {"estimate": {"t": 30.0}, "candidates": []})
+    assert scored["estimate"] == {"t": 21.0} and "at_least" not in scored
