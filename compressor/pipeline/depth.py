@@ -4,13 +4,14 @@ Latency falls along a straight line in the blocks kept (`evaluate.latency_model`
 that line runs through two measurements, both against the original fp32 model in alternation: the
 unpruned model at that precision (its quantize-only point) and a copy with one block left, exported
 at the precision and timed in the same alternation as the quantize-only points (`one_left_copies`; the
-copies are small, so this costs far less than a probe). The line names the first probe: a copy with that many
-blocks removed, spread over the depth, exported at the precision and timed against the unpruned model
-at the same precision, its speedup that ratio times the precision's own (`time_depth`: drift between
-two precisions' kernels cancels); `latency_model.search_depth` corrects the guess from each probe's own measurement, both ways, within
-`max_probes` probes, and skips the depth just below one that reached the target when the line, scaled
-to agree with the nearest measured depth, puts it clearly short. A target beyond the line's reach (even
-one block left falls short) is out of reach without a probe. On top of a quantized precision the search runs on speedups relative to that
+copies are small, so this costs far less than a probe). The line names the first probe: a copy with
+that many blocks removed, spread over the depth, exported at the precision and timed against the
+unpruned model at the same precision, its speedup that ratio times the precision's own (`time_depth`:
+the drift between two precisions' kernels cancels). `latency_model.search_depth` corrects the guess
+from each probe's own measurement, both ways, within `max_probes` probes, and skips the depth just
+below one that reached the target when the line, scaled to agree with the nearest measured depth, puts
+it clearly short. A target beyond the line's reach (even one block left falls short) is out of reach
+without a probe. On top of a quantized precision the search runs on speedups relative to that
 precision's unpruned model.
 
 Each probe is timed once; the depth is then decided on every measurement of the precision together

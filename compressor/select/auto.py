@@ -79,8 +79,9 @@ def _greedy_with_fold(context: SelectContext, ks: list[int]) -> dict[int, dict]:
     last, rounds = None, []
     if memo["done"]:
         state = memo["state"]
-        removed, maps, span_end, measured = set(state[0]), dict(state[1]), dict(state[2]), dict(state[3])
-        last, rounds = state[4], list(state[5])
+        removed, maps, span_end, measured = (set(state["removed"]), dict(state["maps"]), dict(state["span_end"]),
+                                             dict(state["measured"]))
+        last, rounds = state["last"], list(state["rounds"])
         log.info("auto: rounds 1-%d as an earlier search of this run took them", memo["done"])
     for round_ in range(memo["done"] + 1, max(ks) + 1):
         kept = [i for i in range(n) if i not in removed]
@@ -118,8 +119,8 @@ def _greedy_with_fold(context: SelectContext, ks: list[int]) -> dict[int, dict]:
         memo["after"][round_] = {"kind": "greedy with linear maps" if context.fold else "greedy",
                                  "drop": sorted(removed), "spans": sorted((q + 1, e) for q, e in span_end.items()),
                                  "loss": loss, "rounds": list(rounds)}
-        memo["done"], memo["state"] = round_, (set(removed), dict(maps), dict(span_end), dict(measured), last,
-                                               list(rounds))
+        memo["done"], memo["state"] = round_, {"removed": set(removed), "maps": dict(maps), "span_end": dict(span_end),
+                                               "measured": dict(measured), "last": last, "rounds": list(rounds)}
     return {k: memo["after"][k] for k in ks}
 
 

@@ -59,9 +59,9 @@ class SelectContext:
     model, windows [N, T], attention_mask: the calibration data (the model is not modified);
     profile: the calibration profile (None only for strategies registered with needs_profile=False);
     settings: the selection settings; memo: shared by the searches of one run (`plan_blocks`'s memo).
-    Derived: the adapter, num_blocks, fold_refusal (why this
-    architecture cannot hold a linear map, or None), and the split of the windows into the held-out
-    ones losses are measured on (score_index, every len/held-th window) and the rest (fit_index).
+    Derived: the adapter, num_blocks, fold_refusal (why this architecture cannot hold a linear map, or
+    None), and the split of the windows into the held-out ones losses are measured on (score_index,
+    every len/held-th window) and the rest (fit_index).
     """
 
     model: torch.nn.Module
