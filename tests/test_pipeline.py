@@ -105,11 +105,13 @@ def test_perplexity_budget_picks_the_deepest_plan_within_it():
     assert report.target_met is True and report.exports == {}
 
 
-def test_interrupted_run_resumes_from_its_stages(tiny_dir, tmp_path, caplog):
-    """Interrupted at a known point (Ctrl-C as the copies with one block left are about to be exported): the work
-    directory keeps the profile, and the rerun reuses it instead of calibrating again."""
+def test_interrupted_run_resumes_from_its_stages(tiny_dir, tmp_path, caplog, monkeypatch):
+    """Interrupted at a known point (Ctrl-C as the copies with one block left are about to be exported, on an
+    empty cache): the work directory keeps the profile, and the rerun reuses it instead of calibrating again."""
     import compressor
     from compressor.util.progress import use_tracker
+
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))  # no timing from another test's run
 
     out, work = tmp_path / "run", tmp_path / ".run.work"
     settings = dict(target_speedup=1.05, out=out, heal_steps=2, **API_FAST)
@@ -440,13 +442,16 @@ def test_a_rerun_reads_its_plan_and_probe_timings_from_the_cache(tiny_dir, tmp_p
 
     monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
     settings = dict(target_speedup=1.05, heal_steps=0, **API_FAST)
-    first = compressor.compress(tiny_dir, out=tmp_path / "a", **settings)
+    with caplog.at_level(logging.INFO, logger="compressor"):
+        first = compressor.compress(tiny_dir, out=tmp_path / "a", **settings)
+    assert "exporting a copy with one block left" in caplog.text  # premise: the first run exports them
     assert first.blocks_removed and not first.plan.get("provenance", {}).get("cached")  # premise: a plan searched
     assert list((tmp_path / "cache" / "plans").glob("*/plan.json"))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="compressor"):
         second = compressor.compress(tiny_dir, out=tmp_path / "b", **settings)
     assert "using the cached plan" in caplog.text and "choosing" not in caplog.text  # no search ran
+    assert "exporting a copy with one block left" not in caplog.text  # their timings were cached: no export
     assert (second.blocks_removed, second.blocks_linearized) == (first.blocks_removed, first.blocks_linearized)
     assert second.plan["provenance"]["cached"]
     maps = [load_file(folder / "plan.maps.safetensors") if (folder / "plan.maps.safetensors").is_file() else {}

@@ -20,7 +20,7 @@ from compressor.calibrate.stats import Stats
 from compressor.data import load_texts, make_windows
 from compressor.errors import CompressorError, DataError
 from compressor.util.fingerprint import model_fingerprint, windows_fingerprint
-from compressor.util.io import atomic_dir, cache_dir, write_json
+from compressor.util.io import atomic_dir, optional_cache_dir, write_json
 from compressor.util.parallel import rank_world
 from compressor.util.progress import status
 
@@ -94,13 +94,9 @@ def profile_for(
                 "pairs": sorted([list(p) for p in pairs]), "seed": seed,
                 "dtype": dtype if source is not None else str(next(model.parameters()).dtype)}
     key = hashlib.sha256(json.dumps([fingerprints, settings], sort_keys=True).encode()).hexdigest()[:24]
-    entry = None
-    if cache:
-        try:
-            entry = cache_dir("profiles") / key
-        except OSError as exc:  # a cache that cannot be made is not worth failing the run for
-            log.warning("working without compressor's cache (%s)", exc)
-            cache = False
+    folder = optional_cache_dir("profiles") if cache else None
+    entry = folder / key if folder is not None else None
+    cache = entry is not None
     if cache and (entry / "profile.json").is_file() and (not with_stats or (entry / STATS_FILE).is_file()):
         status(f"using the cached profile {entry}")
         profile = read_profile(entry)

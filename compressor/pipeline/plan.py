@@ -182,14 +182,20 @@ def _budget_curve(run, data, points: list[dict], depth_ppl) -> dict[int, dict]:
 
 def plans_for(run, data, profile, ks: tuple[int, ...]):
     """The plans for the depths `ks`, searched together once per run (kept on the run)."""
-    from compressor.select import SelectSettings, plan_blocks
+    from compressor.select import plan_blocks
 
     key = tuple(sorted(set(ks)))
     if key not in run.plans:
-        settings = SelectSettings(search_windows=run.cfg.search_windows or None)
         run.plans[key] = plan_blocks(run.model, data.calibration, key, run.cfg.strategy, profile=profile,
-                                     settings=settings, memo=run.plans.setdefault("select memo", {}))
+                                     settings=select_settings(run), memo=run.plans.setdefault("select memo", {}))
     return run.plans[key]
+
+
+def select_settings(run):
+    """The plan search's settings for this run."""
+    from compressor.select import SelectSettings
+
+    return SelectSettings(search_windows=run.cfg.search_windows or None)
 
 
 def plan_for(run, data, profile, k: int, searched: tuple[int, ...]):
@@ -211,7 +217,6 @@ def cached_plan(run, data, k: int, searched: tuple[int, ...], search):
     (and the same compressor and PyTorch) reads it instead of searching again. A run without `out` neither
     reads nor writes it."""
     from compressor.pipeline.timings import cache_entry, versions
-    from compressor.select import SelectSettings
     from compressor.surgery.plan import read_plan, write_plan
     from compressor.util.fingerprint import windows_fingerprint
     from compressor.util.io import atomic_dir
@@ -219,7 +224,7 @@ def cached_plan(run, data, k: int, searched: tuple[int, ...], search):
     if not run.runner.persistent:
         return search()
     key = {"model": run.content_id(), "windows": windows_fingerprint(data.calibration), "strategy": run.cfg.strategy,
-           "settings": asdict(SelectSettings(search_windows=run.cfg.search_windows or None)),
+           "settings": asdict(select_settings(run)),
            "searched": sorted(searched), "k": k, "versions": versions()}
     entry = cache_entry(run, "plans", hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24])
     if entry is None:

@@ -113,11 +113,15 @@ def _quantize_only(run, data) -> list[dict]:
         probes[precision] = backend_for(run, run.model, probe_name(precision, 0), precision, quant=None)  # as delivered
     # every precision in one alternation, and under a target the copies with one block left at each (the
     # second point of its depth line): the host's drift between minutes hits them alike
-    group = {**probes, **(one_left_copies(run, ["fp32", *quantized]) if cfg.target_speedup is not None else {})}
-    what = {"what": "quantize-only", "precisions": quantized, "one_left": len(group) > len(probes),
-            "quant": "delivered", "data": cfg.data}
-    speeds = cached_timing(run, what, cfg.target_speedup, lambda: {p: s.to_dict() for p, s in measure_together(
-        run, original, group, cfg.target_speedup).items()}) if group else {}
+    lines = cfg.target_speedup is not None
+
+    def measure() -> dict:  # the copies are exported only when the timing cache lacks the group
+        group = {**probes, **(one_left_copies(run, ["fp32", *quantized]) if lines else {})}
+        return {p: s.to_dict() for p, s in measure_together(run, original, group, cfg.target_speedup).items()}
+
+    what = {"what": "quantize-only", "precisions": quantized, "one_left": lines, "quant": "delivered",
+            "data": cfg.data}
+    speeds = cached_timing(run, what, cfg.target_speedup, measure) if probes or lines else {}
     points = [{"precision": "fp32", "blocks_removed": 0, "speedup": 1.0, "spread": 0.0, "rounds": [1.0],
                "latency_ms": None, "original_latency_ms": None, "perplexity": original_ppl}]
     for precision, probe in probes.items():

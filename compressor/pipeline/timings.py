@@ -26,7 +26,7 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
-from compressor.util.io import cache_dir, write_json
+from compressor.util.io import optional_cache_dir, write_json
 from compressor.util.progress import status
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,8 @@ def cached_timing(run, probe: dict, target: float | None, measure) -> dict:
 def cache_entry(run, folder: str, name: str) -> Path | None:
     """compressor's cache folder/name for this run, or None: a run without `out` keeps no cache, and one
     that cannot be made (a read-only home, say) is not worth failing the run for."""
-    if not run.runner.persistent:
-        return None
-    try:
-        return cache_dir(folder) / name
-    except OSError as exc:
-        log.warning("working without compressor's cache (%s)", exc)
-        return None
+    folder = optional_cache_dir(folder) if run.runner.persistent else None
+    return folder / name if folder is not None else None
 
 
 def describe(probe: dict) -> str:

@@ -6,12 +6,15 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from compressor.errors import CompressorError, OutputExistsError
+
+log = logging.getLogger(__name__)
 
 
 def check_output(out: Path | str, overwrite: bool) -> Path:
@@ -111,6 +114,16 @@ def cache_dir(*parts: str) -> Path:
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def optional_cache_dir(*parts: str) -> Path | None:
+    """`cache_dir(*parts)`, or None (with a warning) where it cannot be made, a read-only home say: a cache is
+    not worth failing a run for."""
+    try:
+        return cache_dir(*parts)
+    except OSError as exc:
+        log.warning("working without compressor's cache (%s)", exc)
+        return None
 
 
 def dir_size(path: Path | str) -> int:
