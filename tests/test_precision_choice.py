@@ -111,7 +111,8 @@ def test_a_slower_precision_is_held_to_the_depths_at_which_it_could_still_win(pp
     """At 3x int4 needs 7 blocks, int8 10, and fp32 cannot reach it. int4 is searched and scored first; 8
     blocks, searched beside its 7, are scored too. At +20% a block, int8 with 8 blocks already scores above
     int4 with 7, so int8 could win only with 7 or fewer: one probe there (at_most 7) falls short, and 10 is
-    never searched nor scored. At +10% a block 8 do not bound it, and int8 is searched in full and scored at 10.
+    never searched nor scored. At +10% a block 8 do not bound it: int8 is searched in full (10 blocks), and 9,
+    one block deeper, is scored and bounds it. At +0.01% nothing bounds it, and 10 is scored.
     The choice is the exhaustive one either way."""
     fake = depth_model(ppl_per_block=ppl_per_block)
     fake.goal = 3.0 * 1.02
@@ -125,9 +126,13 @@ def test_a_slower_precision_is_held_to_the_depths_at_which_it_could_still_win(pp
         int8 = next(t for t in chosen["tried"] if t["precision"] == "int8")
         assert not int8["reached"] and int8["beaten"] and not int8["why"]
     else:
-        assert fake.at_most["int8"] is None and 10 in scored.scored
+        assert fake.at_most["int8"] is None and 9 in scored.scored  # one block deeper, before 10 outright
         int8 = next(c for c in chosen["candidates"] if c["precision"] == "int8")
-        assert int8["estimate"]["t"] == pytest.approx(17.58 * (1 + ppl_per_block) ** 10 * r8)
+        if 17.58 * (1 + ppl_per_block) ** 9 * r8 > 17.58 * (1 + ppl_per_block) ** 7 * r4:  # +10%
+            assert int8["at_least"]["t"] == pytest.approx(17.58 * (1 + ppl_per_block) ** 9 * r8)
+            assert 10 not in scored.scored
+        else:
+            assert int8["estimate"]["t"] == pytest.approx(17.58 * (1 + ppl_per_block) ** 10 * r8)
     fp32 = next(t for t in chosen["tried"] if t["precision"] == "fp32")  # 3x is beyond depth alone
     assert not fp32["reached"] and (fp32["why"] or fp32["beaten"])
 
@@ -147,6 +152,22 @@ def test_beside_a_precision_alone_one_block_bounds_the_slower_precisions(ppl_per
         assert "int8" not in fake.asked and chosen["precision"] == "int4" and chosen["blocks"] == 0
     else:
         assert "int8" in fake.asked and fake.at_most["int8"] is None
+
+
+def test_a_deep_depth_is_bounded_one_block_deeper_at_a_time_instead_of_searched():
+    """SmolLM2's demo at 1.8x: int4 alone 1.741x (+10.5%), int8 1.673x (+0.6%). int4 needs 2 blocks and int8 3,
+    the best; fp32 needs 14, and the depths scored (2 and 3, no block searched beside them) do not bound it
+    above int8's estimate. One block deeper does: 4 is scored, and 14 is never searched nor scored."""
+    points = [point("fp32", 1.0, 17.58), point("int8", 1.673, 17.58 * 1.006), point("int4", 1.741, 17.58 * 1.105)]
+    fake = depth_model(ppl_per_block=0.05)
+    fake.goal, fake.points = 1.8 * 1.02, points
+    scored = Scored(fake.depth_ppl)
+    chosen = choose_for_target(fake_run(1.8), points, scored, fake.search)
+    assert (chosen["precision"], chosen["blocks"]) == exhaustive(1.8, points=points)[0][:2] == ("int8", 3)
+    fp32 = next(c for c in chosen["candidates"] if c["precision"] == "fp32")
+    assert fp32["blocks"] == 14 and fp32["estimate"] == {}
+    assert fp32["at_least"] == fake.depth_ppl(4) and fp32["at_least"]["t"] > chosen["estimate"]["t"]
+    assert scored.scored == [2, 3, 4]
 
 
 def test_a_lazy_training_free_search_takes_one_block_past_each_depth_asked_for():
