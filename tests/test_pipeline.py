@@ -100,6 +100,8 @@ def test_perplexity_budget_picks_the_deepest_plan_within_it():
     want = max(k for k in range(1, first_over) if increase[k] <= budget)
     report = compressor.compress(model, tokenizer, max_ppl_increase=budget, heal_steps=0, **fast)
     assert report.blocks_removed == found[want].drop, (increase, budget)
+    # each depth is searched as the curve reaches it (its plan is the joint search's), and no deeper one
+    assert report.choice["depths_searched"] == sorted(int(k) for k in report.choice["depth_perplexity"])
     for name in base:
         assert report.perplexity.pruned_before_heal[name] <= report.perplexity.original[name] * (1 + budget)
     assert report.target_met is True and report.exports == {}

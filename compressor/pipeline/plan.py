@@ -89,7 +89,9 @@ def choice_stage(run, data, profile, points: list[dict]) -> dict:
             choice = choose_for_target(run, points, depth_ppl, search)
             depth_only = _depth_only(fp32, depth_ppl, choice)
         else:
-            depth_ppl = TrainingFree(run, data, profile, list(range(1, _deepest(run) + 1)))
+            # each depth searched as the curve reaches it (the greedy rounds resume), not all of them at once:
+            # a budget that stops at 4 blocks of SmolLM2's 30 paid for 15 depths' spans and forms
+            depth_ppl = TrainingFree(run, data, profile, [])
             choice = choose_within_budget(run, points, _budget_curve(run, data, points, depth_ppl))
             depth_only = next(c for c in choice["candidates"] if c["precision"] == "fp32")
         return {**choice, "depth_only": depth_only, "searched": list(depth_ppl.batches.get(choice["blocks"], ())),
