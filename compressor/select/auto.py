@@ -14,14 +14,14 @@ import torch
 
 from compressor.blocks import next_kept
 from compressor.select.maps import FORMS, accumulate, apply_map, fit_spans
-from compressor.select.registry import Choice, SelectContext, angular_spans, finite, register
+from compressor.select.registry import Choice, Deferred, SelectContext, angular_spans, finite, register
 
 log = logging.getLogger(__name__)
 
 
 @register("auto", "greedy search scoring each candidate with its linear replacement applied, "
           "against the best angular spans; keeps the lowest held-out loss", measured=True, uses_maps=True)
-def auto(context: SelectContext, ks: list[int]) -> dict[int, Choice]:
+def auto(context: SelectContext, ks: list[int]) -> Deferred:
     """Ours. Two kinds of candidate plan, both measured on held-out windows with maps fitted on the rest:
 
     1. Greedy with the fold in the loop: each round, removing block c means folding a map fitted
@@ -35,25 +35,31 @@ def auto(context: SelectContext, ks: list[int]) -> dict[int, Choice]:
     projection) are fitted for the winner and the lower held-out loss again decides. Where maps
     cannot be folded, the same search runs with plain removals.
     """
-    base = context.scorer.loss()
-    out = {}
-    for k, greedy in _greedy_with_fold(context, ks).items():
-        options = [greedy] + (_measured_spans(context, k) if context.settings.spans > 0 else [])
-        best = min(options, key=lambda o: o["loss"])
-        details = {"held_out_loss_unpruned": round(base, 5), "held_out_loss": round(best["loss"], 5),
-                   "chosen": best["kind"],
-                   "considered": [{"kind": o["kind"], "drop": o["drop"], "spans": o["spans"],
-                                   "loss": round(o["loss"], 5)} for o in options],
-                   "rounds": greedy["rounds"]}
-        form = None
-        if best["spans"]:
-            form, losses = _choose_form(context, best["drop"], best["spans"])
-            details |= {"form": form, "held_out_loss_by_form": {f: round(v, 5) for f, v in losses.items()},
-                        "held_out_loss": round(losses[form], 5)}
-        if not context.fold:
-            details["note"] = context.no_fold_note()
-        out[k] = Choice(best["drop"], best["spans"], details, cost=context.cost_so_far(), form=form)
-    return out
+    greedy = _greedy_with_fold(context, ks)
+    # Each depth's spans and forms are measured when its plan is first looked up: a depth searched beside
+    # another (pipeline.plan.TrainingFree) often never is.
+    return Deferred(ks, lambda k: _choice(context, k, greedy[k]))
+
+
+def _choice(context: SelectContext, k: int, greedy: dict) -> Choice:
+    base = context.memo.get("unpruned loss")
+    if base is None:
+        base = context.memo["unpruned loss"] = context.scorer.loss()
+    options = [greedy] + (_measured_spans(context, k) if context.settings.spans > 0 else [])
+    best = min(options, key=lambda o: o["loss"])
+    details = {"held_out_loss_unpruned": round(base, 5), "held_out_loss": round(best["loss"], 5),
+               "chosen": best["kind"],
+               "considered": [{"kind": o["kind"], "drop": o["drop"], "spans": o["spans"],
+                               "loss": round(o["loss"], 5)} for o in options],
+               "rounds": greedy["rounds"]}
+    form = None
+    if best["spans"]:
+        form, losses = _choose_form(context, best["drop"], best["spans"])
+        details |= {"form": form, "held_out_loss_by_form": {f: round(v, 5) for f, v in losses.items()},
+                    "held_out_loss": round(losses[form], 5)}
+    if not context.fold:
+        details["note"] = context.no_fold_note()
+    return Choice(best["drop"], best["spans"], details, cost=context.cost_so_far(), form=form)
 
 
 def _choose_form(context: SelectContext, drop: list[int], spans: list[tuple[int, int]]) -> tuple[str, dict[str, float]]:

@@ -1,8 +1,9 @@
 """What a selection strategy receives and returns, and the registry that names strategies.
 
-A strategy is a plain function `fn(context: SelectContext, ks: list[int]) -> dict[int, Choice]`,
-registered with `@register(name, description, ...)`. One call serves every K asked for, so a
-measured strategy searches once, to the largest K, and keeps the choice of each round asked for.
+A strategy is a plain function `fn(context: SelectContext, ks: list[int]) -> dict[int, Choice]` (or a
+`Deferred`, which makes each K's choice when it is first looked up), registered with
+`@register(name, description, ...)`. One call serves every K asked for, so a measured strategy searches
+once, to the largest K, and keeps the choice of each round asked for.
 `compressor.select.plan_blocks` runs a strategy and fits the linear maps of what it chose.
 
     from compressor.select import Choice, SelectContext, register
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +51,27 @@ class Choice:
     details: dict = field(default_factory=dict)
     cost: dict = field(default_factory=dict)     # measured strategies: seconds, loss evaluations so far
     form: str | None = None                      # replacement form chosen by the strategy (else settings)
+
+
+class Deferred(Mapping):
+    """depth -> Choice, each made by `make(k)` when first looked up (a strategy's per-depth work that a caller
+    may never need); iterates over the depths searched."""
+
+    def __init__(self, ks, make: Callable[[int], Choice]):
+        self._ks, self._make, self._made = sorted(ks), make, {}
+
+    def __getitem__(self, k: int) -> Choice:
+        if k not in self._ks:
+            raise KeyError(k)
+        if k not in self._made:
+            self._made[k] = self._make(k)
+        return self._made[k]
+
+    def __iter__(self):
+        return iter(self._ks)
+
+    def __len__(self) -> int:
+        return len(self._ks)
 
 
 @dataclass
@@ -127,7 +149,7 @@ class SelectContext:
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    run: Callable[[SelectContext, list[int]], dict[int, Choice]]
+    run: Callable[[SelectContext, list[int]], Mapping[int, Choice]]
     description: str
     measured: bool = False        # it measures losses (its plans carry loss evaluations and held-out windows)
     needs_profile: bool = True    # it reads context.profile (plan_blocks refuses to run it without one)

@@ -83,6 +83,20 @@ def test_auto_resumes_its_greedy_rounds_from_an_earlier_search_of_the_run(six):
         model, ids, [4], "auto", profile=profile, settings=replace(SMALL, candidates=3))[4].cost["loss_evaluations"]
 
 
+def test_auto_measures_a_depths_spans_and_forms_only_when_its_plan_is_looked_up(six):
+    """Searched for 2 and 3 blocks, with only 2 looked up, auto costs what a search for 2 alone costs plus the
+    third greedy round: 3's spans and forms wait for its plan to be looked up (a depth the pipeline searches
+    beside another is often never scored). The plan for 2 is the same either way."""
+    model, ids, profile = six
+    joint = plan_blocks(model, ids, [2, 3], "auto", profile=profile, settings=SMALL)
+    single = plan_blocks(model, ids, [2], "auto", profile=profile, settings=SMALL)
+    both, alone = joint[2], single[2]
+    extra = joint.context.scorer.evaluations - single.context.scorer.evaluations
+    assert (both.drop, both.spans) == (alone.drop, alone.spans)
+    assert extra == joint[3].provenance["search"]["rounds"][2]["evaluated"] > 0
+    assert joint.context.scorer.evaluations > single.context.scorer.evaluations + extra  # 3's, when looked up
+
+
 def test_auto_is_bounded_and_reports_what_it_considered(six):
     model, ids, profile = six
     plan = plan_blocks(model, ids, 2, "auto", profile=profile, settings=SMALL)[2]
