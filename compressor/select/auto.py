@@ -35,10 +35,9 @@ def auto(context: SelectContext, ks: list[int]) -> Deferred:
     projection) are fitted for the winner and the lower held-out loss again decides. Where maps
     cannot be folded, the same search runs with plain removals.
     """
-    greedy = _greedy_with_fold(context, ks)
-    # Each depth's spans and forms are measured when its plan is first looked up: a depth searched beside
-    # another (pipeline.plan.TrainingFree) often never is.
-    return Deferred(ks, lambda k: _choice(context, k, greedy[k]))
+    # Each depth is searched when its plan is first looked up (its greedy rounds resume from the memo, then its
+    # spans and forms are measured): a depth searched beside another (pipeline.plan.TrainingFree) often never is.
+    return Deferred(ks, lambda k: _choice(context, k, _greedy_with_fold(context, [k])[k]))
 
 
 def _choice(context: SelectContext, k: int, greedy: dict) -> Choice:

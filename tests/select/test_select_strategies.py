@@ -84,17 +84,21 @@ def test_auto_resumes_its_greedy_rounds_from_an_earlier_search_of_the_run(six):
 
 
 def test_auto_measures_a_depths_spans_and_forms_only_when_its_plan_is_looked_up(six):
-    """Searched for 2 and 3 blocks, with only 2 looked up, auto costs what a search for 2 alone costs plus the
-    third greedy round: 3's spans and forms wait for its plan to be looked up (a depth the pipeline searches
-    beside another is often never scored). The plan for 2 is the same either way."""
+    """Searched for 2 and 3 blocks, with only 2 looked up, auto costs what a search for 2 alone costs: 3's third
+    greedy round, spans and forms wait for its plan to be looked up (a depth the pipeline searches beside
+    another is often never scored). The plans are the same either way."""
     model, ids, profile = six
     joint = plan_blocks(model, ids, [2, 3], "auto", profile=profile, settings=SMALL)
     single = plan_blocks(model, ids, [2], "auto", profile=profile, settings=SMALL)
+    assert joint.context.scorer.evaluations == single.context.scorer.evaluations == 0  # nothing looked up yet
     both, alone = joint[2], single[2]
-    extra = joint.context.scorer.evaluations - single.context.scorer.evaluations
     assert (both.drop, both.spans) == (alone.drop, alone.spans)
-    assert extra == joint[3].provenance["search"]["rounds"][2]["evaluated"] > 0
-    assert joint.context.scorer.evaluations > single.context.scorer.evaluations + extra  # 3's, when looked up
+    assert joint.context.scorer.evaluations == single.context.scorer.evaluations > 0
+    before = joint.context.scorer.evaluations
+    third = joint[3]  # its round, spans and forms now
+    assert joint.context.scorer.evaluations > before + third.provenance["search"]["rounds"][2]["evaluated"]
+    eager = plan_blocks(model, ids, [3], "auto", profile=profile, settings=SMALL)[3]
+    assert (third.drop, third.spans) == (eager.drop, eager.spans)
 
 
 def test_auto_is_bounded_and_reports_what_it_considered(six):
