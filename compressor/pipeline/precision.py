@@ -12,7 +12,9 @@
 3. Target: the combination that reaches it with the lowest perplexity; budget: the fastest
    combination within it. A combination's perplexity is the training-free perplexity of its plan at
    fp32 times its precision's measured quantization ratio (exact when no block is removed), so no
-   block is removed that the target does not need.
+   block is removed that the target does not need. For SmolLM2 plans of 2-6 blocks it came within 0.8% of
+   the deployed int4 export on average; scoring with fake-quantized weights was 17% off
+   (bench/quantized_scoring.py).
 """
 
 from __future__ import annotations
