@@ -261,8 +261,9 @@ def estimated(c: dict, r: dict, found: list[dict], depth_ppl) -> dict:
 def walk_bound(k: int, r: dict, best: dict, depth_ppl) -> dict | None:
     """A lower bound on the estimate of k blocks removed that lies above `best`'s estimate, or None: the deepest
     shallower depth scored, and while it is not above, the next depth scored, up to k - 1. Each step is one more
-    greedy round of the run's search where k would take all of them: SmolLM2's demo once searched 17 blocks
-    (13 more rounds and their fits, over 5 minutes) for fp32, whose 5 blocks already scored above the choice."""
+    greedy round of the run's search where k would take all of them: SmolLM2's demo at 1.8x once searched 17
+    blocks for fp32 (13 more rounds and their fits, over 5 minutes) because the depths scored, 3 and 4, did not
+    bound it; in the next run, one block deeper than the depths scored did (3, against int4 with 1 block)."""
     while True:
         bound = bound_at(k, r, depth_ppl)
         if _above(bound, best):
