@@ -107,7 +107,8 @@ class TrainingFree:
     (`batches`: k -> the depths searched with it), which resumes the earlier searches' greedy rounds (the
     run's select memo, `plans_for`). `lazy`: a depth asked for is searched with one block past it
     (`beside`), whose score bounds every deeper plan from below (`precision.could_win`): one more round of
-    the greedy search, where a deeper depth takes many."""
+    the greedy search, where a deeper depth takes many, and nothing unless it is scored (`auto` searches a
+    depth when its plan is first looked up)."""
 
     def __init__(self, run, data, profile, ks: list[int], lazy: bool = False):
         self.run, self.data, self.profile, self.lazy = run, data, profile, lazy
