@@ -261,7 +261,7 @@ def test_auto_follows_the_measurement_and_a_pinned_precision_is_honoured(tiny_di
     assert not out.exists() and (tmp_path / ".run.work" / "precisions.stage.json").is_file()
 
     caplog.set_level(logging.INFO, logger="compressor")
-    report = compressor.compress(tiny_dir, target_speedup=5.0, out=out, **ORT_FAST)
+    report = compressor.compress(tiny_dir, target_speedup=5.0, out=out, sweep=(0.0,), **ORT_FAST)
     assert "validating a copy of the int8 export" in caplog.text
     assert "precisions" not in report.seconds and "choice" in report.seconds  # resumed; only the choice is new
     assert (report.precision, report.blocks_removed) == ("int8", [])
@@ -282,6 +282,13 @@ def test_auto_follows_the_measurement_and_a_pinned_precision_is_honoured(tiny_di
     assert report.perplexity.compressed != report.perplexity.original
     assert "int8 alone: no block needed removing" in (out / "report.md").read_text()
     assert "Against quantizing alone" in (out / "report.html").read_text()
+    # --sweep 0 under a target: each precision's quantize-only point, as measured (it once crashed the report
+    # at the very end: a quantize-only point also carries its copy with one block left)
+    swept = {p.precision: p for p in report.sweep}
+    assert set(swept) == {"fp32", "int8", "int4"} and {p.blocks_removed for p in report.sweep} == {0}
+    for b in report.baselines:
+        if b.kind == "quantize-only":
+            assert swept[b.precision].speedup == b.speedup and swept[b.precision].perplexity == b.perplexity
     assert json.loads((out / "report.json").read_text())["baselines"][0]["kind"] == "quantize-only"
 
 

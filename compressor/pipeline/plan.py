@@ -279,7 +279,12 @@ def sweep_stage(run, data, profile, points: list[dict]) -> list[dict] | None:
 
 def _sweep(run, data, profile, points: list[dict]) -> list[dict]:
     """Training-free points at several depths on top of every candidate precision: plan (one search),
-    perplexity (through the runtime for a quantized export), latency measured against the original."""
+    perplexity (through the runtime for a quantized export), latency measured against the original.
+    Each a report.SweepPoint's fields (a quantize-only point carries more: "one_left", under a target)."""
+    from dataclasses import fields
+
+    from compressor.report import SweepPoint
+
     cfg = run.cfg
     n = get_adapter(run.model).num_blocks(run.model)
     levels = sorted({min(n - 1, round(level * n)) for level in cfg.sweep})
@@ -289,8 +294,9 @@ def _sweep(run, data, profile, points: list[dict]) -> list[dict]:
     for point in points:
         p = point["precision"]
         for k in levels:
-            if k == 0 and point["latency_ms"] is not None:
-                out.append({**point, "fraction": 0.0, "drop": [], "healed": False})
+            if k == 0 and point["latency_ms"] is not None:  # the quantize-only point, as measured
+                out.append({**{f.name: point[f.name] for f in fields(SweepPoint) if f.name in point},
+                            "fraction": 0.0, "drop": [], "healed": False})
                 continue
             status(f"sweep: {p}, {k} of {n} blocks removed")
             plan = plan_for(run, data, profile, k, ks)
