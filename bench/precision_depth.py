@@ -91,11 +91,11 @@ def main() -> int:
 
 def _sweep_check(report) -> str:
     """Whether any quantize-only or depth-only point lies below the front of compressor's own points."""
-    from compressor.report.figures import pareto_front
+    from compressor.report.figures import pareto_front, sweep_points
 
     name = next(iter(report.perplexity.original))
-    mine = [{"latency_ms": p.latency_ms, "perplexity": p.perplexity[name], "who": f"sweep {p.precision}-{p.blocks_removed}"}
-            for p in report.sweep or [] if p.latency_ms and name in p.perplexity]
+    mine = [{**point, "who": f"sweep {p.precision}-{p.blocks_removed}"}  # on the baselines' latency axis
+            for p, point in zip(report.sweep or [], sweep_points(report)) if point["latency_ms"] and name in p.perplexity]
     chosen = [b for b in report.baselines if b.kind == "chosen"]
     mine += [{"latency_ms": b.latency_ms, "perplexity": b.perplexity[name], "who": "chosen"} for b in chosen]
     others = [b for b in report.baselines if b.kind != "chosen" and b.latency_ms and name in b.perplexity]

@@ -223,6 +223,24 @@ def test_report_round_trips_and_carries_its_schema_version():
     assert report.strategy == "auto"
 
 
+def test_sweep_points_sit_on_the_baselines_latency_axis():
+    """A sweep point is placed at the final benchmark's original latency over its own measured speedup, as the
+    baselines are, whatever latency its own timing round read: the unpruned int4 point lands on int4 alone."""
+    from compressor.report import Report
+    from compressor.report.figures import baseline_points, sweep_points
+
+    data = run_report(lat=(100.0, 55.0), sweep=[
+        {"precision": "int4", "blocks_removed": 0, "latency_ms": 47.0, "perplexity": {"held-out": 11.0}, "speedup": 1.8},
+        {"precision": "int4", "blocks_removed": 6, "latency_ms": 40.0, "perplexity": {"held-out": 14.0}, "speedup": 2.2},
+        {"precision": "fp32", "blocks_removed": 6, "latency_ms": 83.0, "perplexity": {"held-out": 13.0}}])
+    data["baselines"] = [{"kind": "quantize-only", "precision": "int4", "blocks_removed": 0, "speedup": 1.8,
+                          "latency_ms": 100.0 / 1.8, "perplexity": {"held-out": 11.0}}]
+    report = Report.from_dict(data)
+    points = sweep_points(report)
+    assert [p["latency_ms"] for p in points] == [100.0 / 1.8, 100.0 / 2.2, 83.0]  # no speedup: its own reading
+    assert points[0]["latency_ms"] == next(b["latency_ms"] for b in baseline_points(report))
+
+
 def test_a_newer_schema_is_refused_with_what_to_do():
     from compressor.report import SCHEMA_VERSION, Report
 

@@ -35,9 +35,17 @@ def pareto_front(points: list[dict]) -> list[dict]:
 
 
 def sweep_points(report: Report) -> list[dict]:
-    """Sweep entries as figure points: latency, and perplexity on the first eval text."""
+    """Sweep entries as figure points: perplexity on the first eval text, and latency on the baselines' axis (the
+    final benchmark's original latency over the point's own measured speedup, as `pipeline.assemble` places the
+    baselines), not the point's own timing round: the host drifts between rounds, and a sweep point with no block
+    removed would otherwise sit apart from the quantize-only baseline it is."""
+    original = report.workload_latency_ms.original if report.workload_latency_ms else None
+
+    def latency(p) -> float | None:
+        return original / p.speedup if original and p.speedup else p.latency_ms
+
     return [{"label": f"{p.precision} -{p.blocks_removed}" if p.precision != "fp32" else f"-{p.blocks_removed}",
-             "latency_ms": p.latency_ms, "perplexity": next(iter(p.perplexity.values()), float("nan"))}
+             "latency_ms": latency(p), "perplexity": next(iter(p.perplexity.values()), float("nan"))}
             for p in report.sweep or []]
 
 
