@@ -56,6 +56,8 @@ RECIPES = {
     "touched+local0.5": {"local": 0.5},  # half the time on the touched blocks alone (compressor.heal.local)
     "touched+local0.8": {"local": 0.8},
     "touched+local0.5+lr3e-3": {"local": 0.5, "lr": 3e-3},
+    "touched+local0.5+reach2": {"local": 0.5, "reach": 2},  # 2 kept blocks on each side of a cut
+    "touched+local0.5+reach3": {"local": 0.5, "reach": 3},
 }
 
 

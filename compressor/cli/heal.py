@@ -46,6 +46,8 @@ def heal(
         "--hidden-at", help="Match hidden states at the cuts, or after every kept block.")] = "cuts",
     train: Annotated[str, typer.Option(
         "--train", help="touched (blocks next to cuts), all, norms (scales and biases), or lora.")] = "touched",
+    reach: Annotated[int, typer.Option(
+        "--reach", help="With --train touched: the kept blocks trained on each side of a cut.")] = 1,
     local: Annotated[float | None, typer.Option(
         "--local", help="Share of the time (0-1) spent first training the touched blocks alone to reproduce "
         "the teacher's hidden states after them (cheap steps: no other block, no LM head). "
@@ -92,7 +94,7 @@ def heal(
         grad_accum=grad_accum, temperature=temperature, alpha=alpha, hidden_weight=hidden_weight,
         hidden_at=hidden_at, local=local,
         regularize_linearity=regularize_linearity,
-        train=train, lora_rank=lora_rank, topk=topk, checkpoint_every=checkpoint_every, resume=resume,
+        train=train, reach=reach, lora_rank=lora_rank, topk=topk, checkpoint_every=checkpoint_every, resume=resume,
         seed=seed, distributed=distributed, autocast=autocast, quantization_aware=quantization_aware,
     )
     if not result.is_main:

@@ -40,6 +40,7 @@ class HealConfig:
         needs train "touched". 0 skips it; None takes DEFAULT_LOCAL with train "touched", 0 otherwise.
     train: "touched" (blocks next to each cut), "all", "norms" (normalization scales and biases), or
         "lora" (peft, merged back at the end).
+    reach: with train "touched", the kept blocks trained on each side of a cut (1: the neighbours).
     topk: log-probabilities per position kept in the teacher cache.
     teacher_cache: directory of cache files; None runs the teacher live on every batch.
     checkpoint_dir: where training state is saved every checkpoint_every steps (None: never).
@@ -69,6 +70,7 @@ class HealConfig:
     local: float | None = None
     regularize_linearity: float = 0.0
     train: str = "touched"
+    reach: int = 1
     lora_rank: int = 16
     lora_alpha: float | None = None
     topk: int = 64
@@ -115,6 +117,8 @@ class HealConfig:
             p.append("--local trains the blocks next to the cuts alone: it needs --train touched")
         if self.hidden_at not in HIDDEN_AT_CHOICES:
             p.append(f"--hidden-at must be one of {', '.join(HIDDEN_AT_CHOICES)} (got '{self.hidden_at}')")
+        if self.reach < 1:
+            p.append(f"--reach is the number of kept blocks trained on each side of a cut, at least 1 (got {self.reach})")
         if self.train not in TRAIN_CHOICES:
             p.append(f"--train must be one of {', '.join(TRAIN_CHOICES)} (got '{self.train}')")
         if self.distributed not in DISTRIBUTED_CHOICES:

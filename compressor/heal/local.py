@@ -68,12 +68,13 @@ def local_phase(student, teacher, windows: torch.Tensor, config: HealConfig, run
     return model, reconstruct_(student, model, windows.to(runtime.device), config, seconds, steps)
 
 
-def local_targets(student, teacher, windows: torch.Tensor, batch_size: int = 4, deadline: float | None = None):
+def local_targets(student, teacher, windows: torch.Tensor, batch_size: int = 4, deadline: float | None = None,
+                  reach: int = 1):
     """(first, points, inputs, targets): the segment's first block, its matched points, and per window
     the segment's input and each point's teacher hidden state (bfloat16, on the CPU), for as many
     windows as `deadline` (time.monotonic) allows."""
     record = compressor_record(student)
-    touched = touched_blocks(record)
+    touched = touched_blocks(record, reach)
     points = [p for p in hidden_points(record, "every") if p.student_block in touched]
     first, kept = touched[0], record["kept"]
     from_teacher = kept[:first + 1] == list(range(first + 1))  # no cut before it: its input is the teacher's
@@ -110,7 +111,8 @@ def reconstruct_(student, teacher, windows: torch.Tensor, config: HealConfig, se
     start = time.monotonic()
     deadline = start + 0.3 * seconds if seconds is not None else None
     status("local reconstruction: the teacher's hidden states at the touched blocks")
-    first, points, inputs, targets = local_targets(student, teacher, windows, config.batch_size, deadline)
+    first, points, inputs, targets = local_targets(student, teacher, windows, config.batch_size, deadline,
+                                                   config.reach)
     n = len(inputs)
     blocks = get_adapter(student).blocks_of(student)
     last = blocks[max(p.student_block for p in points)]

@@ -315,7 +315,7 @@ def _trainable(student, config: HealConfig):
         from compressor.heal.lora import add_lora
 
         return add_lora(student, config.lora_rank, config.lora_alpha, config.seed), True
-    select_trainable_(student, config.train)
+    select_trainable_(student, config.train, config.reach)
     return student, False
 
 

@@ -36,15 +36,16 @@ def removed_runs(record: dict) -> list[tuple[int, int]]:
     return [(start, end - 1) for start, end in runs(record.get("removed", []))]
 
 
-def touched_blocks(record: dict) -> list[int]:
-    """Current indices of the kept blocks right before and right after each cut."""
+def touched_blocks(record: dict, reach: int = 1) -> list[int]:
+    """Current indices of the kept blocks right before and right after each cut; with `reach` r, the r kept
+    blocks on each side of it."""
     kept = record["kept"]
     position = {orig: i for i, orig in enumerate(kept)}
     touched = set()
     for first, last in removed_runs(record):
-        for neighbour in (first - 1, last + 1):
-            if neighbour in position:
-                touched.add(position[neighbour])
+        before = [position[b] for b in kept if b < first][-reach:]
+        after = [position[b] for b in kept if b > last][:reach]
+        touched.update(before + after)
     return sorted(touched)
 
 
@@ -71,16 +72,16 @@ def hidden_points(record: dict, at: str = "cuts") -> list[CutPoint]:
             for i, nxt in enumerate(kept[1:] + [record["blocks_original"]])]
 
 
-def select_trainable_(model: torch.nn.Module, train: str) -> list[str]:
+def select_trainable_(model: torch.nn.Module, train: str, reach: int = 1) -> list[str]:
     """Set requires_grad on what `train` names ("touched", "all" or "norms"); freeze the rest. Returns the
     names.
 
     "norms": every one-dimensional parameter, that is the normalization scales and the biases (no
     architecture names them alike, but all of them are vectors, and no weight matrix is).
 
-    "touched": every parameter of the blocks next to a cut, and the MLP output projection of the
-    block before each linearized span (where a linear map was folded in; already part of the first
-    set whenever that block sits next to the cut).
+    "touched": every parameter of the blocks next to a cut (the `reach` kept blocks on each side of it),
+    and the MLP output projection of the block before each linearized span (where a linear map was
+    folded in; already part of the first set whenever that block sits next to the cut).
     """
     if train == "all":
         for p in model.parameters():
@@ -98,7 +99,8 @@ def select_trainable_(model: torch.nn.Module, train: str) -> list[str]:
     adapter = get_adapter(model)
     blocks = adapter.blocks_of(model)
     record = compressor_record(model)
-    modules = [blocks[i] for i in touched_blocks(record)]
+    touched = touched_blocks(record, reach)
+    modules = [blocks[i] for i in touched]
     position = {orig: i for i, orig in enumerate(record["kept"])}
     for span in record.get("linearized", []):
         before = position.get(span["start"] - 1)
@@ -117,7 +119,7 @@ def select_trainable_(model: torch.nn.Module, train: str) -> list[str]:
         if id(p) in wanted:
             p.requires_grad_(True)
             names.append(name)
-    log.info("training %d tensors in blocks %s (next to the cuts)", len(names), touched_blocks(record))
+    log.info("training %d tensors in blocks %s (next to the cuts)", len(names), touched)
     return names
 
 

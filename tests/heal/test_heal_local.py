@@ -29,14 +29,15 @@ def relative_error(s, t):
     return float((((s - t) ** 2).sum(-1) / (t ** 2).sum(-1)).mean())
 
 
-@pytest.mark.parametrize("drop, first, points", [
-    ((2,), 1, [(1, 2), (2, 3)]),   # kept 0 1 3: blocks 1 and 2 (originals 1 and 3) touch the cut
-    ((0,), 0, [(0, 1)]),           # kept 1 2 3: the first block was cut, its input is the embeddings
+@pytest.mark.parametrize("drop, reach, first, points", [
+    ((2,), 1, 1, [(1, 2), (2, 3)]),   # kept 0 1 3: blocks 1 and 2 (originals 1 and 3) touch the cut
+    ((0,), 1, 0, [(0, 1)]),           # kept 1 2 3: the first block was cut, its input is the embeddings
+    ((2,), 2, 0, [(0, 0), (1, 2), (2, 3)]),  # two kept blocks before the cut: 0 and 1 (only 3 after it)
 ])
-def test_stored_inputs_and_targets_are_the_full_forwards_hidden_states(drop, first, points):
+def test_stored_inputs_and_targets_are_the_full_forwards_hidden_states(drop, reach, first, points):
     teacher, student = pair(drop=drop)
     ids = windows(n=6)
-    got_first, got_points, inputs, targets = local_targets(student, teacher, ids, batch_size=4)
+    got_first, got_points, inputs, targets = local_targets(student, teacher, ids, batch_size=4, reach=reach)
     assert got_first == first
     assert [(p.student_block, p.teacher_block) for p in got_points] == points
     hs_s, hs_t = states(student, ids), states(teacher, ids)
@@ -75,6 +76,7 @@ def test_heal_with_local_runs_it_first_then_distills():
     assert HealConfig(local=0.5, train="all").problems() == [
         "--local trains the blocks next to the cuts alone: it needs --train touched"]
     assert "in [0, 1)" in HealConfig(local=1.0).problems()[0]
+    assert HealConfig(reach=0).problems()[0].startswith("--reach is the number of kept blocks")
 
 
 def test_a_budget_spent_on_the_targets_runs_no_local_step():

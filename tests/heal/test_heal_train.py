@@ -34,6 +34,10 @@ def test_touched_blocks_and_cut_points_follow_the_record():
     assert touched_blocks(record) == [1, 2, 4, 5]  # originals 1|4 around 2-3, 6|9 around 7-8
     assert [(p.student_block, p.teacher_block) for p in cut_points(record)] == [(1, 3), (4, 8)]
     assert touched_blocks({"blocks_original": 4, "kept": [2, 3], "removed": [0, 1]}) == [0]
+    # reach 2: two kept blocks on each side of each cut, as many as there are
+    assert touched_blocks(record, reach=2) == [0, 1, 2, 3, 4, 5]
+    wide = {"blocks_original": 12, "kept": [0, 1, 2, 3, 6, 7, 8, 9, 10, 11], "removed": [4, 5]}
+    assert touched_blocks(wide, reach=2) == [2, 3, 4, 5] and touched_blocks(wide, reach=3) == [1, 2, 3, 4, 5, 6]
     # After every kept block: its own original, or the last one removed before the next kept block.
     every = [(p.student_block, p.teacher_block) for p in hidden_points(record, "every")]
     assert every == [(0, 0), (1, 3), (2, 4), (3, 5), (4, 8), (5, 9)]
