@@ -3,9 +3,10 @@
 With `--train touched`, what trains sits in one segment of the student: from the first block before a cut
 to the last block after one. The student's blocks before that segment are the teacher's, frozen, so
 the segment's input is computed once per window (from the teacher's pass, or the student's own prefix
-where the first block was cut) and stored with the teacher's hidden states it should reproduce: after
-each touched block, the teacher's output of the last original block it stands for (trainable.hidden_points
-"every"), scored by the per-token relative error (losses.hidden_loss). A step then runs the segment
+where the first block was cut) and stored with the teacher's hidden states it should reproduce: at each
+cut and where each run of touched blocks ends (with `--reach 1`, after every touched block), the teacher's
+output of the last original block it stands for (trainable.hidden_points "every"), scored by the per-token
+relative error (losses.hidden_loss). A step then runs the segment
 alone and stops: no prefix, no later blocks, no LM head. On SmolLM2 with one cut that is 2 of 24 blocks
 and no 49k-word head, so a step costs a small fraction of a distillation step, and the same minutes see
 many more windows. heal()'s distillation loop follows and trains on the whole output.
@@ -27,7 +28,7 @@ from compressor.heal.config import HealConfig
 from compressor.heal.losses import hidden_loss
 from compressor.heal.pair import check_teacher
 from compressor.heal.schedule import WindowOrder
-from compressor.heal.trainable import hidden_points, touched_blocks
+from compressor.heal.trainable import cut_points, hidden_points, touched_blocks
 from compressor.surgery.edit import blocks_removed, compressor_record
 from compressor.util.hooks import (
     StopForward,
@@ -75,7 +76,11 @@ def local_targets(student, teacher, windows: torch.Tensor, batch_size: int = 4, 
     windows as `deadline` (time.monotonic) allows."""
     record = compressor_record(student)
     touched = touched_blocks(record, reach)
-    points = [p for p in hidden_points(record, "every") if p.student_block in touched]
+    # matched at each cut and where a run of touched blocks ends (with reach 1, after every touched block): a
+    # touched block inside a run is free to change what it passes on, as long as the run's output matches
+    cuts = {p.student_block for p in cut_points(record)}
+    points = [p for p in hidden_points(record, "every") if p.student_block in touched
+              and (p.student_block in cuts or p.student_block + 1 not in touched)]
     first, kept = touched[0], record["kept"]
     from_teacher = kept[:first + 1] == list(range(first + 1))  # no cut before it: its input is the teacher's
     inputs, targets = [], {p.teacher_block: [] for p in points}

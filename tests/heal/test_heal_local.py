@@ -32,7 +32,7 @@ def relative_error(s, t):
 @pytest.mark.parametrize("drop, reach, first, points", [
     ((2,), 1, 1, [(1, 2), (2, 3)]),   # kept 0 1 3: blocks 1 and 2 (originals 1 and 3) touch the cut
     ((0,), 1, 0, [(0, 1)]),           # kept 1 2 3: the first block was cut, its input is the embeddings
-    ((2,), 2, 0, [(0, 0), (1, 2), (2, 3)]),  # two kept blocks before the cut: 0 and 1 (only 3 after it)
+    ((2,), 2, 0, [(1, 2), (2, 3)]),  # two kept blocks before the cut, 0 and 1 (only 3 after it): 0 is free
 ])
 def test_stored_inputs_and_targets_are_the_full_forwards_hidden_states(drop, reach, first, points):
     teacher, student = pair(drop=drop)
@@ -96,3 +96,19 @@ def test_steps_bound_the_local_phase_under_a_long_time_budget():
     result = heal(student, teacher, windows(), None, HealConfig(steps=2, max_minutes=30, local=0.5, **FAST))
     assert result.local["steps"] == 0.5 * 2 * LOCAL_STEPS_PER_STEP and result.local["seconds"] < 60
     assert result.steps == 2
+
+
+def test_with_reach_2_the_blocks_around_the_cut_train_and_the_one_inside_a_run_is_free():
+    """--reach 2 on kept 0 1 3: blocks 0, 1 and 2 train; the teacher is matched at the cut (block 1) and at
+    the end of the run (block 2), not after block 0, which may change what it passes on."""
+    teacher, student = pair(drop=(2,))
+    from compressor.heal.trainable import select_trainable_
+
+    names = select_trainable_(student, "touched", reach=2)
+    assert {n.split(".")[2] for n in names} == {"0", "1", "2"}
+    start = params(student)
+    summary = reconstruct_(student, teacher, windows(n=16), HealConfig(reach=2, **FAST), seconds=None, steps=20)
+    assert summary["error_last"] < summary["error_first"]
+    changed = {k for k, v in params(student).items() if not torch.equal(v, start[k])}
+    assert any(k.startswith("model.layers.0.") for k in changed)
+    assert all(k.startswith(("model.layers.0.", "model.layers.1.", "model.layers.2.")) for k in changed)
