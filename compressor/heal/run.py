@@ -65,6 +65,7 @@ def heal_checkpoint(student: str | Path, teacher: str | Path, out: str | Path, *
                                with_tokenizer=False)
         return loaded
 
+    joined = _group_exists()
     result = heal(model, load_teacher, train_windows, eval_windows, config)
     if result.is_main:
         with atomic_dir(out, overwrite) as tmp:
@@ -76,7 +77,26 @@ def heal_checkpoint(student: str | Path, teacher: str | Path, out: str | Path, *
 
                 save_checkpoint(result.model, tokenizer, tmp)
         shutil.rmtree(config.checkpoint_dir, ignore_errors=True)
+    if not joined:
+        _leave_together()
     return result
+
+
+def _group_exists() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _leave_together() -> None:
+    """Under torchrun, the process group healing joined: every rank waits for rank 0's write, then the group is
+    torn down before the ranks exit. Left to interpreter exit, a rank of the two-rank test aborted once under
+    load (SIGABRT, "terminate called without an active exception") after rank 0 had written the model."""
+    import torch.distributed as dist
+
+    if _group_exists():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _cache_dir(teacher_cache: str | Path) -> Path | None:
