@@ -1,20 +1,19 @@
 """Local reconstruction: a first healing phase that runs only the blocks next to the cuts.
 
-With `--train touched`, what trains sits in one segment of the student: from the first block before a cut
-to the last block after one. The student's blocks before that segment are the teacher's, frozen, so
-the segment's input is computed once per window (from the teacher's pass, or the student's own prefix
-where the first block was cut) and stored with the teacher's hidden states it should reproduce: at each
-cut and where each run of touched blocks ends (with `--reach 1`, after every touched block), the teacher's
-output of the last original block it stands for (trainable.hidden_points "every"), scored by the per-token
-relative error (losses.hidden_loss). A step then runs the segment
-alone and stops: no prefix, no later blocks, no LM head. On SmolLM2 with one cut that is 2 of 24 blocks
-and no 49k-word head, so a step costs a small fraction of a distillation step, and the same minutes see
-many more windows. heal()'s distillation loop follows and trains on the whole output.
+With `--train touched`, what trains sits in one segment of the student (compressor.heal.segment), whose
+input is the teacher's hidden state there. The segment's input and the teacher's hidden states it should
+reproduce, at each cut and where each run of touched blocks ends (with `--reach 1`, after every touched
+block), come from the teacher cache (one teacher pass over the training windows, shared with
+distillation's top-k targets: local_phase_cached) or, without a cache, from a pass of its own over as many
+windows as 30% of the phase allows (local_phase). They are scored by the per-token relative error
+(losses.hidden_loss). A step then runs the segment alone and stops: no prefix, no later blocks, no LM
+head. On SmolLM2 with one cut that is 2 of 24 blocks and no 49k-word head, so a step costs a small
+fraction of a distillation step, and the same minutes see many more windows. heal()'s distillation loop
+follows and trains on the whole output.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -28,16 +27,9 @@ from compressor.heal.config import HealConfig
 from compressor.heal.losses import hidden_loss
 from compressor.heal.pair import check_teacher
 from compressor.heal.schedule import WindowOrder
-from compressor.heal.trainable import cut_points, hidden_points, touched_blocks
-from compressor.surgery.edit import blocks_removed, compressor_record
-from compressor.util.hooks import (
-    StopForward,
-    block_recorder,
-    forward_until_stop,
-    hidden_of,
-    injector,
-    stop_forward,
-)
+from compressor.heal.segment import input_block, segment, started_at
+from compressor.surgery.edit import compressor_record
+from compressor.util.hooks import StopForward, block_recorder, forward_until_stop, hidden_of, stop_forward
 from compressor.util.progress import status, track
 
 log = logging.getLogger(__name__)
@@ -53,35 +45,70 @@ def seconds_left(config: HealConfig, started: float) -> float:
     return config.max_minutes * 60 - (time.monotonic() - started)
 
 
-def local_phase(student, teacher, windows: torch.Tensor, config: HealConfig, runtime, started: float):
-    """(the teacher, loaded if it was a loader, and the phase's summary or None) after `config.local` of
-    the run spent on local reconstruction. Skipped when resuming from saved training state (which holds
-    its result already), and under torchrun / accelerate launch (one process only)."""
+def runs_local(config: HealConfig, runtime) -> bool:
+    """Whether local reconstruction runs: asked for, not resuming from saved training state (which holds
+    its result already), and in one process (under torchrun / accelerate launch it is skipped)."""
     if config.local <= 0 or (config.resume and (Path(config.checkpoint_dir) / STATE_FILE).is_file()):
-        return teacher, None
+        return False
     if runtime.world_size > 1:
         log.warning("local reconstruction runs in one process: skipped under %d processes", runtime.world_size)
+        return False
+    return True
+
+
+def _budget(config: HealConfig, started: float) -> tuple[float | None, int]:
+    """(seconds, steps): `config.local` of the time --max-minutes leaves, and of --steps x LOCAL_STEPS_PER_STEP."""
+    seconds = config.local * seconds_left(config, started) if config.max_minutes else None
+    return seconds, round(config.local * config.steps * LOCAL_STEPS_PER_STEP)
+
+
+def local_phase(student, teacher, windows: torch.Tensor, config: HealConfig, runtime, started: float):
+    """(the teacher, loaded if it was a loader, and the phase's summary) after `config.local` of
+    the run spent on local reconstruction, with targets from a pass of the live teacher over `windows`
+    (used when there is no teacher cache; see local_phase_cached)."""
+    if not runs_local(config, runtime):
         return teacher, None
     model = (teacher if isinstance(teacher, torch.nn.Module) else teacher()).to(runtime.device)
     check_teacher(student, model, compressor_record(student)["blocks_original"])
-    seconds = config.local * seconds_left(config, started) if config.max_minutes else None
-    steps = round(config.local * config.steps * LOCAL_STEPS_PER_STEP)
+    seconds, steps = _budget(config, started)
     return model, reconstruct_(student, model, windows.to(runtime.device), config, seconds, steps)
+
+
+def local_cache_blocks(student, config: HealConfig) -> list[int]:
+    """The teacher blocks whose outputs local reconstruction reads from the teacher cache: the segment's
+    input (when it has blocks before it) and its matched points."""
+    first, points = segment(compressor_record(student), config.reach)
+    before = input_block(first)
+    return sorted({p.teacher_block for p in points} | ({before} if before is not None else set()))
+
+
+def local_phase_cached(student, cache, windows: torch.Tensor, config: HealConfig, runtime, started: float) -> dict:
+    """The phase's summary after `config.local` of the time left spent on
+    local reconstruction, reading its inputs and targets from the teacher cache `cache`
+    (teacher_cache.CachedTeacher, holding local_cache_blocks; `windows` are its rows' windows): no
+    teacher pass of its own, and every window the cache covers. Call it when runs_local()."""
+    first, points = segment(compressor_record(student), config.reach)
+    before = input_block(first)
+
+    def rows_of(rows):
+        return (cache.hidden_rows(before, rows) if before is not None else None,
+                {p.teacher_block: cache.hidden_rows(p.teacher_block, rows) for p in points})
+
+    seconds, steps = _budget(config, started)
+    status(f"local reconstruction: blocks {sorted({p.student_block for p in points})} on {len(windows)} windows "
+           "(targets from the teacher cache)")
+    return _train(student, windows.to(runtime.device), first, points, rows_of, config, seconds, steps,
+                  time.monotonic())
 
 
 def local_targets(student, teacher, windows: torch.Tensor, batch_size: int = 4, deadline: float | None = None,
                   reach: int = 1):
-    """(first, points, inputs, targets): the segment's first block, its matched points, and per window
-    the segment's input and each point's teacher hidden state (bfloat16, on the CPU), for as many
+    """(first, points, inputs, targets): the segment's first block, its matched points (segment()), and per
+    window the segment's input and each point's teacher hidden state (bfloat16, on the CPU), for as many
     windows as `deadline` (time.monotonic) allows."""
     record = compressor_record(student)
-    touched = touched_blocks(record, reach)
-    # matched at each cut and where a run of touched blocks ends (with reach 1, after every touched block): a
-    # touched block inside a run is free to change what it passes on, as long as the run's output matches
-    cuts = {p.student_block for p in cut_points(record)}
-    points = [p for p in hidden_points(record, "every") if p.student_block in touched
-              and (p.student_block in cuts or p.student_block + 1 not in touched)]
-    first, kept = touched[0], record["kept"]
+    first, points = segment(record, reach)
+    kept = record["kept"]
     from_teacher = kept[:first + 1] == list(range(first + 1))  # no cut before it: its input is the teacher's
     inputs, targets = [], {p.teacher_block: [] for p in points}
     t_blocks, s_blocks = get_adapter(teacher).blocks_of(teacher), get_adapter(student).blocks_of(student)
@@ -111,14 +138,27 @@ def local_targets(student, teacher, windows: torch.Tensor, batch_size: int = 4, 
 def reconstruct_(student, teacher, windows: torch.Tensor, config: HealConfig, seconds: float | None,
                  steps: int) -> dict:
     """Train the touched blocks of `student` in place on the local objective for `steps` steps or
-    `seconds` (None: no time bound), whichever comes first; the targets' pass counts in the time.
-    Returns a summary."""
+    `seconds` (None: no time bound), whichever comes first, with targets from a pass of `teacher` (at
+    most 30% of `seconds`; it counts in the time). Returns a summary."""
     start = time.monotonic()
     deadline = start + 0.3 * seconds if seconds is not None else None
     status("local reconstruction: the teacher's hidden states at the touched blocks")
     first, points, inputs, targets = local_targets(student, teacher, windows, config.batch_size, deadline,
                                                    config.reach)
-    n = len(inputs)
+
+    def rows_of(rows):
+        return inputs[rows], {b: t[rows] for b, t in targets.items()}
+
+    status(f"local reconstruction: blocks {sorted({p.student_block for p in points})} on {len(inputs)} windows")
+    return _train(student, windows[:len(inputs)], first, points, rows_of, config, seconds, steps, start)
+
+
+def _train(student, windows: torch.Tensor, first: int, points, rows_of, config: HealConfig,
+           seconds: float | None, steps: int, start: float) -> dict:
+    """The local steps: each runs the segment alone (from block `first`, fed rows_of(rows)[0], to the last
+    matched point) on config.batch_size of `windows` and matches rows_of(rows)[1] at `points`, until
+    `steps` or `seconds` since `start` (time.monotonic) are spent."""
+    n = len(windows)
     blocks = get_adapter(student).blocks_of(student)
     last = blocks[max(p.student_block for p in points)]
     params = [p for p in student.parameters() if p.requires_grad]
@@ -126,14 +166,12 @@ def reconstruct_(student, teacher, windows: torch.Tensor, config: HealConfig, se
     order, device = WindowOrder(n, config.seed), next(student.parameters()).device
     seen: dict[str, torch.Tensor] = {}
     handles = [blocks[p.student_block].register_forward_hook(_keep(seen, f"s{p.student_block}")) for p in points]
-    handles += [blocks[first].register_forward_pre_hook(injector(seen), with_kwargs=True),
-                last.register_forward_hook(stop_forward)]
+    handles.append(last.register_forward_hook(stop_forward))
     train_start, done, losses = time.monotonic(), 0, []
     budget = None if seconds is None else seconds - (train_start - start)
     student.train()
-    status(f"local reconstruction: blocks {sorted({p.student_block for p in points})} on {n} windows")
     try:
-        with blocks_removed(student, range(first)) if first else contextlib.nullcontext():
+        with started_at(student, first, seen):
             while True:
                 elapsed = time.monotonic() - train_start
                 if done >= steps or (budget is not None and elapsed >= budget):
@@ -142,13 +180,14 @@ def reconstruct_(student, teacher, windows: torch.Tensor, config: HealConfig, se
                 for group in optimizer.param_groups:
                     group["lr"] = _lr(config, progress, done)
                 rows = order.take(done * config.batch_size, config.batch_size)
-                seen["resume"] = inputs[rows].to(device).float()
-                ids = windows[rows.to(windows.device)]
+                segment_input, targets = rows_of(rows)
+                if segment_input is not None:
+                    seen["resume"] = segment_input.to(device).float()
                 try:
-                    student(input_ids=ids, use_cache=False)
+                    student(input_ids=windows[rows.to(windows.device)], use_cache=False)
                 except StopForward:
                     pass
-                loss = torch.stack([hidden_loss(seen[f"s{p.student_block}"], targets[p.teacher_block][rows].to(device))
+                loss = torch.stack([hidden_loss(seen[f"s{p.student_block}"], targets[p.teacher_block].to(device))
                                     for p in points]).mean()
                 loss.backward()
                 if config.max_grad_norm:

@@ -91,6 +91,10 @@ class CachedTeacher:
         view = self._file.get_slice(name)
         return torch.stack([view[int(i)] for i in rows]).to(self.device)
 
+    def hidden_rows(self, block: int, rows: torch.Tensor) -> torch.Tensor:
+        """The teacher's output of `block` (bfloat16) for cache rows `rows`."""
+        return self._rows(f"hidden.{block}", rows)
+
     def targets(self, rows: torch.Tensor, input_ids: torch.Tensor) -> TeacherTargets:
         """Targets for cache rows `rows` (the training windows heal() uses are `window_ids` in row order)."""
         return TeacherTargets(

@@ -21,7 +21,13 @@ from compressor.errors import CompressorError
 from compressor.heal.checkpoint import check_resumable, load_state, save_state, set_rng_state
 from compressor.heal.config import HealConfig, HealResult
 from compressor.heal.distributed import Runtime, make_runtime
-from compressor.heal.local import local_phase, seconds_left
+from compressor.heal.local import (
+    local_cache_blocks,
+    local_phase,
+    local_phase_cached,
+    runs_local,
+    seconds_left,
+)
 from compressor.heal.losses import (
     LinearityRegularizer,
     capture_block_outputs,
@@ -30,6 +36,7 @@ from compressor.heal.losses import (
     lm_loss,
 )
 from compressor.heal.pair import check_teacher, check_windows, vocab_size
+from compressor.heal.precision import autocast, autocast_dtype
 from compressor.heal.quantaware import quantization_aware
 from compressor.heal.schedule import (
     STEADY_STEPS,
@@ -44,6 +51,7 @@ from compressor.heal.schedule import (
     set_lr,
     training_budget,
 )
+from compressor.heal.segment import prefix_skippable, started_at
 from compressor.heal.teacher_cache import (
     CachedTeacher,
     LiveTeacher,
@@ -52,7 +60,7 @@ from compressor.heal.teacher_cache import (
     check_cache,
     evict,
 )
-from compressor.heal.trainable import CutPoint, hidden_points, select_trainable_
+from compressor.heal.trainable import hidden_points, select_trainable_
 from compressor.surgery.edit import compressor_record
 from compressor.util.fingerprint import windows_fingerprint
 from compressor.util.progress import status, track
@@ -99,18 +107,28 @@ def _heal(student, teacher: TeacherArg, train_windows, eval_windows, config: Hea
 
     ppl_before, eval_seconds = _perplexity_before(student, eval_windows, runtime, config)
 
-    # Local reconstruction first, if asked: the touched blocks alone against the teacher's hidden states.
-    teacher, local = local_phase(student, teacher, train_windows, config, runtime, started)
+    # Local reconstruction (the touched blocks alone against the teacher's hidden states) comes first when
+    # asked; without a teacher cache it makes its own teacher pass now.
+    local, run_local, cached = None, runs_local(config, runtime), config.teacher_cache is not None
+    if run_local and not cached:
+        teacher, local = local_phase(student, teacher, train_windows, config, runtime, started)
 
-    # The teacher's targets: live, or the cache (filled once by rank 0, read by every rank).
+    # The teacher's targets: live, or the cache (filled once by rank 0, read by every rank). They hold the
+    # hidden states local reconstruction reads, and the input of the first touched block when distillation
+    # starts there (compressor.heal.segment).
     points = hidden_points(compressor_record(student), config.hidden_at) if config.hidden_weight > 0 else []
-    deadline = time.monotonic() + 0.4 * seconds_left(config, started) if config.max_minutes else None
-    targets, cache_file = _teacher_targets(teacher, student, train_windows, points, config, runtime, deadline)
+    first = prefix_skippable(student, config, runtime)
+    extra = (local_cache_blocks(student, config) if run_local and cached else []) + ([first - 1] if first else [])
+    share = 0.4 * (1 - config.local) if run_local and cached else 0.4  # local reconstruction's share comes after
+    deadline = time.monotonic() + share * seconds_left(config, started) if config.max_minutes else None
+    targets, cache_file = _teacher_targets(teacher, student, train_windows, points, config, runtime, deadline, extra)
     del teacher  # what the loop needs is in `targets` (a live teacher holds its model)
     if isinstance(targets, CachedTeacher) and not targets.complete:
         train_windows = train_windows[targets.window_ids]  # the windows the time budget gave the teacher
+    if run_local and cached:
+        local = local_phase_cached(student, targets, train_windows, config, runtime, started)
 
-    loop = _Loop(config, runtime, *_optimize(model, config, runtime, lora), targets, points, train_windows)
+    loop = _Loop(config, runtime, *_optimize(model, config, runtime, lora), targets, points, train_windows, first)
     loop.resume()
     loop.run(training_budget(config, time.monotonic() - started, eval_seconds, loop.seconds_before))
 
@@ -163,8 +181,9 @@ class _Loop:
     """The training loop and the state it carries: step, planned steps, history, time spent."""
 
     def __init__(self, config: HealConfig, runtime: Runtime, model, base, optimizer, params, trainable: int,
-                 targets, points, windows: torch.Tensor):
+                 targets, points, windows: torch.Tensor, first: int = 0):
         self.config, self.runtime, self.model, self.base = config, runtime, model, base
+        self.first = first  # forwards start at this block, fed the teacher's hidden state (segment.started_at)
         self.optimizer, self.params, self.targets, self.points, self.windows = optimizer, params, targets, points, windows
         self.trainable = trainable
         self.regularizer = LinearityRegularizer(config.regularize_linearity) if config.regularize_linearity else None
@@ -216,7 +235,7 @@ class _Loop:
             ids = self.windows[window_ids].to(runtime.device)
             with contextlib.nullcontext() if micro == config.grad_accum - 1 else runtime.no_sync(model):
                 parts = _losses(model, self.base, self.targets, window_ids, ids, self.points, self.regularizer,
-                                config, runtime)
+                                config, runtime, self.first)
                 runtime.backward(parts["loss"] / config.grad_accum)
             sums.add(parts)
         if config.max_grad_norm:
@@ -238,23 +257,26 @@ class _Loop:
 
 # --- the pieces heal() uses, in the order it uses them ---------------------------------------------
 
-def check_pair(student, teacher, points: list[CutPoint]) -> None:
-    """The teacher must speak the student's vocabulary at the student's width (and depth for cuts)."""
-    check_teacher(student, teacher, compressor_record(student)["blocks_original"] if points else None)
+def check_pair(student, teacher, blocks: list[int]) -> None:
+    """The teacher must speak the student's vocabulary at the student's width (and depth when its hidden
+    states at `blocks` are read)."""
+    check_teacher(student, teacher, compressor_record(student)["blocks_original"] if blocks else None)
 
 
 def _teacher_targets(teacher, student, windows, points, config: HealConfig, runtime: Runtime,
-                     deadline: float | None):
-    blocks = [p.teacher_block for p in points]
+                     deadline: float | None, extra: list[int]):
+    """(the targets, the cache file or None): the teacher's top-k log-probabilities or logits, and its
+    hidden states at the points' teacher blocks and at `extra` blocks."""
+    blocks = sorted({p.teacher_block for p in points} | set(extra))
     dtype = autocast_dtype(runtime.device, config)  # the teacher runs in the student's training precision
     if config.teacher_cache is None:
         model = _materialize(teacher)
-        check_pair(student, model, points)
+        check_pair(student, model, blocks)
         return LiveTeacher(model.to(runtime.device), blocks, dtype), None
     path = None
     if runtime.is_main:
         model = _materialize(teacher).to(runtime.device)
-        check_pair(student, model, points)
+        check_pair(student, model, blocks)
         path = cache_path(Path(config.teacher_cache), model, windows, config.topk, config.temperature, blocks,
                           dtype)
         if path.is_file():
@@ -302,7 +324,7 @@ def window_perplexity(model, windows: torch.Tensor, runtime: Runtime | None = No
     mine = windows[runtime.rank::runtime.world_size]
     for start in range(0, len(mine), config.eval_batch_size):
         ids = mine[start:start + config.eval_batch_size].to(runtime.device)
-        with _autocast(runtime, config, training=False):
+        with autocast(runtime, config, training=False):
             logits = model(input_ids=ids, use_cache=False).logits
         nll += lm_loss(logits, ids).double() * ids[:, 1:].numel()
         count += ids[:, 1:].numel()
@@ -346,39 +368,15 @@ def _hand_back(model, runtime: Runtime, lora: bool):
     return healed.eval(), full_state
 
 
-def cpu_computes_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), where autocast pays off.
-
-    Elsewhere bf16 is emulated and slower than fp32.
-    """
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def autocast_dtype(device: torch.device, config: HealConfig) -> torch.dtype | None:
-    """bfloat16 for training on CUDA and on CPUs that compute it natively; None (fp32) elsewhere."""
-    if not config.autocast:
-        return None
-    if device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16()):
-        return torch.bfloat16
-    return None
-
-
-def _autocast(runtime: Runtime, config: HealConfig, training: bool = True):
-    """Training runs in bf16 autocast where it is native; evaluation on CPU stays in fp32, so its
-    perplexities compare with every other fp32 evaluation in the tool."""
-    dtype = autocast_dtype(runtime.device, config)
-    if dtype is None or (not training and runtime.device.type == "cpu"):
-        return contextlib.nullcontext()
-    return torch.autocast(runtime.device.type, dtype=dtype)
-
-
-def _losses(model, base, targets, window_ids, ids, points, regularizer, config, runtime) -> dict:
-    """One micro-batch: the teacher's targets, the student's forward, and every term of the loss."""
+def _losses(model, base, targets, window_ids, ids, points, regularizer, config, runtime, first: int = 0) -> dict:
+    """One micro-batch: the teacher's targets, the student's forward (from block `first`, fed the teacher's
+    hidden state there), and every term of the loss."""
     teacher = targets.targets(window_ids, ids)
     student_blocks = [p.student_block for p in points]
-    with _autocast(runtime, config), capture_block_outputs(base, student_blocks) as hidden, \
-            (capture_hidden_states(base) if regularizer else contextlib.nullcontext([])) as states:
+    seen = {"resume": teacher.hidden[first - 1].float()} if first else {}
+    with autocast(runtime, config), capture_block_outputs(base, student_blocks) as hidden, \
+            (capture_hidden_states(base) if regularizer else contextlib.nullcontext([])) as states, \
+            started_at(base, first, seen):
         logits = model(input_ids=ids, use_cache=False).logits
     parts = {}
     if config.alpha > 0:

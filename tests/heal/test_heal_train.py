@@ -15,7 +15,8 @@ from heal_fixtures import pair, params, windows
 from compressor.errors import CompressorError
 from compressor.heal import HealConfig, heal, kd_loss
 from compressor.heal import teacher_cache as tc
-from compressor.heal.train import cpu_computes_bf16, window_perplexity
+from compressor.heal.precision import cpu_computes_bf16
+from compressor.heal.train import window_perplexity
 from compressor.heal.trainable import cut_points, hidden_points, touched_blocks
 from compressor.surgery.edit import compressor_record, save_checkpoint
 from compressor.util.progress import use_tracker
