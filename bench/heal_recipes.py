@@ -58,6 +58,9 @@ RECIPES = {
     "touched+local0.5+lr3e-3": {"local": 0.5, "lr": 3e-3},
     "touched+local0.5+reach2": {"local": 0.5, "reach": 2},  # 2 kept blocks on each side of a cut
     "touched+local0.5+reach3": {"local": 0.5, "reach": 3},
+    "touched+local0.7": {"local": 0.7},
+    "touched+local0.5+kd": {"local": 0.5, "alpha": 1.0},  # distillation on the teacher's distribution alone
+    "touched+local0.5+live": {"local": 0.5, "teacher_cache": "off"},  # local's own targets pass, live KD
 }
 
 

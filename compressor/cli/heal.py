@@ -49,8 +49,8 @@ def heal(
     reach: Annotated[int, typer.Option(
         "--reach", help="With --train touched: the kept blocks trained on each side of a cut.")] = 1,
     local: Annotated[float | None, typer.Option(
-        "--local", help="Share of the time (0-1) spent first training the touched blocks alone to reproduce "
-        "the teacher's hidden states after them (cheap steps: no other block, no LM head). "
+        "--local", help="Share of the time (0-1) left after the teacher's pass spent first training the "
+        "touched blocks alone to reproduce the teacher's hidden states after them (cheap steps: no other block, no LM head). "
         "Default: 0.5 with --train touched, 0 otherwise.")] = None,
     lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank with --train lora.")] = 16,
     regularize_linearity: Annotated[float, typer.Option(

@@ -93,3 +93,37 @@ def test_with_a_teacher_cache_local_reconstruction_reads_it_and_the_teacher_runs
     cache, hs = CachedTeacher(result.teacher_cache), states(teacher, ids)
     for b in blocks:  # what local reconstruction read: the teacher's block outputs, stored in bf16
         torch.testing.assert_close(cache.hidden_rows(b, torch.arange(12)).float(), hs[b + 1], atol=0.02, rtol=0.01)
+
+
+def test_a_resumed_run_reuses_the_cache_and_ends_where_one_uninterrupted_run_does(tmp_path):
+    """The resumed run skips local reconstruction (its result is in the saved state) yet asks the cache for
+    the same blocks: it reuses the interrupted run's cache, and the teacher does not run again."""
+    import copy
+
+    from compressor.util.progress import use_tracker
+
+    teacher, student = pair(drop=(2,))
+    ids = windows(n=12)
+    whole = copy.deepcopy(student)
+    heal(whole, teacher, ids, config=HealConfig(steps=6, teacher_cache=tmp_path / "whole", **FAST))
+    config = HealConfig(steps=6, checkpoint_every=2, checkpoint_dir=tmp_path / "state",
+                        teacher_cache=tmp_path / "cache", **FAST)
+
+    def interrupt_at_step_5(items, total, description):
+        for i, item in enumerate(items):
+            if description == "healing" and i == 4:
+                raise KeyboardInterrupt
+            yield item
+
+    with use_tracker(interrupt_at_step_5), pytest.raises(KeyboardInterrupt):
+        heal(copy.deepcopy(student), teacher, ids, config=config)
+    forwards = []
+    handle = teacher.register_forward_hook(lambda *args: forwards.append(1))
+    resumed = copy.deepcopy(student)
+    config.resume = True
+    result = heal(resumed, teacher, ids, config=config)
+    handle.remove()
+    assert result.resumed_from == 4 and result.steps == 6 and result.local is None and not forwards
+    assert len(list((tmp_path / "cache").glob("teacher-*.safetensors"))) == 1
+    for k, v in params(whole).items():
+        torch.testing.assert_close(params(resumed)[k], v, rtol=0, atol=1e-7, msg=k)
