@@ -61,6 +61,7 @@ RECIPES = {
     "touched+local0.7": {"local": 0.7},
     "touched+local0.5+kd": {"local": 0.5, "alpha": 1.0},  # distillation on the teacher's distribution alone
     "touched+local0.5+live": {"local": 0.5, "teacher_cache": "off"},  # local's own targets pass, live KD
+    "touched+local0.5+alpha0.5": {"local": 0.5, "alpha": 0.5},  # more weight on the next-token loss
 }
 
 
