@@ -38,8 +38,8 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 from heal import DATA, HEAL, make_or_read_plan, ppl_of  # bench/heal.py: the plan and the base recipe
 
-# Each recipe: changes to BASE, bench/heal.py's HEAL settings (compress heal's defaults but for lr and warmup)
-# with no local reconstruction.
+# Each recipe: changes to BASE, bench/heal.py's HEAL settings (compress heal's defaults of the first runs but for lr
+# and warmup: alpha 0.8, where compress heal now takes 0.5, "touched+local0.5+alpha0.5") with no local reconstruction.
 BASE = {**HEAL, "local": 0.0}
 RECIPES = {
     "touched": {},

@@ -39,7 +39,8 @@ def heal(
     samples: Annotated[int, typer.Option("--samples", help="Training windows drawn from --data.")] = 512,
     eval_samples: Annotated[int, typer.Option("--eval-samples", help="Held-out windows for perplexity.")] = 32,
     temperature: Annotated[float, typer.Option("--temperature", help="Distillation temperature T.")] = 1.0,
-    alpha: Annotated[float, typer.Option("--alpha", help="Weight of KD against the LM loss (0-1).")] = 0.8,
+    alpha: Annotated[float | None, typer.Option(
+        "--alpha", help="Weight of KD against the next-token loss (0-1). Default: 0.5.")] = None,
     hidden_weight: Annotated[float, typer.Option(
         "--hidden-weight", help="Weight of the hidden-state loss (relative error per token).")] = 0.0,
     hidden_at: Annotated[str, typer.Option(
@@ -50,8 +51,8 @@ def heal(
         "--reach", help="With --train touched: the kept blocks trained on each side of a cut.")] = 1,
     local: Annotated[float | None, typer.Option(
         "--local", help="Share of the time (0-1) left after the teacher's pass spent first training the "
-        "touched blocks alone to reproduce the teacher's hidden states after them (cheap steps: no other block, no LM head). "
-        "Default: 0.5 with --train touched, 0 otherwise.")] = None,
+        "touched blocks alone to reproduce the teacher's hidden states after them (cheap steps: no other "
+        "block, no LM head). Default: 0.5 with --train touched, 0 otherwise.")] = None,
     lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank with --train lora.")] = 16,
     regularize_linearity: Annotated[float, typer.Option(
         "--regularize-linearity",

@@ -4,8 +4,9 @@ With `--train touched`, what trains sits in one segment of the student: from its
 (touched_blocks(record, reach)[0]) to its last. Every block before the segment is the teacher's own
 block, frozen, so the segment's input is the teacher's hidden state there: one teacher pass over the
 training windows (the teacher cache) gives it, with the targets inside the segment, and no later
-forward needs to run the prefix again. Local reconstruction runs only the segment; distillation runs
-from the segment to the LM head. On SmolLM2 with 6 of 30 blocks cut after block 12, that skips half
+forward needs to run the prefix again (from the cache that input is the teacher's hidden state rounded to
+bfloat16, as local reconstruction has always read it). Local reconstruction runs only the segment;
+distillation runs from the segment to the LM head. On SmolLM2 with 6 of 30 blocks cut after block 12, that skips half
 the student's blocks in every forward.
 """
 
