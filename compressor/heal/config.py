@@ -41,7 +41,8 @@ class HealConfig:
     local: the share of the run spent first on local reconstruction (compressor.heal.local): the
         touched blocks alone, trained to reproduce the teacher's hidden states after them, for local x
         the time max_minutes leaves after the teacher's pass or local x steps x 10 cheap local steps,
-        whichever comes first; needs train "touched". 0 skips it; None takes DEFAULT_LOCAL with train "touched", 0 otherwise.
+        whichever comes first; needs train "touched". 0 skips it; None takes DEFAULT_LOCAL with train
+        "touched", 0 otherwise.
     train: "touched" (blocks next to each cut), "all", "norms" (normalization scales and biases), or
         "lora" (peft, merged back at the end).
     reach: with train "touched", the kept blocks trained on each side of a cut (1: the neighbours).

@@ -119,7 +119,8 @@ def _heal(student, teacher: TeacherArg, train_windows, eval_windows, config: Hea
     points = hidden_points(compressor_record(student), config.hidden_at) if config.hidden_weight > 0 else []
     first = prefix_skippable(student, config, runtime)
     # (a resumed run, which skips local reconstruction, asks for the same blocks: it reuses the same cache)
-    local_blocks = local_cache_blocks(student, config) if cached and config.local > 0 and runtime.world_size == 1 else []
+    wants_local = cached and config.local > 0 and runtime.world_size == 1
+    local_blocks = local_cache_blocks(student, config) if wants_local else []
     extra = local_blocks + ([first - 1] if first else [])
     share = 0.4 * (1 - config.local) if run_local and cached else 0.4  # local reconstruction's share comes after
     deadline = time.monotonic() + share * seconds_left(config, started) if config.max_minutes else None

@@ -8,6 +8,7 @@ import pytest
 import torch
 from heal_fixtures import pair, params, windows
 
+from compressor.adapters import get_adapter
 from compressor.heal import HealConfig, heal
 from compressor.heal.distributed import Runtime
 from compressor.heal.local import local_cache_blocks
@@ -42,13 +43,7 @@ def test_distillation_started_at_the_first_touched_block_gives_the_full_forwards
     assert full_grads.keys() == started_grads.keys() and full_grads
     for name, grad in full_grads.items():
         torch.testing.assert_close(started_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
-    assert len(get_blocks(student)) == 3  # every block is back after the forward
-
-
-def get_blocks(model):
-    from compressor.adapters import get_adapter
-
-    return get_adapter(model).blocks_of(model)
+    assert len(get_adapter(student).blocks_of(student)) == 3  # every block is back after the forward
 
 
 def test_distillation_runs_the_prefix_where_it_is_not_the_teachers():
