@@ -62,6 +62,13 @@ RECIPES = {
     "touched+local0.5+kd": {"local": 0.5, "alpha": 1.0},  # distillation on the teacher's distribution alone
     "touched+local0.5+live": {"local": 0.5, "teacher_cache": "off"},  # local's own targets pass, live KD
     "touched+local0.5+alpha0.5": {"local": 0.5, "alpha": 0.5},  # more weight on the next-token loss
+    "touched+local0.5+alpha0.3": {"local": 0.5, "alpha": 0.3},
+    "touched+local0.5+alpha0.2": {"local": 0.5, "alpha": 0.2},
+    # twice the training windows (60 of 256 tokens a minute): the teacher's pass stops at its share of the time
+    "touched+local0.5+alpha0.5+win60": {"local": 0.5, "alpha": 0.5, "windows_per_minute": 60},
+    # KD and the next-token loss on a random half (a quarter) of each window's positions: the LM head runs there alone
+    "touched+local0.5+alpha0.5+pos0.5": {"local": 0.5, "alpha": 0.5, "positions": 0.5},
+    "touched+local0.5+alpha0.5+pos0.25": {"local": 0.5, "alpha": 0.5, "positions": 0.25},
 }
 
 
@@ -179,7 +186,8 @@ def child(args) -> None:
     run_dir = args.work / "recipes" / args.child.replace("+", "-")
     shutil.rmtree(run_dir, ignore_errors=True)
     cache = settings.pop("teacher_cache", run_dir / "teacher-cache")
-    samples = max(64, int(args.minutes * 30 * 256 / settings["seq_len"]))  # bench/heal.py's tokens per minute
+    per_minute = settings.pop("windows_per_minute", 30)  # bench/heal.py's tokens per minute: 30 windows of 256
+    samples = max(64, int(args.minutes * per_minute * 256 / settings["seq_len"]))
     result = heal_checkpoint(args.work / "pruned", args.teacher, run_dir / "healed", data=args.data,
                              samples=samples, eval_samples=0, teacher_cache=cache, steps=100_000,
                              max_minutes=args.minutes, overwrite=True, log_every=10, **settings)

@@ -49,6 +49,9 @@ def test_end_to_end_tiny_model(tiny_dir, tmp_path):
     assert model.config.num_hidden_layers == 4 - len(report["blocks_removed"])
     # --heal-train all reached healing: every parameter of the compressed model was trained
     assert report["heal"]["trainable_parameters"] == sum(p.numel() for p in model.parameters())
+    # ... from compress heal's teacher cache (one teacher pass for both healing phases)
+    cache = Path(report["heal"]["teacher_cache"])
+    assert cache.is_file() and cache.parent == Path(os.environ["COMPRESSOR_CACHE"]) / "teacher-logits"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     # the sweep: the unpruned point and half the blocks removed, each measured against the original
     sweep = {p["blocks_removed"]: p for p in report["sweep"]}

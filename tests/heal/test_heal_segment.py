@@ -122,3 +122,58 @@ def test_a_resumed_run_reuses_the_cache_and_ends_where_one_uninterrupted_run_doe
     assert len(list((tmp_path / "cache").glob("teacher-*.safetensors"))) == 1
     for k, v in params(whole).items():
         torch.testing.assert_close(params(resumed)[k], v, rtol=0, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_scoring_a_subset_of_positions_gives_the_full_logits_losses_and_gradients_there(arch, cached, tmp_path):
+    """--positions: the LM head runs at the drawn positions alone; KD and the next-token loss equal the
+    full forward's per-position terms averaged over those positions, and so do the gradients."""
+    from compressor.evaluate.loss import next_token_nll
+    from compressor.heal.losses import kd_loss, scored_positions, topk_kd_loss
+    from compressor.heal.teacher_cache import build_cache
+
+    teacher, student = pair(arch, drop=(2,))
+    select_trainable_(student, "touched")
+    config, runtime = HealConfig(positions=0.5, **FAST), Runtime(torch.device("cpu"))
+    ids = windows(n=4)
+    if cached:
+        path = build_cache(teacher, ids, tmp_path / "cache.safetensors", topk=8, temperature=1.0)
+        targets = CachedTeacher(path)
+    else:
+        targets = LiveTeacher(teacher)
+    torch.manual_seed(7)
+    keep = scored_positions(ids.shape[1], 0.5)
+    assert len(keep) == 8 and keep.unique().numel() == 8 and keep.max() < ids.shape[1] - 1
+
+    def grads(loss):
+        student.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad}
+
+    torch.manual_seed(7)  # the same draw inside _losses
+    parts = _losses(student, student, targets, torch.arange(4), ids, [], None, config, runtime)
+    subset_grads = grads(parts["loss"])
+
+    logits = student(input_ids=ids).logits  # the full forward, scored at `keep` by the direct formulas
+    if cached:
+        t = targets.targets(torch.arange(4), ids)
+        kd = topk_kd_loss(logits[:, keep], t.logprobs[:, keep], t.indices[:, keep])
+    else:
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids).logits
+        kd = kd_loss(logits[:, keep], teacher_logits[:, keep])
+    lm = next_token_nll(logits, ids).view(4, -1)[:, keep].mean()
+    torch.testing.assert_close(parts["kd"], kd, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(parts["lm"], lm, rtol=1e-4, atol=1e-6)
+    full_grads = grads(config.alpha * kd + (1 - config.alpha) * lm)
+    assert subset_grads.keys() == full_grads.keys() and full_grads
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(subset_grads[name], grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_positions_share_is_checked():
+    from compressor.heal.losses import scored_positions
+
+    assert scored_positions(16, 1.0) is None
+    for bad in (0.0, 1.5):
+        assert "--positions" in " ".join(HealConfig(positions=bad).problems())
