@@ -64,11 +64,9 @@ RECIPES = {
     "touched+local0.5+alpha0.5": {"local": 0.5, "alpha": 0.5},  # more weight on the next-token loss
     "touched+local0.5+alpha0.3": {"local": 0.5, "alpha": 0.3},
     "touched+local0.5+alpha0.2": {"local": 0.5, "alpha": 0.2},
+    "touched+local0.5+alpha0.5+live": {"local": 0.5, "alpha": 0.5, "teacher_cache": "off"},  # compress model's until now
     # twice the training windows (60 of 256 tokens a minute): the teacher's pass stops at its share of the time
     "touched+local0.5+alpha0.5+win60": {"local": 0.5, "alpha": 0.5, "windows_per_minute": 60},
-    # KD and the next-token loss on a random half (a quarter) of each window's positions: the LM head runs there alone
-    "touched+local0.5+alpha0.5+pos0.5": {"local": 0.5, "alpha": 0.5, "positions": 0.5},
-    "touched+local0.5+alpha0.5+pos0.25": {"local": 0.5, "alpha": 0.5, "positions": 0.25},
 }
 
 

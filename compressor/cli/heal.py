@@ -41,9 +41,6 @@ def heal(
     temperature: Annotated[float, typer.Option("--temperature", help="Distillation temperature T.")] = 1.0,
     alpha: Annotated[float | None, typer.Option(
         "--alpha", help="Weight of KD against the next-token loss (0-1). Default: 0.5.")] = None,
-    positions: Annotated[float | None, typer.Option(
-        "--positions", help="Share of each window's positions (0-1] that KD and the next-token loss score, "
-        "drawn at random for each batch: the LM head runs there alone (faster steps). Default: 1.")] = None,
     hidden_weight: Annotated[float, typer.Option(
         "--hidden-weight", help="Weight of the hidden-state loss (relative error per token).")] = 0.0,
     hidden_at: Annotated[str, typer.Option(
@@ -96,7 +93,7 @@ def heal(
         overwrite=overwrite, allow_pickle=allow_pickle,
         steps=steps, max_minutes=max_minutes, lr=lr, warmup=warmup, batch_size=batch_size,
         grad_accum=grad_accum, temperature=temperature, alpha=alpha, hidden_weight=hidden_weight,
-        positions=positions, hidden_at=hidden_at, local=local,
+        hidden_at=hidden_at, local=local,
         regularize_linearity=regularize_linearity,
         train=train, reach=reach, lora_rank=lora_rank, topk=topk, checkpoint_every=checkpoint_every, resume=resume,
         seed=seed, distributed=distributed, autocast=autocast, quantization_aware=quantization_aware,

@@ -18,8 +18,6 @@ DEFAULT_LOCAL = 0.5
 # The weight of KD against the next-token loss (bench/heal_recipes.py, 12 minutes on SmolLM2 with 6 blocks removed,
 # one run: alpha 0.5 recovered 73% in-domain / 67% on another source, 0.8 69% / 65%; KD alone, 61% / 61%).
 DEFAULT_ALPHA = 0.5
-# The share of each window's positions that the output losses score (HealConfig.positions).
-DEFAULT_POSITIONS = 1.0
 DISTRIBUTED_CHOICES = ("ddp", "fsdp")
 QUANTIZATION_AWARE_CHOICES = ("int4", "int8")
 
@@ -39,10 +37,6 @@ class HealConfig:
     batch_size: windows per micro-batch per process; one step sees batch_size * grad_accum * processes.
     lr: peak learning rate; None picks DEFAULT_LR for the `train` mode.
     alpha: the weight of KD against the next-token loss; None takes DEFAULT_ALPHA.
-    positions: the share of each window's positions that KD and the next-token loss score, drawn at random
-        for each micro-batch; the LM head runs on those alone (its 49k-word matrix and the losses over the
-        vocabulary are about half of a SmolLM2 distillation step). 1 scores every position; None takes
-        DEFAULT_POSITIONS.
     warmup: linear warm-up steps, then cosine decay to min_lr_ratio * lr.
     local: the share of the run spent first on local reconstruction (compressor.heal.local): the
         touched blocks alone, trained to reproduce the teacher's hidden states after them, for local x
@@ -76,7 +70,6 @@ class HealConfig:
     grad_accum: int = 1
     temperature: float = 1.0
     alpha: float | None = None
-    positions: float | None = None
     hidden_weight: float = 0.0
     hidden_at: str = "cuts"
     local: float | None = None
@@ -105,8 +98,6 @@ class HealConfig:
             self.local = DEFAULT_LOCAL if self.train == "touched" else 0.0
         if self.alpha is None:
             self.alpha = DEFAULT_ALPHA
-        if self.positions is None:
-            self.positions = DEFAULT_POSITIONS
 
     def problems(self) -> list[str]:
         """Every problem with these settings at once (empty when they are usable)."""
@@ -118,8 +109,6 @@ class HealConfig:
         p += [f"--{k.replace('_', '-')} must be positive (got {v})" for k, v in positive.items() if v <= 0]
         if not 0.0 <= self.alpha <= 1.0:
             p.append(f"--alpha weighs KD against LM and must be in [0, 1] (got {self.alpha})")
-        if not 0.0 < self.positions <= 1.0:
-            p.append(f"--positions is the share of positions the output losses score, in (0, 1] (got {self.positions})")
         if self.warmup < 0:
             p.append(f"--warmup must be >= 0 (got {self.warmup})")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -173,7 +162,7 @@ class HealConfig:
         one process of 4.
         """
         keys = ("steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "temperature", "alpha",
-                "positions", "hidden_weight", "hidden_at", "local", "regularize_linearity", "train", "lora_rank", "lora_alpha", "topk", "seed",
+                "hidden_weight", "hidden_at", "local", "regularize_linearity", "train", "lora_rank", "lora_alpha", "topk", "seed",
                 "quantization_aware")
         key = {k: getattr(self, k) for k in keys}
         key["global_batch"] = self.batch_size * self.grad_accum * world_size

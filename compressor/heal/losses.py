@@ -58,25 +58,9 @@ def topk_kd_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, t
     return kl.mean() * t * t
 
 
-def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token cross-entropy, averaged over the T-1 predicted positions of each window; with `positions`
-    (scored_positions), `logits` [B, len(positions), V] are the model's at those positions alone, each
-    predicting the token after it."""
-    if positions is None:
-        return next_token_nll(logits, input_ids, reduction="mean")
-    scored = logits.float()
-    targets = input_ids[:, positions + 1].to(logits.device)
-    return (torch.logsumexp(scored, -1) - scored.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).mean()
-
-
-def scored_positions(seq_len: int, share: float) -> torch.Tensor | None:
-    """The positions the output losses score in a window of `seq_len` tokens: None (all) at `share` 1, else
-    a sorted random subset of round(share * (seq_len - 1)) of the seq_len - 1 that have a next token (drawn
-    from the global generator, which heal() seeds and saves with its training state)."""
-    if share >= 1:
-        return None
-    n = max(1, round(share * (seq_len - 1)))
-    return torch.randperm(seq_len - 1)[:n].sort().values
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, averaged over the T-1 predicted positions of each window."""
+    return next_token_nll(logits, input_ids, reduction="mean")
 
 
 def hidden_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -40,13 +40,10 @@ class TeacherTargets:
     indices: torch.Tensor | None = None
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def kd(self, student_logits: torch.Tensor, temperature: float, positions: torch.Tensor | None = None):
-        """KD against the student's logits, at every position or (losses.scored_positions) at `positions`
-        alone, which `student_logits` then hold."""
-        at = slice(None) if positions is None else positions
+    def kd(self, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
         if self.logits is not None:
-            return kd_loss(student_logits, self.logits[:, at], temperature)
-        return topk_kd_loss(student_logits, self.logprobs[:, at], self.indices[:, at], temperature)
+            return kd_loss(student_logits, self.logits, temperature)
+        return topk_kd_loss(student_logits, self.logprobs, self.indices, temperature)
 
 
 def _autocast(model: torch.nn.Module, dtype: torch.dtype | None):

@@ -34,7 +34,6 @@ from compressor.heal.losses import (
     capture_hidden_states,
     hidden_loss,
     lm_loss,
-    scored_positions,
 )
 from compressor.heal.pair import check_teacher, check_windows, vocab_size
 from compressor.heal.precision import autocast, autocast_dtype
@@ -375,18 +374,18 @@ def _hand_back(model, runtime: Runtime, lora: bool):
 def _losses(model, base, targets, window_ids, ids, points, regularizer, config, runtime, first: int = 0) -> dict:
     """One micro-batch: the teacher's targets, the student's forward (from block `first`, fed the teacher's
     hidden state there), and every term of the loss."""
-    teacher, keep = targets.targets(window_ids, ids), scored_positions(ids.shape[1], config.positions)
+    teacher = targets.targets(window_ids, ids)
     student_blocks = [p.student_block for p in points]
     seen = {"resume": teacher.hidden[first - 1].float()} if first else {}
     with autocast(runtime, config), capture_block_outputs(base, student_blocks) as hidden, \
             (capture_hidden_states(base) if regularizer else contextlib.nullcontext([])) as states, \
             started_at(base, first, seen):
-        logits = model(input_ids=ids, use_cache=False, **({} if keep is None else {"logits_to_keep": keep})).logits
+        logits = model(input_ids=ids, use_cache=False).logits
     parts = {}
     if config.alpha > 0:
-        parts["kd"] = teacher.kd(logits, config.temperature, keep)
+        parts["kd"] = teacher.kd(logits, config.temperature)
     if config.alpha < 1:
-        parts["lm"] = lm_loss(logits, ids, keep)
+        parts["lm"] = lm_loss(logits, ids)
     if points:
         parts["hidden"] = torch.stack([hidden_loss(hidden[p.student_block], teacher.hidden[p.teacher_block])
                                        for p in points]).mean()
