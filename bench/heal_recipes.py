@@ -67,6 +67,8 @@ RECIPES = {
     "touched+local0.5+alpha0.5+live": {"local": 0.5, "alpha": 0.5, "teacher_cache": "off"},  # compress model's until now
     # twice the training windows (60 of 256 tokens a minute): the teacher's pass stops at its share of the time
     "touched+local0.5+alpha0.5+win60": {"local": 0.5, "alpha": 0.5, "windows_per_minute": 60},
+    # compress heal's own default draw (--samples 512), whatever the minutes
+    "touched+local0.5+alpha0.5+samples512": {"local": 0.5, "alpha": 0.5, "samples": 512},
 }
 
 
@@ -185,7 +187,7 @@ def child(args) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     cache = settings.pop("teacher_cache", run_dir / "teacher-cache")
     per_minute = settings.pop("windows_per_minute", 30)  # bench/heal.py's tokens per minute: 30 windows of 256
-    samples = max(64, int(args.minutes * per_minute * 256 / settings["seq_len"]))
+    samples = settings.pop("samples", max(64, int(args.minutes * per_minute * 256 / settings["seq_len"])))
     result = heal_checkpoint(args.work / "pruned", args.teacher, run_dir / "healed", data=args.data,
                              samples=samples, eval_samples=0, teacher_cache=cache, steps=100_000,
                              max_minutes=args.minutes, overwrite=True, log_every=10, **settings)

@@ -26,7 +26,8 @@ def heal_stage(run, student, windows, plan: PlanInputs, precision: str = "fp32")
     dictionary (None: no healing, or nothing removed to heal). With --heal-quantization-aware and an
     int8/int4 `precision`, through that export's fake quantizer (compress heal --quantization-aware):
     the export then writes the integers it trained. The teacher's targets go to compress heal's own
-    teacher cache, so local reconstruction and distillation share one teacher pass (and a rerun reuses it)."""
+    teacher cache, so local reconstruction and distillation share one teacher pass (and a rerun reuses it);
+    a run that writes nothing keeps them in its temporary work directory instead."""
     cfg = run.cfg
     if cfg.heal_steps <= 0 or plan.blocks == 0:
         return None
@@ -36,9 +37,10 @@ def heal_stage(run, student, windows, plan: PlanInputs, precision: str = "fp32")
     aware = precision if cfg.heal_quantization_aware and precision in ("int8", "int4") else None
     status(f"healing ({cfg.heal_steps} steps, at most {cfg.heal_minutes} min"
            + (f", through the {aware} quantizer)" if aware else ")"))
+    cache = optional_cache_dir("teacher-logits") if run.runner.persistent else run.work / "teacher-cache"
     state = run.work / f"heal-state-{key_of(inputs_of(HealInputs, cfg, plan=plan, quantization_aware=aware))}"
     config = HealConfig(steps=cfg.heal_steps, max_minutes=cfg.heal_minutes, train=cfg.heal_train, lr=cfg.heal_lr,
-                        local=cfg.heal_local, teacher_cache=optional_cache_dir("teacher-logits"),
+                        local=cfg.heal_local, teacher_cache=cache,
                         checkpoint_dir=state, resume=state.exists(), quantization_aware=aware)
     start = time.perf_counter()
     result = heal(student, run.model, windows, None, config)
